@@ -1,0 +1,230 @@
+"""The run config: one pydantic model that drives local and cluster runs alike.
+
+Every section forbids unknown keys, so a typo fails loudly instead of being
+silently ignored. Paths in the YAML are resolved relative to the YAML file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ftloop.components.errors import ConfigError
+
+TINY_MODEL_REF = "builtin:tiny-phi3"
+PositiveInt = Annotated[int, Field(gt=0)]
+Fraction = Annotated[float, Field(gt=0, lt=1)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    """Exactly one source: labeled articles (questions get generated) or labeled questions."""
+
+    articles: str | None = None
+    questions: str | None = None
+    labels: list[str] | None = Field(
+        default=None, description="Allowed labels; defaults to the labels found in the data."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataConfig":
+        if (self.articles is None) == (self.questions is None):
+            raise ValueError("set exactly one of 'articles' or 'questions'")
+        if self.labels is not None and len(set(self.labels)) != len(self.labels):
+            raise ValueError("'labels' contains duplicates")
+        if self.labels is not None and len(self.labels) < 2:
+            raise ValueError("'labels' needs at least two labels")
+        return self
+
+    @property
+    def source_path(self) -> str:
+        return self.articles or self.questions  # type: ignore[return-value]
+
+
+class GenerateConfig(_Section):
+    backend: Literal["offline"] = "offline"
+    questions_per_article: PositiveInt = 8
+
+
+class SplitConfig(_Section):
+    train: Fraction = 0.7
+    dev: Fraction = 0.15
+    test: Fraction = 0.15
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> "SplitConfig":
+        total = self.train + self.dev + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + dev + test must sum to 1.0, got {total:g}")
+        return self
+
+
+class FormatConfig(_Section):
+    system_prompt: str | None = Field(
+        default=None,
+        description="Overrides the default instruction; '{labels}' is replaced by the label list.",
+    )
+
+
+class ModelConfig(_Section):
+    name_or_path: str = "microsoft/Phi-3-mini-4k-instruct"
+    revision: str | None = Field(
+        default=None, description="Hub commit to pin; required for hub ids, ignored for local paths."
+    )
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+
+
+class LoraConfig(_Section):
+    r: PositiveInt = 16
+    alpha: PositiveInt = 32
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+
+
+class TrainConfig(_Section):
+    epochs: Annotated[float, Field(gt=0)] = 3
+    learning_rate: Annotated[float, Field(gt=0, lt=1)] = 2e-4
+    batch_size: PositiveInt = 16
+    gradient_accumulation_steps: PositiveInt = 1
+    max_length: PositiveInt = 256
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.03
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    gradient_checkpointing: bool = False
+    logging_steps: PositiveInt = 10
+
+    @model_validator(mode="after")
+    def _effective_batch(self) -> "TrainConfig":
+        # LoRA degrades with large batches (notes/finetune.md §2b).
+        if self.batch_size * self.gradient_accumulation_steps > 64:
+            raise ValueError("batch_size * gradient_accumulation_steps must be <= 64 for LoRA")
+        return self
+
+
+class EvalConfig(_Section):
+    batch_size: PositiveInt = 32
+
+
+class AugmentConfig(_Section):
+    backend: Literal["offline"] = "offline"
+    rephrasings_per_error: PositiveInt = 3
+    max_per_class: PositiveInt = 50
+
+
+class ClusterConfig(_Section):
+    """Cluster-only settings; ignored by the local runner."""
+
+    pipeline_root: str | None = None
+    cpu_image: str = "ftloop-cpu:dev"
+    gpu_image: str = "ftloop-gpu:dev"
+    accelerator_type: str = "nvidia.com/gpu"
+    accelerator_node_label: str = "nvidia-l4"
+    spot: bool = False
+    gpu_cpu_request: str = "6"
+    gpu_memory_request: str = "24G"
+    retries: Annotated[int, Field(ge=0, le=10)] = 2
+
+
+class RunConfig(_Section):
+    name: Annotated[str, Field(pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")] = "ftloop"
+    seed: Annotated[int, Field(ge=0)] = 42
+    data: DataConfig
+    generate: GenerateConfig = GenerateConfig()
+    split: SplitConfig = SplitConfig()
+    format: FormatConfig = FormatConfig()
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfig = LoraConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    augment: AugmentConfig = AugmentConfig()
+    cluster: ClusterConfig = ClusterConfig()
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunConfig":
+        return cls.model_validate_json(text)
+
+    def with_model_path(self, path: str) -> "RunConfig":
+        return self.model_copy(update={"model": self.model.model_copy(update={"name_or_path": path})})
+
+
+def _line_of(node: yaml.Node | None, loc: tuple) -> int | None:
+    """Best-effort line number (1-based) of a key path in a composed YAML tree."""
+    line = None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if k.value == key:
+                    line, node = k.start_mark.line + 1, v
+                    break
+            else:
+                return line
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def _format_errors(path: str, exc: ValidationError, tree: yaml.Node | None) -> str:
+    lines = [f"{path}: invalid run config"]
+    for err in exc.errors():
+        loc = tuple(x for x in err["loc"] if not (isinstance(x, str) and x.startswith("function-")))
+        key = ".".join(str(x) for x in loc) or "<top level>"
+        line = _line_of(tree, loc)
+        where = f"{path}:{line}" if line else path
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {where}: {key}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Parse and validate a run config YAML; data paths become absolute."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc}") from None
+    try:
+        tree = yaml.compose(text)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a run config must be a YAML mapping, got {type(raw).__name__}")
+    base = path.resolve().parent
+    data = raw.get("data")
+    if isinstance(data, dict):
+        for key in ("articles", "questions"):
+            value = data.get(key)
+            if isinstance(value, str) and "://" not in value:
+                data[key] = str((base / value).resolve())
+    model = raw.get("model")
+    if isinstance(model, dict):
+        ref = model.get("name_or_path")
+        if isinstance(ref, str) and ref.startswith((".", "/")):
+            model["name_or_path"] = str((base / ref).resolve())
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(str(path), exc, tree)) from None
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(json.loads(config.to_json()), sort_keys=False)

@@ -1,0 +1,258 @@
+"""Data contracts (JSONL, one object per line) and their loaders.
+
+Loaders validate every line and report the file and line of the first
+problems, because users hand-edit these files.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import tempfile
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+from ftloop.components.errors import InputFileError
+
+Origin = Literal["generated", "rephrased", "imported"]
+SPLITS = ("train", "dev", "test")
+MAX_ERRORS_SHOWN = 5
+
+
+@dataclass(frozen=True)
+class Article:
+    id: str
+    text: str
+    label: str
+    title: str | None = None
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str
+    text: str
+    label: str
+    group: str
+    origin: Origin
+    parent_id: str | None = None
+    generator: str | None = None
+    round: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, row: dict[str, Any]) -> "Example":
+        return cls(**{k: row[k] for k in cls.__dataclass_fields__ if k in row})
+
+
+# ---------------------------------------------------------------- JSONL I/O
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read a JSONL file of objects; errors name the file and line."""
+    path = Path(path)
+    rows: list[dict[str, Any]] = []
+    try:
+        handle = path.open(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputFileError(str(path), "file not found") from None
+    except OSError as exc:
+        raise InputFileError(str(path), f"cannot read: {exc.strerror or exc}") from None
+    with handle:
+        try:
+            for lineno, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise InputFileError(str(path), f"malformed JSON: {exc.msg} (column {exc.colno})", lineno) from None
+                if not isinstance(row, dict):
+                    raise InputFileError(str(path), f"expected a JSON object, got {type(row).__name__}", lineno)
+                row["__line__"] = lineno
+                rows.append(row)
+        except UnicodeDecodeError:
+            raise InputFileError(str(path), "not UTF-8 text") from None
+    return rows
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
+    """Write atomically: a crash never leaves a half-written file that looks complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    count = 0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            for row in rows:
+                out.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+                count += 1
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return count
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            json.dump(obj, out, indent=2, sort_keys=True, ensure_ascii=False)
+            out.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def content_hash(paths: Iterable[str | Path]) -> str:
+    """sha256 over file contents, in the given order; artifacts carry it for lineage."""
+    digest = hashlib.sha256()
+    for p in paths:
+        digest.update(Path(p).name.encode())
+        digest.update(Path(p).read_bytes())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- validation helpers
+
+
+def _require_text(path: str, row: dict, key: str, lineno: int | None, *, optional: bool = False) -> str | None:
+    if key not in row or row[key] is None:
+        if optional:
+            return None
+        raise InputFileError(path, "missing required field", lineno, key)
+    value = row[key]
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and key in ("id", "group"):
+        value = str(value)
+    if not isinstance(value, str):
+        raise InputFileError(path, f"must be a string, got {type(value).__name__}", lineno, key)
+    value = value.strip()
+    if not value:
+        if optional:
+            return None
+        raise InputFileError(path, "is empty", lineno, key)
+    return value
+
+
+def _check_labels(path: str, items: list[tuple[str, int | None]], allowed: list[str] | None) -> None:
+    if allowed is None:
+        return
+    allowed_set = set(allowed)
+    for label, lineno in items:
+        if label not in allowed_set:
+            raise InputFileError(
+                path, f"label '{label}' is not one of the configured labels {sorted(allowed_set)}", lineno, "label"
+            )
+
+
+def _check_unique_ids(path: str, items: list[tuple[str, int | None]]) -> None:
+    seen: dict[str, int | None] = {}
+    for ident, lineno in items:
+        if ident in seen:
+            raise InputFileError(path, f"duplicate id '{ident}' (first seen on line {seen[ident]})", lineno, "id")
+        seen[ident] = lineno
+
+
+# ---------------------------------------------------------------- loaders
+
+
+def load_articles(path: str | Path, labels: list[str] | None = None) -> list[Article]:
+    """Load labeled articles: JSONL with id, text, label and optional title."""
+    path_s = str(path)
+    if not path_s.endswith(".jsonl"):
+        raise InputFileError(path_s, "articles must be a .jsonl file (one JSON object per line)")
+    articles: list[Article] = []
+    line_numbers: list[int] = []
+    for row in read_jsonl(path):
+        lineno = row.pop("__line__")
+        unknown = set(row) - {"id", "text", "label", "title"}
+        if unknown:
+            raise InputFileError(path_s, f"unknown field(s) {sorted(unknown)}; expected id, text, label, title", lineno)
+        articles.append(
+            Article(
+                id=_require_text(path_s, row, "id", lineno),
+                text=_require_text(path_s, row, "text", lineno),
+                label=_require_text(path_s, row, "label", lineno),
+                title=_require_text(path_s, row, "title", lineno, optional=True),
+            )
+        )
+        line_numbers.append(lineno)
+    if not articles:
+        raise InputFileError(path_s, "no articles found (the file is empty)")
+    _check_unique_ids(path_s, [(a.id, n) for a, n in zip(articles, line_numbers)])
+    _check_labels(path_s, [(a.label, n) for a, n in zip(articles, line_numbers)], labels)
+    return articles
+
+
+def load_questions(path: str | Path, labels: list[str] | None = None) -> list[Example]:
+    """Load an existing labeled-questions file (JSONL or CSV: text,label[,id][,group])."""
+    path_s = str(path)
+    if path_s.endswith(".jsonl"):
+        raw = read_jsonl(path)
+    elif path_s.endswith(".csv"):
+        raw = _read_csv(path_s)
+    else:
+        raise InputFileError(path_s, "labeled questions must be a .jsonl or .csv file")
+    examples = []
+    for row in raw:
+        lineno = row.pop("__line__")
+        unknown = set(row) - {"id", "text", "label", "group"}
+        if unknown:
+            raise InputFileError(path_s, f"unknown field(s) {sorted(unknown)}; expected text, label, id, group", lineno)
+        text = _require_text(path_s, row, "text", lineno)
+        label = _require_text(path_s, row, "label", lineno)
+        ident = _require_text(path_s, row, "id", lineno, optional=True) or f"q{lineno:06d}"
+        group = _require_text(path_s, row, "group", lineno, optional=True) or ident
+        examples.append(Example(id=ident, text=text, label=label, group=group, origin="imported", meta={"line": lineno}))
+    if not examples:
+        raise InputFileError(path_s, "no labeled questions found (the file is empty)")
+    _check_unique_ids(path_s, [(e.id, e.meta["line"]) for e in examples])
+    _check_labels(path_s, [(e.label, e.meta["line"]) for e in examples], labels)
+    return [Example(**{**e.to_dict(), "meta": {}}) for e in examples]
+
+
+def _read_csv(path: str) -> list[dict[str, Any]]:
+    try:
+        with open(path, encoding="utf-8", newline="") as handle:
+            reader = csv.DictReader(handle)
+            if reader.fieldnames is None:
+                raise InputFileError(path, "no header row; expected columns text,label[,id][,group]", 1)
+            header = [h.strip() for h in reader.fieldnames]
+            missing = {"text", "label"} - set(header)
+            if missing:
+                raise InputFileError(path, f"header lacks required column(s) {sorted(missing)}", 1)
+            rows = []
+            for row in reader:
+                if None in row:
+                    raise InputFileError(path, "more fields than the header has", reader.line_num)
+                clean = {k.strip(): v for k, v in row.items() if v is not None}
+                if not any(v.strip() for v in clean.values()):
+                    continue
+                clean["__line__"] = reader.line_num
+                rows.append(clean)
+            return rows
+    except FileNotFoundError:
+        raise InputFileError(path, "file not found") from None
+    except UnicodeDecodeError:
+        raise InputFileError(path, "not UTF-8 text") from None
+    except csv.Error as exc:
+        raise InputFileError(path, f"malformed CSV: {exc}") from None
+
+
+def load_examples(path: str | Path) -> list[Example]:
+    """Load examples written by an earlier stage (trusted format)."""
+    return [Example.from_dict({k: v for k, v in row.items() if k != "__line__"}) for row in read_jsonl(path)]
+
+
+def label_counts(examples: Iterable[Example]) -> dict[str, int]:
+    return dict(sorted(Counter(e.label for e in examples).items()))
