@@ -1,0 +1,189 @@
+"""Compare models evaluated on the same rows: summary.json plus Markdown and HTML reports.
+
+The summary is the machine-readable result of a run; the reports are for
+people (the KFP UI renders both artifact types).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ftloop.components.records import SPLITS, write_json
+
+HEADLINE_METRICS = ("accuracy", "macro_f1", "weighted_f1")
+SUMMARY_VERSION = 1
+
+
+def _load_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def build_summary(
+    eval_dirs: dict[str, str | Path],
+    split_dirs: dict[str, str | Path],
+    out_dir: str | Path,
+    run_info: dict[str, Any],
+) -> dict[str, Any]:
+    """Copy every model's predictions into ``out_dir`` and describe the run in one JSON object."""
+    out = Path(out_dir)
+    models: dict[str, Any] = {}
+    labels: list[str] | None = None
+    for name, eval_dir in eval_dirs.items():
+        metrics = _load_json(Path(eval_dir) / "metrics.json")
+        models[name] = {}
+        for split in SPLITS:
+            rel = Path("predictions") / name / f"{split}.jsonl"
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(eval_dir) / "predictions" / f"{split}.jsonl", out / rel)
+            m = metrics[split]
+            labels = labels or m.get("labels")
+            models[name][split] = {
+                **{k: m[k] for k in ("accuracy", "macro_f1", "weighted_f1", "n")},
+                **{k: m[k] for k in ("macro_precision", "macro_recall", "weighted_precision", "weighted_recall") if k in m},
+                "per_class": m.get("per_class"),
+                "confusion_matrix": m.get("confusion_matrix"),
+                "predictions": rel.as_posix(),
+            }
+    data = {name: _load_json(Path(d) / "report.json") for name, d in split_dirs.items()}
+    summary = {
+        "summary_version": SUMMARY_VERSION,
+        **run_info,
+        "labels": labels,
+        "models": models,
+        "deltas": deltas(models, "base", "augmented") if {"base", "augmented"} <= set(models) else {},
+        "data": data,
+    }
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def deltas(models: dict[str, Any], before: str, after: str) -> dict[str, dict[str, float]]:
+    return {
+        split: {k: models[after][split][k] - models[before][split][k] for k in HEADLINE_METRICS}
+        for split in SPLITS
+    }
+
+
+def comparison_rows(summary: dict[str, Any]) -> list[list[str]]:
+    """Rows of the side-by-side table: split, metric, one column per model, delta."""
+    names = list(summary["models"])
+    rows = []
+    for split in SPLITS:
+        for metric in HEADLINE_METRICS:
+            values = [summary["models"][n][split][metric] for n in names]
+            row = [split, metric, *(f"{v:.4f}" for v in values)]
+            if summary.get("deltas"):
+                row.append(f"{summary['deltas'][split][metric]:+.4f}")
+            rows.append(row)
+    return rows
+
+
+def comparison_header(summary: dict[str, Any]) -> list[str]:
+    return ["split", "metric", *summary["models"], *(["delta"] if summary.get("deltas") else [])]
+
+
+def render_text_table(summary: dict[str, Any]) -> str:
+    header = comparison_header(summary)
+    rows = comparison_rows(summary)
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    fmt = "  ".join(f"{{:<{w}}}" if i < 2 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    lines += [fmt.format(*row) for row in rows]
+    return "\n".join(lines)
+
+
+def _augmentation(summary: dict[str, Any]) -> dict[str, Any] | None:
+    return summary.get("data", {}).get("augmented", {}).get("augmentation")
+
+
+def render_markdown(summary: dict[str, Any]) -> str:
+    header = comparison_header(summary)
+    lines = [
+        f"# ftloop run `{summary.get('run_name', '')}`",
+        "",
+        f"Models: {', '.join(f'`{m}`' for m in summary['models'])}. Labels: {', '.join(summary.get('labels') or [])}.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" if i < 2 else "---:" for i in range(len(header))) + "|",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in comparison_rows(summary)]
+    aug = _augmentation(summary)
+    if aug:
+        lines += [
+            "",
+            "## Augmentation",
+            "",
+            f"- errors mined: {aug['errors_mined']} (train/dev only; test is never mined)",
+            f"- rephrasings generated: {aug['generated']}, added: {aug['added']}, removed: {aug['removed']}",
+            f"- most common confusions (true->predicted): {', '.join(f'{k} x{v}' for k, v in list(aug['confusions'].items())[:5]) or 'none'}",
+            "- the augmented model trained on rephrasings of mined dev rows, so its dev score is optimistic; compare on test.",
+        ]
+    base = summary.get("data", {}).get("base")
+    if base:
+        lines += [
+            "",
+            "## Data",
+            "",
+            f"- rows per split: {base['rows']}; groups per split: {base['groups']}",
+            f"- groups shared between splits (leakage check): {base['group_overlap']}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _heat(value: int, peak: int) -> str:
+    alpha = 0.0 if peak == 0 else value / peak
+    return f"background: rgba(31, 119, 180, {alpha:.2f}); color: {'#fff' if alpha > 0.55 else '#000'}"
+
+
+def render_html(summary: dict[str, Any]) -> str:
+    esc = html.escape
+    header = comparison_header(summary)
+    table = "<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"
+    for row in comparison_rows(summary):
+        table += "<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>"
+    table += "</table>"
+    labels = summary.get("labels") or []
+    matrices = ""
+    for name, splits in summary["models"].items():
+        cm = splits["test"].get("confusion_matrix")
+        if not cm:
+            continue
+        peak = max(max(r) for r in cm) if cm else 0
+        grid = "<table class='cm'><tr><th>true \\ predicted</th>" + "".join(f"<th>{esc(l)}</th>" for l in labels) + "</tr>"
+        for label, row in zip(labels, cm):
+            grid += f"<tr><th>{esc(label)}</th>" + "".join(f"<td style='{_heat(v, peak)}'>{v}</td>" for v in row) + "</tr>"
+        grid += "</table>"
+        matrices += f"<h3>{esc(name)}: test confusion matrix</h3>{grid}"
+    markdown_notes = esc(render_markdown(summary).split("## Augmentation", 1)[-1]) if _augmentation(summary) else ""
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>ftloop report</title><style>"
+        "body{font-family:system-ui,sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f4f4f4}"
+        "</style></head><body>"
+        f"<h1>ftloop run {esc(str(summary.get('run_name', '')))}</h1>"
+        f"<h2>Base vs augmented</h2>{table}<h2>Confusion matrices</h2>{matrices}"
+        + (f"<h2>Augmentation</h2><pre>{markdown_notes}</pre>" if markdown_notes else "")
+        + "</body></html>\n"
+    )
+
+
+def run_compare(
+    eval_dirs: dict[str, str | Path],
+    split_dirs: dict[str, str | Path],
+    bundle_dir: str | Path,
+    markdown_path: str | Path,
+    html_path: str | Path,
+    run_info: dict[str, Any],
+) -> dict[str, Any]:
+    """Stage entry point: writes the run bundle (summary + predictions + reports) and the two report artifacts."""
+    summary = build_summary(eval_dirs, split_dirs, bundle_dir, run_info)
+    markdown, page = render_markdown(summary), render_html(summary)
+    for path, text in ((Path(bundle_dir) / "report.md", markdown), (Path(bundle_dir) / "report.html", page),
+                       (Path(markdown_path), markdown), (Path(html_path), page)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    return summary
