@@ -1,0 +1,118 @@
+"""Thin KFP wrappers over the stage functions.
+
+Each body imports its stage from the installed ``ftloop`` package (baked into
+the image; installed in the local environment for the local runner), so the
+compiled YAML carries no logic of its own. Images are set per task at compile
+time (``pipelines.k8s``), never hard-coded here.
+"""
+
+
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
+
+# Overridden per task at compile time with the image skaffold built.
+PLACEHOLDER_IMAGE = "ftloop:unset"
+_component = dict(base_image=PLACEHOLDER_IMAGE, install_kfp_package=False, packages_to_install=[])
+
+
+@dsl.component(**_component)
+def prepare_examples(run_config: str, source: Input[Dataset], examples: Output[Dataset]):
+    """Labeled articles -> generated questions, or imported labeled questions."""
+    from ftloop.components.config import RunConfig
+    from ftloop.components.sources import run_prepare
+
+    examples.metadata.update(run_prepare(RunConfig.from_json(run_config), source.path, examples.path))
+
+
+@dsl.component(**_component)
+def split_examples(run_config: str, examples: Input[Dataset], splits: Output[Dataset]):
+    """Grouped, stratified train/dev/test split with a leakage report."""
+    from ftloop.components.config import RunConfig
+    from ftloop.components.split import run_split
+
+    config = RunConfig.from_json(run_config)
+    splits.metadata.update(run_split(examples.path, splits.path, config.split.dev, config.split.test, config.seed))
+
+
+@dsl.component(**_component)
+def format_chat(run_config: str, splits: Input[Dataset], formatted: Output[Dataset]):
+    """Splits -> conversational prompt/completion rows."""
+    from ftloop.components.chat_format import run_format
+    from ftloop.components.config import RunConfig
+
+    config = RunConfig.from_json(run_config)
+    formatted.metadata.update(run_format(splits.path, formatted.path, config.format.system_prompt))
+
+
+@dsl.component(**_component)
+def finetune(run_config: str, formatted: Input[Dataset], model: Output[Model]):
+    """LoRA fine-tune (trl SFTTrainer + peft) of the configured base model."""
+    from ftloop.components.config import RunConfig
+    from ftloop.components.finetune import finetune as run_finetune
+
+    meta = run_finetune(RunConfig.from_json(run_config), formatted.path, model.path)
+    model.metadata.update({k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool))})
+    model.metadata["framework"] = "peft-lora"
+
+
+@dsl.component(**_component)
+def evaluate(
+    run_config: str,
+    model_name: str,
+    model: Input[Model],
+    formatted: Input[Dataset],
+    results: Output[Dataset],
+    metrics: Output[Metrics],
+    confusion_matrix: Output[ClassificationMetrics],
+):
+    """Label-scoring inference on every split; metrics for the KFP UI."""
+    from ftloop.components.config import RunConfig
+    from ftloop.components.evaluate import evaluate_model
+
+    all_metrics = evaluate_model(RunConfig.from_json(run_config), model.path, formatted.path, results.path)
+    for split, m in all_metrics.items():
+        for key in ("accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall"):
+            metrics.log_metric(f"{split}_{key}", float(m[key]))
+    test = all_metrics["test"]
+    confusion_matrix.log_confusion_matrix(list(test["labels"]), [list(map(int, r)) for r in test["confusion_matrix"]])
+    results.metadata.update({"model": model_name, **{f"{s}_rows": m["n"] for s, m in all_metrics.items()}})
+
+
+@dsl.component(**_component)
+def augment_from_errors(run_config: str, splits: Input[Dataset], evaluation: Input[Dataset], augmented: Output[Dataset]):
+    """Rephrase misclassified train/dev rows into an augmented train split."""
+    from ftloop.components.augment import run_augment
+    from ftloop.components.config import RunConfig
+
+    config = RunConfig.from_json(run_config)
+    a = config.augment
+    augmented.metadata.update(
+        run_augment(splits.path, evaluation.path, augmented.path, a.backend, a.rephrasings_per_error, a.max_per_class, config.seed)
+    )
+
+
+@dsl.component(**_component)
+def compare_models(
+    run_config: str,
+    base_evaluation: Input[Dataset],
+    augmented_evaluation: Input[Dataset],
+    base_splits: Input[Dataset],
+    augmented_splits: Input[Dataset],
+    results: Output[Artifact],
+    report_markdown: Output[Markdown],
+    report_html: Output[HTML],
+):
+    """Side-by-side comparison: summary.json, predictions and reports in one bundle."""
+    from ftloop.components.compare import run_compare
+    from ftloop.components.config import RunConfig
+
+    config = RunConfig.from_json(run_config)
+    summary = run_compare(
+        {"base": base_evaluation.path, "augmented": augmented_evaluation.path},
+        {"base": base_splits.path, "augmented": augmented_splits.path},
+        results.path,
+        report_markdown.path,
+        report_html.path,
+        {"run_name": config.name, "seed": config.seed, "config": config.model_dump(mode="json")},
+    )
+    results.metadata.update({f"delta_test_{k}": v for k, v in summary["deltas"].get("test", {}).items()})

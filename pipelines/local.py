@@ -1,0 +1,81 @@
+"""Run the whole pipeline on this machine with KFP's local runner (no cluster, no GPU)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+from ftloop.components.config import TINY_MODEL_REF, RunConfig
+from ftloop.components.errors import FtloopError
+from ftloop.components.records import write_json
+from ftloop.components.sources import load_source
+
+RESULT_FILES = ("summary.json", "report.md", "report.html")
+
+
+def ensure_tiny_model(config: RunConfig, workdir: Path, progress: Callable[[str], None]) -> RunConfig:
+    """Replace ``builtin:tiny-phi3`` by a model directory built offline from this run's data."""
+    if config.model.name_or_path != TINY_MODEL_REF:
+        return config
+    from ftloop.components.tiny_model import build_tiny_model
+
+    model_dir = workdir / "models" / "tiny-phi3"
+    if (model_dir / "config.json").exists():
+        progress(f"tiny model: reusing {model_dir}")
+    else:
+        progress(f"tiny model: building a random-init Phi-3-architecture model in {model_dir}")
+        examples, labels = load_source(config)
+        build_tiny_model(model_dir, [e.text for e in examples], labels, seed=config.seed)
+    return config.with_model_path(str(model_dir))
+
+
+def clear_previous_results(workdir: Path) -> None:
+    """A failed run must not leave an older run's results looking current."""
+    for name in RESULT_FILES:
+        (workdir / name).unlink(missing_ok=True)
+    shutil.rmtree(workdir / "predictions", ignore_errors=True)
+
+
+def run_local(config: RunConfig, workdir: str | Path, progress: Callable[[str], None] = print) -> dict:
+    """Validate inputs, run every stage through kfp.local, and write WORKDIR/summary.json last."""
+    from kfp import local
+
+    from ftloop.pipelines.pipeline import build_pipeline
+
+    workdir = Path(workdir).resolve()
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FtloopError(f"{workdir}: cannot create work directory: {exc.strerror or exc}") from None
+    started = time.monotonic()
+    clear_previous_results(workdir)
+    load_source(config)  # fail fast, with file and line, before any stage starts
+    config = ensure_tiny_model(config, workdir, progress)
+
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(workdir / "kfp"),
+        raise_on_error=False,
+    )
+    progress(f"pipeline: running {config.name} with kfp.local (artifacts under {workdir / 'kfp'})")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
+        warnings.filterwarnings("ignore", message=".*image.*", category=RuntimeWarning)
+        task = build_pipeline(config)()
+    bundle = task.output
+    if bundle is None or not Path(bundle.path).exists():
+        raise FtloopError("pipeline failed: a stage did not finish (its log is above); no results were written")
+
+    bundle_dir = Path(bundle.path)
+    shutil.copytree(bundle_dir / "predictions", workdir / "predictions")
+    for name in ("report.md", "report.html"):
+        shutil.copyfile(bundle_dir / name, workdir / name)
+    summary = json.loads((bundle_dir / "summary.json").read_text(encoding="utf-8"))
+    summary["timings"] = {"total_seconds": round(time.monotonic() - started, 1)}
+    summary["artifacts"] = str(bundle_dir)
+    write_json(workdir / "summary.json", summary)  # written last: its presence means the run finished
+    return summary

@@ -1,0 +1,78 @@
+"""Bad input through the real CLI: a clear message naming file/line/key, exit 2, no traceback, no results."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import corpus_subset, write_config, write_lines
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ftloop.pipelines.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def good_articles() -> list:
+    return corpus_subset(["returns", "shipping", "payments"], 4)
+
+
+def malformed_line(rows):
+    return rows[:3] + ['{"id": "broken", "text": "oops"'] + rows[3:]
+
+
+def missing_label(rows):
+    rows = list(rows)
+    rows[4] = {k: v for k, v in rows[4].items() if k != "label"}
+    return rows
+
+
+def empty_text(rows):
+    rows = list(rows)
+    rows[6] = {**rows[6], "text": ""}
+    return rows
+
+
+def single_article_label(rows):
+    return rows + [{"id": "lonely", "text": "Our newsletter arrives every Monday.", "label": "newsletter"}]
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (malformed_line, "articles.jsonl:4: malformed JSON"),
+        (missing_label, "articles.jsonl:5: field 'label': missing required field"),
+        (empty_text, "articles.jsonl:7: field 'text': is empty"),
+        (single_article_label, "label 'newsletter' has 1 source group(s)"),
+    ],
+)
+def test_bad_articles(tmp_path, mutate, expected):
+    articles = write_lines(tmp_path / "articles.jsonl", mutate(good_articles()))
+    config = write_config(tmp_path / "run.yaml", articles)
+    result = run_cli("run", "--local", "--config", str(config), "--workdir", str(tmp_path / "out"), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr
+    assert str(articles) in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_unknown_config_key(tmp_path):
+    articles = write_lines(tmp_path / "articles.jsonl", good_articles())
+    config = write_config(tmp_path / "run.yaml", articles, lora={"rank": 8})
+    result = run_cli("run", "--local", "--config", str(config), "--workdir", str(tmp_path / "out"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"{config}:" in result.stderr and "lora.rank: unknown key" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_run_removes_an_older_runs_results(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.json").write_text(json.dumps({"models": {}}))
+    articles = write_lines(tmp_path / "articles.jsonl", single_article_label(good_articles()))
+    result = run_cli("run", "--local", "--config", str(write_config(tmp_path / "run.yaml", articles)), "--workdir", str(out), cwd=tmp_path)
+    assert result.returncode == 2
+    assert not (out / "summary.json").exists()

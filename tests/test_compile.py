@@ -1,0 +1,79 @@
+"""The compiled pipeline: loads back in kfp, GPU settings only on GPU tasks, images as configured."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+from kfp import components
+
+from ftloop.components.config import load_config
+
+from conftest import REPO
+
+GPU_EXECUTORS = {"exec-finetune", "exec-finetune-2", "exec-evaluate", "exec-evaluate-2"}
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compile") / "pipeline.yaml"
+    result = subprocess.run(
+        [sys.executable, "-m", "ftloop.pipelines.cli", "compile", "--config", str(REPO / "configs" / "webbizz-gke.yaml"), "--output", str(out)],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_kfp_loads_the_compiled_pipeline_back(compiled):
+    pipeline = components.load_component_from_file(str(compiled))
+    assert pipeline.name == "webbizz-phi3"
+    assert set(pipeline.component_spec.inputs) == {"run_config", "source_uri"}
+
+
+def test_every_stage_of_the_loop_is_a_task(compiled):
+    spec = next(yaml.safe_load_all(compiled.read_text()))
+    assert set(spec["root"]["dag"]["tasks"]) == {
+        "importer", "prepare-examples", "split-examples", "format-chat", "finetune", "evaluate",
+        "augment-from-errors", "format-chat-2", "finetune-2", "evaluate-2", "compare-models",
+    }
+
+
+def test_only_gpu_tasks_request_an_l4(compiled):
+    spec, platform = yaml.safe_load_all(compiled.read_text())
+    config = load_config(REPO / "configs" / "webbizz-gke.yaml")
+    executors = spec["deploymentSpec"]["executors"]
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for name, executor in executors.items():
+        container = executor.get("container")
+        if container is None:
+            continue  # importer
+        accelerator = container.get("resources", {}).get("accelerator")
+        if name in GPU_EXECUTORS:
+            assert accelerator == {"count": "1", "resourceCount": "1", "resourceType": "nvidia.com/gpu", "type": "nvidia.com/gpu"}
+            assert k8s[name]["nodeSelector"] == {"labels": {"cloud.google.com/gke-accelerator": "nvidia-l4"}}
+            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in k8s[name]["tolerations"]
+            assert container["image"] == config.cluster.gpu_image
+        else:
+            assert accelerator is None, name
+            assert name not in k8s, name
+            assert container["image"] == config.cluster.cpu_image
+
+
+def test_gpu_tasks_are_not_cached_and_are_retried(compiled):
+    spec = next(yaml.safe_load_all(compiled.read_text()))
+    tasks = spec["root"]["dag"]["tasks"]
+    for name in ("finetune", "finetune-2", "evaluate", "evaluate-2"):
+        assert tasks[name]["cachingOptions"] == {}, name
+        assert tasks[name]["retryPolicy"]["maxRetryCount"] == 2
+    assert tasks["split-examples"]["cachingOptions"] == {"enableCache": True}
+
+
+def test_the_tiny_local_model_cannot_be_compiled_for_a_cluster(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "ftloop.pipelines.cli", "compile", "--config", str(REPO / "configs" / "demo.yaml"), "--output", str(tmp_path / "p.yaml")],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 2
+    assert "builtin:tiny-phi3" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "p.yaml").exists()
