@@ -1,0 +1,401 @@
+"""LoRA supervised fine-tuning of the base model on the formatted train split.
+
+One recipe for laptop and cluster: TRL's SFTTrainer on conversational
+prompt/completion rows (so the loss covers only the answer and its end tokens),
+all-linear LoRA resolved to the architecture's concrete module names, no
+quantization. Only the hardware-dependent knobs (bf16, attention kernel,
+device) switch automatically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import importlib.util
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from ftloop.components.config import TINY_MODEL_REF, RunConfig
+from ftloop.components.errors import FtloopError
+from ftloop.components.records import read_jsonl, write_json
+
+MODEL_META = "ftloop_model.json"
+Progress = Callable[[str], None]
+
+
+# ------------------------------------------------------------------ hardware
+
+
+def cuda_bf16() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def resolve_dtype(spec: str) -> torch.dtype:
+    """'auto' means bf16 where the GPU computes it natively, else fp32 (bf16 on CPU is slow and lossy)."""
+    if spec == "float32":
+        return torch.float32
+    if spec == "bfloat16":
+        return torch.bfloat16
+    if spec == "auto":
+        return torch.bfloat16 if cuda_bf16() else torch.float32
+    raise FtloopError(f"model.dtype: unsupported value {spec!r}")
+
+
+def attn_implementation(dtype: torch.dtype) -> str:
+    """FlashAttention-2 only where it can run (CUDA, half precision, package installed); SDPA elsewhere."""
+    if (
+        torch.cuda.is_available()
+        and dtype in (torch.bfloat16, torch.float16)
+        and importlib.util.find_spec("flash_attn") is not None
+    ):
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def device_description() -> str:
+    if torch.cuda.is_available():
+        return f"cuda:{torch.cuda.get_device_name(0)}"
+    return "cpu"
+
+
+@contextlib.contextmanager
+def quiet_progress_bars() -> Iterator[None]:
+    """Silence library tqdm bars (weight loading, dataset maps); the caller reports progress itself."""
+    import datasets
+    from transformers.utils import logging as tf_logging
+
+    tf_was_on = tf_logging.is_progress_bar_enabled()
+    ds_was_off = datasets.are_progress_bars_disabled()
+    tf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if tf_was_on:
+            tf_logging.enable_progress_bar()
+        if not ds_was_off:
+            datasets.enable_progress_bars()
+
+
+@contextlib.contextmanager
+def peft_deprecation_silenced() -> Iterator[None]:
+    """peft 0.21 reads a property transformers 5.24 deprecated; nothing for a user to act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+# -------------------------------------------------------------------- loading
+
+
+def _is_local(name_or_path: str) -> bool:
+    return Path(name_or_path).is_dir()
+
+
+def check_model_ref(name_or_path: str) -> None:
+    if name_or_path.startswith("builtin:") or name_or_path == TINY_MODEL_REF:
+        raise FtloopError(
+            f"model.name_or_path {name_or_path!r} is a placeholder: build the tiny model first "
+            "(the pipeline does this) and pass its directory"
+        )
+
+
+def load_base_model(name_or_path: str, revision: str | None, dtype_spec: str) -> torch.nn.Module:
+    """Load the causal LM exactly as a hub model would be loaded: safetensors only, no remote code."""
+    from transformers import AutoModelForCausalLM
+
+    check_model_ref(name_or_path)
+    dtype = resolve_dtype(dtype_spec)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            name_or_path,
+            revision=None if _is_local(name_or_path) else revision,
+            dtype=dtype,
+            attn_implementation=attn_implementation(dtype),
+            trust_remote_code=False,
+            use_safetensors=True,
+        )
+    except OSError as exc:
+        raise FtloopError(f"cannot load base model {name_or_path!r}: {exc}") from None
+
+
+def load_tokenizer(name_or_path: str, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    check_model_ref(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            name_or_path, revision=None if _is_local(name_or_path) else revision, trust_remote_code=False
+        )
+    except OSError as exc:
+        raise FtloopError(f"cannot load tokenizer {name_or_path!r}: {exc}") from None
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # pad == eos makes label-masking collators hide the stop token (Microsoft's Phi-3 recipe uses unk).
+        if tokenizer.unk_token is None:
+            raise FtloopError(f"tokenizer of {name_or_path!r} has no pad or unk token distinct from eos")
+        tokenizer.pad_token = tokenizer.unk_token
+    if tokenizer.chat_template is None:
+        raise FtloopError(f"tokenizer of {name_or_path!r} has no chat template")
+    return tokenizer
+
+
+def chat_token_ids(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> list[int]:
+    """Token ids of a rendered conversation, via the same call TRL uses to tokenize training rows."""
+    encoded = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=True
+    )
+    return list(encoded["input_ids"])
+
+
+# ------------------------------------------------------------ target modules
+
+
+def _linear_classes() -> tuple[type, ...]:
+    from transformers.pytorch_utils import Conv1D
+
+    return (nn.Linear, Conv1D)
+
+
+def resolve_target_modules(model: nn.Module, spec: str | list[str]) -> list[str]:
+    """Concrete LoRA target names, so the adapter config says what was trained.
+
+    'all-linear' becomes the leaf names of every linear layer except the output
+    head (Phi-3: qkv_proj, o_proj, gate_up_proj, down_proj). An explicit list is
+    checked against the model, because names copied from other architectures
+    (q_proj/v_proj on Phi-3's fused layers) would otherwise fail late or match nothing.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    available: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, _linear_classes()) and module is not head:
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf not in available:
+                available.append(leaf)
+    if isinstance(spec, str):
+        if spec.lower() != "all-linear":
+            raise FtloopError(f"lora.target_modules: expected 'all-linear' or a list of names, got {spec!r}")
+        if not available:
+            raise FtloopError("lora.target_modules: the model has no linear layers to adapt")
+        return sorted(available)
+    names = list(dict.fromkeys(spec))
+    missing = [n for n in names if n not in available]
+    if missing or not names:
+        raise FtloopError(
+            f"lora.target_modules: {missing or names} not found among the model's linear layers; "
+            f"available: {sorted(available)}"
+        )
+    return names
+
+
+# ----------------------------------------------------------------------- data
+
+
+def read_labels(formatted_dir: Path) -> list[str]:
+    path = formatted_dir / "labels.json"
+    try:
+        labels = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FtloopError(f"{path}: file not found") from None
+    except json.JSONDecodeError as exc:
+        raise FtloopError(f"{path}: not valid JSON: {exc.msg}") from None
+    if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels):
+        raise FtloopError(f"{path}: expected a JSON list of at least two label strings")
+    return labels
+
+
+def read_split(formatted_dir: Path, split: str, labels: list[str]) -> list[dict[str, Any]]:
+    """Rows of one formatted split, checked for the fields training and scoring rely on."""
+    path = formatted_dir / f"{split}.jsonl"
+    rows = read_jsonl(path)
+    allowed = set(labels)
+    for row in rows:
+        where = f"{path}:{row.get('__line__')}"
+        prompt, completion = row.get("prompt"), row.get("completion")
+        if not (isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt)):
+            raise FtloopError(f"{where}: 'prompt' must be a non-empty list of chat messages")
+        if not (isinstance(completion, list) and len(completion) == 1 and isinstance(completion[0], dict)):
+            raise FtloopError(f"{where}: 'completion' must be a list with one assistant message")
+        if row.get("label") not in allowed or completion[0].get("content") != row.get("label"):
+            raise FtloopError(f"{where}: label {row.get('label')!r} is not in labels.json or differs from the completion")
+    return rows
+
+
+# ------------------------------------------------------------------- training
+
+
+def _progress_callback(progress: Progress):
+    from transformers import TrainerCallback
+
+    class ProgressCallback(TrainerCallback):
+        """One console line per logging step instead of tqdm bars or raw dicts."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                progress(
+                    f"train epoch {state.epoch or 0:.2f}/{args.num_train_epochs:g} "
+                    f"step {state.global_step}/{state.max_steps} loss {logs['loss']:.3f}"
+                )
+
+    return ProgressCallback()
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for dist in ("torch", "transformers", "trl", "peft"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _checkpointing_args(config_cls: type, enabled: bool) -> dict[str, bool]:
+    # SFTConfig defaults gradient checkpointing to True; transformers >= 5.24 renamed it
+    # activation_checkpointing and warns on the old name.
+    if "activation_checkpointing" in getattr(config_cls, "__dataclass_fields__", {}):
+        return {"activation_checkpointing": enabled}
+    return {"gradient_checkpointing": enabled}
+
+
+def build_trainer(
+    config: RunConfig, formatted_dir: str | Path, output_dir: str | Path, progress: Progress = print
+) -> tuple[Any, dict[str, Any]]:
+    """The configured SFTTrainer and facts about its inputs, before training; split out so tests can inspect it."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import PrinterCallback, set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    formatted_dir, output_dir = Path(formatted_dir), Path(output_dir)
+    labels = read_labels(formatted_dir)
+    rows = read_split(formatted_dir, "train", labels)
+    if not rows:
+        raise FtloopError(f"{formatted_dir / 'train.jsonl'}: the train split is empty")
+
+    set_seed(config.seed)
+    name = config.model.name_or_path
+    tokenizer = load_tokenizer(name, config.model.revision)
+    model = load_base_model(name, config.model.revision, config.model.dtype)
+    targets = resolve_target_modules(model, config.lora.target_modules)
+
+    train = config.train
+    # Truncation would cut the answer off (TRL keeps the start), leaving a row with no loss:
+    # drop such rows visibly instead.
+    kept = [r for r in rows if len(chat_token_ids(tokenizer, r["prompt"] + r["completion"])) <= train.max_length]
+    if len(kept) < len(rows):
+        progress(f"warning: dropped {len(rows) - len(kept)} train rows longer than train.max_length={train.max_length} tokens")
+    if not kept:
+        raise FtloopError(f"every train row is longer than train.max_length={train.max_length} tokens")
+    rows = kept
+    # With FlashAttention the batch is flattened without pad tokens (TRL's padding-free mode);
+    # TRL then wants max_length=None, which the filter above makes safe.
+    padding_free = model.config._attn_implementation.startswith("flash_attention")
+    use_cuda = torch.cuda.is_available()
+    args = SFTConfig(
+        output_dir=str(output_dir),
+        num_train_epochs=train.epochs,
+        learning_rate=train.learning_rate,
+        per_device_train_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        max_length=None if padding_free else train.max_length,
+        padding_free=padding_free,
+        warmup_steps=train.warmup_ratio,  # transformers 5: a float < 1 is a ratio of total steps
+        weight_decay=train.weight_decay,
+        lr_scheduler_type=train.lr_scheduler,
+        **_checkpointing_args(SFTConfig, train.gradient_checkpointing),
+        logging_steps=train.logging_steps,
+        logging_first_step=True,
+        bf16=cuda_bf16(),
+        fp16=False,
+        use_cpu=not use_cuda,
+        seed=config.seed,
+        data_seed=config.seed,
+        completion_only_loss=True,
+        packing=False,
+        report_to=[],
+        save_strategy="no",
+        eval_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    peft_config = LoraConfig(
+        r=config.lora.r,
+        lora_alpha=config.lora.alpha,
+        lora_dropout=config.lora.dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+    with peft_deprecation_silenced():
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[_progress_callback(progress)],
+        )
+    trainer.remove_callback(PrinterCallback)  # it would print every raw log dict
+    return trainer, {"labels": labels, "n_train_rows": len(rows), "target_modules": targets}
+
+
+def finetune(
+    config: RunConfig,
+    formatted_dir: str | Path,
+    output_dir: str | Path,
+    progress: Progress = print,
+) -> dict[str, Any]:
+    """Train a LoRA adapter; write adapter, tokenizer and ftloop_model.json; return that metadata."""
+    start = time.perf_counter()
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with quiet_progress_bars():
+        trainer, info = build_trainer(config, formatted_dir, output_dir, progress)
+        trainable, total = trainer.model.get_nb_trainable_parameters()
+        progress(
+            f"train {info['n_train_rows']} rows on {device_description()}: LoRA r={config.lora.r} on "
+            f"{', '.join(info['target_modules'])} ({trainable:,} of {total:,} params trainable)"
+        )
+        result = trainer.train()
+        trainer.model.save_pretrained(str(output_dir))
+        trainer.processing_class.save_pretrained(str(output_dir))
+
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    last = logged[-1] if logged else {}
+    meta: dict[str, Any] = {
+        "format": "ftloop-lora-adapter/1",
+        "base_model": {
+            "name_or_path": config.model.name_or_path,
+            "revision": None if _is_local(config.model.name_or_path) else config.model.revision,
+            "dtype": config.model.dtype,
+        },
+        "labels": info["labels"],
+        "target_modules": info["target_modules"],
+        "lora": {"r": config.lora.r, "alpha": config.lora.alpha, "dropout": config.lora.dropout},
+        "train": config.train.model_dump(),
+        "seed": config.seed,
+        "n_train_rows": info["n_train_rows"],
+        "train_loss": float(result.training_loss),
+        "final_loss": float(last["loss"]) if "loss" in last else None,
+        "final_token_accuracy": float(last["mean_token_accuracy"]) if "mean_token_accuracy" in last else None,
+        "tokens_seen": int(last["num_tokens"]) if "num_tokens" in last else None,
+        "steps": int(result.global_step),
+        "train_runtime_s": round(float(result.metrics.get("train_runtime", 0.0)), 3),
+        "wall_time_s": round(time.perf_counter() - start, 3),
+        "device": device_description(),
+        "bf16": bool(trainer.args.bf16),
+        "attn_implementation": trainer.model.get_base_model().config._attn_implementation,
+        "trainable_params": int(trainable),
+        "total_params": int(total),
+        "versions": _versions(),
+    }
+    write_json(output_dir / MODEL_META, meta)
+    progress(f"train done: mean loss {meta['train_loss']:.3f}, {meta['steps']} steps in {meta['wall_time_s']:.1f}s")
+    return meta

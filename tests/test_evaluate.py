@@ -1,0 +1,132 @@
+"""Label scoring must equal an unpadded one-at-a-time computation; metrics must equal sklearn."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+try:
+    from tests.ml_fixtures import LABELS, formatted_dir, tiny_model_dir, trained  # noqa: F401
+except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
+    from ml_fixtures import LABELS, formatted_dir, tiny_model_dir, trained  # noqa: F401
+
+from ftloop.components.errors import FtloopError
+from ftloop.components.evaluate import compute_metrics, evaluate_model, load_for_inference, score_labels
+from ftloop.components.prompts import prompt_messages
+
+QUESTIONS = [
+    "refund?",
+    "where is my parcel, it was dispatched by express courier last week and has not arrived yet",
+    "is the battery certified safe",
+    "how do I unsubscribe from the newsletter emails that fill my inbox every single day, thanks",
+    "points",
+    "my credit card was charged twice for one invoice",
+    "can I speak to someone at the help desk about a complaint ticket",
+]
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(trained):
+    return load_for_inference(trained["dir"])
+
+
+@torch.no_grad()
+def reference_scores(model, tokenizer, prompts, labels):
+    """One prompt at a time, no padding: sum of the label tokens' log-probs, softmaxed over labels."""
+    out = []
+    for prompt in prompts:
+        prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                                   return_dict=True)["input_ids"]
+        logliks = []
+        for label in labels:
+            full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": label}], tokenize=True,
+                                                 return_dict=True)["input_ids"]
+            label_ids = full[len(prompt_ids): full.index(tokenizer.convert_tokens_to_ids("<|end|>"), len(prompt_ids))]
+            ids = torch.tensor([prompt_ids + label_ids])
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+            logliks.append(sum(logp[len(prompt_ids) - 1 + k, t] for k, t in enumerate(label_ids)))
+        probs = torch.softmax(torch.stack(logliks), dim=0)
+        out.append(dict(zip(labels, probs.tolist())))
+    return out
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_batched_scores_equal_unbatched_reference(model_and_tokenizer, padding_side):
+    model, tokenizer = model_and_tokenizer
+    prompts = [prompt_messages(q, LABELS) for q in QUESTIONS]
+    batched = score_labels(model, tokenizer, prompts, LABELS, batch_size=3, padding_side=padding_side)
+    reference = reference_scores(model, tokenizer, prompts, LABELS)
+    for got, want in zip(batched, reference):
+        assert list(got) == LABELS
+        assert sum(got.values()) == pytest.approx(1.0, abs=1e-9)
+        for label in LABELS:
+            assert got[label] == pytest.approx(want[label], abs=1e-5)
+    # scores are not all alike: the model actually discriminates
+    assert len({max(s, key=s.get) for s in batched}) > 1
+
+
+def test_multi_token_labels_are_scored_over_all_their_tokens(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    labels = ["shipping", "shipping delay", "returns", "return window x"]  # shared first tokens
+    prompts = [prompt_messages(q, labels) for q in QUESTIONS[:5]]
+    batched = score_labels(model, tokenizer, prompts, labels, batch_size=4)
+    reference = reference_scores(model, tokenizer, prompts, labels)
+    for got, want in zip(batched, reference):
+        assert sum(got.values()) == pytest.approx(1.0, abs=1e-9)
+        for label in labels:
+            assert got[label] == pytest.approx(want[label], abs=1e-5)
+
+
+def test_score_labels_empty_input(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    assert score_labels(model, tokenizer, [], LABELS, batch_size=4) == []
+
+
+def test_compute_metrics_equals_sklearn():
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+    rng = random.Random(7)
+    labels = ["a", "b", "c", "d"]
+    y_true = [rng.choice(labels[:3]) for _ in range(60)]  # "d" never occurs: zero_division paths
+    y_pred = [t if rng.random() < 0.6 else rng.choice(labels) for t in y_true]
+    m = compute_metrics(y_true, y_pred, labels)
+    json.dumps(m)  # plain JSON types only
+    assert m["n"] == 60
+    assert m["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
+    for avg in ("macro", "weighted"):
+        p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=avg, zero_division=0)
+        assert (m[f"{avg}_precision"], m[f"{avg}_recall"], m[f"{avg}_f1"]) == pytest.approx((p, r, f))
+    f_each = f1_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
+    assert [m["per_class"][x]["f1"] for x in labels] == pytest.approx(list(f_each))
+    assert [m["per_class"][x]["support"] for x in labels] == [y_true.count(x) for x in labels]
+    assert m["confusion_matrix"] == confusion_matrix(y_true, y_pred, labels=labels).tolist()
+    assert m["confusion_matrix"][0][1] == sum(1 for t, p in zip(y_true, y_pred) if t == "a" and p == "b")
+    assert all(type(v) is float for k, v in m.items() if k.endswith(("_f1", "_precision", "_recall", "accuracy")))
+
+
+def test_compute_metrics_edge_cases():
+    assert compute_metrics([], [], ["a", "b"])["n"] == 0
+    with pytest.raises(FtloopError, match="zzz"):
+        compute_metrics(["a"], ["zzz"], ["a", "b"])
+
+
+def test_evaluate_model_end_to_end(trained, formatted_dir, tmp_path):
+    lines = []
+    metrics = evaluate_model(trained["config"], trained["dir"], formatted_dir, tmp_path, progress=lines.append)
+    assert set(metrics) == {"train", "dev", "test"}
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    assert len(lines) == 3 and lines[-1].startswith("eval test: n=96")
+    rows = [json.loads(x) for x in (tmp_path / "predictions" / "test.jsonl").read_text().splitlines()]
+    assert len(rows) == metrics["test"]["n"] == 96
+    for row in rows:
+        assert set(row) == {"id", "text", "label", "group", "origin", "prediction", "scores", "correct"}
+        assert sum(row["scores"].values()) == pytest.approx(1.0, abs=1e-6)
+        assert row["prediction"] == max(row["scores"], key=row["scores"].get)
+        assert row["correct"] == (row["prediction"] == row["label"])
+    assert metrics["test"]["accuracy"] == pytest.approx(sum(r["correct"] for r in rows) / len(rows))
+    # learnable synthetic data: far above the 1/8 chance level on held-out questions
+    assert metrics["train"]["macro_f1"] > 0.8
+    assert metrics["test"]["macro_f1"] > 0.6, metrics["test"]
