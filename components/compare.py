@@ -15,6 +15,7 @@ from typing import Any
 from ftloop.components.records import SPLITS, write_json
 
 HEADLINE_METRICS = ("accuracy", "macro_f1", "weighted_f1")
+MODEL_ORDER = ("base", "augmented")
 SUMMARY_VERSION = 1
 
 
@@ -68,9 +69,15 @@ def deltas(models: dict[str, Any], before: str, after: str) -> dict[str, dict[st
     }
 
 
+def model_order(summary: dict[str, Any]) -> list[str]:
+    """The loop's models first (base, augmented), then any others alphabetically."""
+    names = list(summary["models"])
+    return [n for n in MODEL_ORDER if n in names] + sorted(n for n in names if n not in MODEL_ORDER)
+
+
 def comparison_rows(summary: dict[str, Any]) -> list[list[str]]:
     """Rows of the side-by-side table: split, metric, one column per model, delta."""
-    names = list(summary["models"])
+    names = model_order(summary)
     rows = []
     for split in SPLITS:
         for metric in HEADLINE_METRICS:
@@ -83,7 +90,7 @@ def comparison_rows(summary: dict[str, Any]) -> list[list[str]]:
 
 
 def comparison_header(summary: dict[str, Any]) -> list[str]:
-    return ["split", "metric", *summary["models"], *(["delta"] if summary.get("deltas") else [])]
+    return ["split", "metric", *model_order(summary), *(["delta"] if summary.get("deltas") else [])]
 
 
 def render_text_table(summary: dict[str, Any]) -> str:
@@ -105,7 +112,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
     lines = [
         f"# ftloop run `{summary.get('run_name', '')}`",
         "",
-        f"Models: {', '.join(f'`{m}`' for m in summary['models'])}. Labels: {', '.join(summary.get('labels') or [])}.",
+        f"Models: {', '.join(f'`{m}`' for m in model_order(summary))}. Labels: {', '.join(summary.get('labels') or [])}.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" if i < 2 else "---:" for i in range(len(header))) + "|",
@@ -148,8 +155,8 @@ def render_html(summary: dict[str, Any]) -> str:
     table += "</table>"
     labels = summary.get("labels") or []
     matrices = ""
-    for name, splits in summary["models"].items():
-        cm = splits["test"].get("confusion_matrix")
+    for name in model_order(summary):
+        cm = summary["models"][name]["test"].get("confusion_matrix")
         if not cm:
             continue
         peak = max(max(r) for r in cm) if cm else 0

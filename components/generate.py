@@ -87,7 +87,7 @@ def key_phrases(article: Article, stats: "CorpusStats", limit: int = 8) -> list[
         specificity = min(stats.label_df[article.label][w] / stats.df[w] for w in parts)
         coverage = min(stats.label_df[article.label][w] for w in parts)
         title_boost = 1 + 2 * any(w in title_words for w in parts)
-        scored.append((tf * title_boost * specificity * (0.5 + math.log1p(coverage)), phrase))
+        scored.append((tf * title_boost * specificity * coverage**2, phrase))
     scored.sort(key=lambda item: (-item[0], item[1]))
     chosen: list[str] = []
     for _, phrase in scored:

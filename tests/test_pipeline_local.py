@@ -1,0 +1,99 @@
+"""The whole pipeline through kfp.local with the tiny model, via the real CLI."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sklearn.metrics import accuracy_score, f1_score
+
+from conftest import corpus_subset, write_config, write_lines
+
+pytestmark = pytest.mark.slow
+SPLITS = ("train", "dev", "test")
+PHI3_LINEAR = {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    articles = write_lines(tmp / "articles.jsonl", corpus_subset(["returns", "shipping", "payments"], 4))
+    config = write_config(
+        tmp / "run.yaml",
+        articles,
+        generate={"questions_per_article": 5},
+        split={"train": 0.5, "dev": 0.25, "test": 0.25},
+        model={"name_or_path": "builtin:tiny-phi3", "dtype": "float32"},
+        train={"epochs": 2, "learning_rate": 0.002, "batch_size": 8, "max_length": 96, "logging_steps": 2},
+        augment={"rephrasings_per_error": 2},
+    )
+    workdir = tmp / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "ftloop.pipelines.cli", "run", "--local", "--config", str(config), "--workdir", str(workdir)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return workdir, result.stdout + result.stderr
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+
+
+def test_summary_has_both_models_on_every_split(run):
+    workdir, _ = run
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert set(summary["models"]) == {"base", "augmented"}
+    for model in summary["models"].values():
+        for split in SPLITS:
+            entry = model[split]
+            assert isinstance(entry["accuracy"], float) and isinstance(entry["macro_f1"], float)
+            assert isinstance(entry["weighted_f1"], float) and isinstance(entry["n"], int)
+            rows = read_jsonl(workdir / entry["predictions"])
+            assert len(rows) == entry["n"] > 0
+            assert {"id", "text", "label", "prediction", "group"} <= set(rows[0])
+    assert summary["seed"] == 7 and summary["config"]["name"] == "test-run"
+    assert (workdir / "report.md").read_text().count("macro_f1") == 3
+    assert "<table" in (workdir / "report.html").read_text()
+
+
+def test_summary_metrics_equal_sklearn_on_the_prediction_files(run):
+    workdir, _ = run
+    summary = json.loads((workdir / "summary.json").read_text())
+    for name, model in summary["models"].items():
+        for split in SPLITS:
+            rows = read_jsonl(workdir / model[split]["predictions"])
+            y_true = [r["label"] for r in rows]
+            y_pred = [r["prediction"] for r in rows]
+            assert model[split]["accuracy"] == accuracy_score(y_true, y_pred), (name, split)
+            assert model[split]["macro_f1"] == f1_score(y_true, y_pred, average="macro", labels=summary["labels"], zero_division=0)
+            assert model[split]["weighted_f1"] == f1_score(y_true, y_pred, average="weighted", labels=summary["labels"], zero_division=0)
+
+
+def test_no_test_group_appears_in_train_or_dev(run):
+    workdir, _ = run
+    summary = json.loads((workdir / "summary.json").read_text())
+    for model in summary["models"].values():
+        groups = {s: {r["group"] for r in read_jsonl(workdir / model[s]["predictions"])} for s in SPLITS}
+        assert not groups["test"] & (groups["train"] | groups["dev"])
+    # The augmented train split that the second model trained on is clean too.
+    augmented_report = summary["data"]["augmented"]
+    assert augmented_report["group_overlap"]["train-test"] == 0
+    assert augmented_report["group_overlap"]["dev-test"] == 0
+
+
+def test_adapters_cover_all_four_phi3_linear_types(run):
+    workdir, _ = run
+    configs = list((workdir / "kfp").rglob("adapter_config.json"))
+    assert len(configs) == 2
+    for path in configs:
+        assert set(json.loads(path.read_text())["target_modules"]) == PHI3_LINEAR
+
+
+def test_progress_shows_stages_and_training(run):
+    _, output = run
+    for stage in ("prepare-examples", "split-examples", "format-chat", "finetune", "evaluate", "augment-from-errors", "compare-models"):
+        assert stage in output
+    assert "loss" in output and "step" in output
+    assert "Base vs augmented" in output
