@@ -12,10 +12,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ftloop.components.records import SPLITS, write_json
+from ftloop.components.records import SPLITS, read_jsonl, write_json
+from ftloop.components.stats import bootstrap_ci, mcnemar_exact
 
 HEADLINE_METRICS = ("accuracy", "macro_f1", "weighted_f1")
-MODEL_ORDER = ("base", "augmented")
+MODEL_ORDER = ("base", "augmented", "tfidf", "zero-shot")
+# (before, after) pairs tested for a significant difference on the same rows.
+PAIRS = (("base", "augmented"), ("tfidf", "base"), ("zero-shot", "base"))
 SUMMARY_VERSION = 1
 
 
@@ -50,16 +53,48 @@ def build_summary(
                 "predictions": rel.as_posix(),
             }
     data = {name: _load_json(Path(d) / "report.json") for name, d in split_dirs.items()}
+    seed = int(run_info.get("seed", 0))
+    predictions = {name: {s: read_jsonl(out / models[name][s]["predictions"]) for s in SPLITS} for name in models}
+    for name in models:
+        for split in SPLITS:
+            rows = predictions[name][split]
+            ci = bootstrap_ci([r["label"] for r in rows], [r["prediction"] for r in rows], labels or [], seed=seed)
+            models[name][split]["ci95"] = {k: list(v) for k, v in ci.items()}
     summary = {
         "summary_version": SUMMARY_VERSION,
         **run_info,
         "labels": labels,
         "models": models,
         "deltas": deltas(models, "base", "augmented") if {"base", "augmented"} <= set(models) else {},
+        "significance": significance(predictions),
         "data": data,
     }
     write_json(out / "summary.json", summary)
     return summary
+
+
+def significance(predictions: dict[str, dict[str, list[dict]]]) -> dict[str, Any]:
+    """McNemar's exact test per model pair and split, plus the test rows that flipped."""
+    out: dict[str, Any] = {}
+    for before, after in PAIRS:
+        if before not in predictions or after not in predictions:
+            continue
+        pair: dict[str, Any] = {}
+        for split in SPLITS:
+            a = {r["id"]: r for r in predictions[before][split]}
+            b = {r["id"]: r for r in predictions[after][split]}
+            if a.keys() != b.keys():
+                raise ValueError(f"{before} and {after} were evaluated on different {split} rows")
+            ids = sorted(a)
+            pair[split] = mcnemar_exact([a[i]["correct"] for i in ids], [b[i]["correct"] for i in ids])
+            if split == "test":
+                pair["test_flips"] = [
+                    {"id": i, "text": a[i]["text"], "label": a[i]["label"], "before": a[i]["prediction"],
+                     "after": b[i]["prediction"], "change": "fixed" if b[i]["correct"] else "broken"}
+                    for i in ids if a[i]["correct"] != b[i]["correct"]
+                ]
+        out[f"{before}->{after}"] = pair
+    return out
 
 
 def deltas(models: dict[str, Any], before: str, after: str) -> dict[str, dict[str, float]]:
@@ -118,6 +153,14 @@ def render_markdown(summary: dict[str, Any]) -> str:
         "|" + "|".join("---" if i < 2 else "---:" for i in range(len(header))) + "|",
     ]
     lines += ["| " + " | ".join(row) + " |" for row in comparison_rows(summary)]
+    sig = summary.get("significance") or {}
+    if sig:
+        lines += ["", "## Significance (McNemar's exact test, paired on the same rows)", "",
+                  "| comparison | split | fixed | broken | p-value |", "|---|---|---:|---:|---:|"]
+        for pair, result in sig.items():
+            for split in ("dev", "test"):
+                r = result[split]
+                lines.append(f"| {pair} | {split} | {r['fixed']} | {r['broken']} | {r['p_value']:.4f} |")
     aug = _augmentation(summary)
     if aug:
         lines += [

@@ -20,12 +20,14 @@ from ftloop.components.finetune import (
     MODEL_META,
     Progress,
     chat_token_ids,
+    cpu_threads_for,
     load_base_model,
     peft_deprecation_silenced,
     quiet_progress_bars,
     read_labels,
     read_split,
 )
+from ftloop.components.metrics import compute_metrics, write_predictions
 from ftloop.components.records import SPLITS, write_json, write_jsonl
 
 Message = dict[str, str]
@@ -185,41 +187,6 @@ def score_labels(
 # ------------------------------------------------------------------- metrics
 
 
-def compute_metrics(y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str]) -> dict[str, Any]:
-    """Accuracy, macro/weighted P/R/F1, per-class scores and the confusion matrix, as plain JSON types.
-
-    Macro-F1 is the headline number: the splits are small and not always balanced.
-    Confusion matrix rows are true labels, columns predictions, both in ``labels`` order.
-    """
-    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
-
-    labels = list(labels)
-    if len(y_true) != len(y_pred):
-        raise ValueError(f"y_true has {len(y_true)} items but y_pred has {len(y_pred)}")
-    unknown = sorted((set(y_true) | set(y_pred)) - set(labels))
-    if unknown:
-        raise FtloopError(f"labels not in the label set: {unknown}")
-    n = len(y_true)
-    out: dict[str, Any] = {"n": n, "labels": labels}
-    if n == 0:
-        zero = {"precision": 0.0, "recall": 0.0, "f1": 0.0}
-        out.update({"accuracy": 0.0, **{f"{avg}_{k}": 0.0 for avg in ("macro", "weighted") for k in zero}})
-        out["per_class"] = {label: {**zero, "support": 0} for label in labels}
-        out["confusion_matrix"] = [[0] * len(labels) for _ in labels]
-        return out
-    out["accuracy"] = float(accuracy_score(y_true, y_pred))
-    for avg in ("macro", "weighted"):
-        p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=avg, zero_division=0)
-        out.update({f"{avg}_precision": float(p), f"{avg}_recall": float(r), f"{avg}_f1": float(f)})
-    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=None, zero_division=0)
-    out["per_class"] = {
-        label: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
-        for i, label in enumerate(labels)
-    }
-    out["confusion_matrix"] = confusion_matrix(y_true, y_pred, labels=labels).astype(int).tolist()
-    return out
-
-
 # ---------------------------------------------------------------- evaluation
 
 
@@ -249,20 +216,30 @@ def evaluate_model(
     splits = {split: read_split(formatted_dir, split, labels) for split in SPLITS}
     model, tokenizer = load_for_inference(model_dir, _base_override(config, meta))
 
-    results: dict[str, Any] = {}
-    for split, rows in splits.items():
-        scores = score_labels(model, tokenizer, [r["prompt"] for r in rows], labels, config.eval.batch_size)
-        predictions = []
-        for row, probs in zip(rows, scores):
-            prediction = max(labels, key=lambda label: probs[label])  # ties go to the first label
-            predictions.append({
-                "id": row["id"], "text": row["text"], "label": row["label"], "group": row.get("group"),
-                "origin": row.get("origin"), "prediction": prediction, "scores": probs,
-                "correct": prediction == row["label"],
-            })
-        write_jsonl(output_dir / "predictions" / f"{split}.jsonl", predictions)
-        results[split] = compute_metrics([r["label"] for r in rows], [p["prediction"] for p in predictions], labels)
-        m = results[split]
-        progress(f"eval {split}: n={m['n']} accuracy {m['accuracy']:.3f} macro-F1 {m['macro_f1']:.3f}")
-    write_json(output_dir / "metrics.json", results)
-    return results
+    with cpu_threads_for(model):
+        probabilities = {
+            split: score_labels(model, tokenizer, [r["prompt"] for r in rows], labels, config.eval.batch_size)
+            for split, rows in splits.items()
+        }
+    return write_predictions(splits, probabilities, labels, output_dir, progress)
+
+
+def evaluate_zero_shot(config: RunConfig, formatted_dir: str | Path, output_dir: str | Path, progress: Progress = print) -> dict[str, Any]:
+    """The 'just prompt it' baseline: the base model, no adapter, same prompts and label scoring."""
+    from ftloop.components.finetune import load_tokenizer
+
+    formatted_dir = Path(formatted_dir)
+    labels = read_labels(formatted_dir)
+    splits = {split: read_split(formatted_dir, split, labels) for split in SPLITS}
+    with quiet_progress_bars():
+        model = load_base_model(config.model.name_or_path, config.model.revision, config.model.dtype)
+        tokenizer = load_tokenizer(config.model.name_or_path, config.model.revision)
+    model.eval()
+    if torch.cuda.is_available():
+        model.to("cuda")
+    with cpu_threads_for(model):
+        probabilities = {
+            split: score_labels(model, tokenizer, [r["prompt"] for r in rows], labels, config.eval.batch_size)
+            for split, rows in splits.items()
+        }
+    return write_predictions(splits, probabilities, labels, output_dir, progress)

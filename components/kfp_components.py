@@ -79,6 +79,34 @@ def evaluate(
 
 
 @dsl.component(**_component)
+def evaluate_zero_shot(
+    run_config: str, formatted: Input[Dataset], results: Output[Dataset], metrics: Output[Metrics]
+):
+    """Baseline: the base model prompted with the same instruction, no fine-tuning."""
+    from ftloop.components.config import RunConfig
+    from ftloop.components.evaluate import evaluate_zero_shot as run_zero_shot
+
+    all_metrics = run_zero_shot(RunConfig.from_json(run_config), formatted.path, results.path)
+    for split, m in all_metrics.items():
+        for key in ("accuracy", "macro_f1", "weighted_f1"):
+            metrics.log_metric(f"{split}_{key}", float(m[key]))
+    results.metadata["model"] = "zero-shot"
+
+
+@dsl.component(**_component)
+def tfidf_baseline(run_config: str, formatted: Input[Dataset], results: Output[Dataset], metrics: Output[Metrics]):
+    """Baseline: TF-IDF + logistic regression trained on the same train split."""
+    from ftloop.components.baselines import run_tfidf_baseline
+    from ftloop.components.config import RunConfig
+
+    all_metrics = run_tfidf_baseline(formatted.path, results.path, RunConfig.from_json(run_config).seed)
+    for split, m in all_metrics.items():
+        for key in ("accuracy", "macro_f1", "weighted_f1"):
+            metrics.log_metric(f"{split}_{key}", float(m[key]))
+    results.metadata["model"] = "tfidf"
+
+
+@dsl.component(**_component)
 def augment_from_errors(run_config: str, splits: Input[Dataset], evaluation: Input[Dataset], augmented: Output[Dataset]):
     """Rephrase misclassified train/dev rows into an augmented train split."""
     from ftloop.components.augment import run_augment
@@ -96,6 +124,8 @@ def compare_models(
     run_config: str,
     base_evaluation: Input[Dataset],
     augmented_evaluation: Input[Dataset],
+    tfidf_evaluation: Input[Dataset],
+    zero_shot_evaluation: Input[Dataset],
     base_splits: Input[Dataset],
     augmented_splits: Input[Dataset],
     results: Output[Artifact],
@@ -108,7 +138,12 @@ def compare_models(
 
     config = RunConfig.from_json(run_config)
     summary = run_compare(
-        {"base": base_evaluation.path, "augmented": augmented_evaluation.path},
+        {
+            "base": base_evaluation.path,
+            "augmented": augmented_evaluation.path,
+            "tfidf": tfidf_evaluation.path,
+            "zero-shot": zero_shot_evaluation.path,
+        },
         {"base": base_splits.path, "augmented": augmented_splits.path},
         results.path,
         report_markdown.path,

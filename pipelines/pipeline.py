@@ -40,6 +40,10 @@ def build_pipeline(config: RunConfig, for_cluster: bool = False) -> Callable:
         splits = cpu(c.split_examples(run_config=run_config, examples=examples.output), "split (grouped, stratified)")
         formatted = cpu(c.format_chat(run_config=run_config, splits=splits.output), "format chat data")
 
+        # Baselines on the same rows: what a fine-tune has to beat.
+        tfidf = cpu(c.tfidf_baseline(run_config=run_config, formatted=formatted.output), "baseline: TF-IDF + logistic regression")
+        zero_shot = gpu(c.evaluate_zero_shot(run_config=run_config, formatted=formatted.output), "baseline: zero-shot base model")
+
         base_model = gpu(c.finetune(run_config=run_config, formatted=formatted.output), "fine-tune base")
         base_eval = gpu(c.evaluate(run_config=run_config, model_name="base", model=base_model.output, formatted=formatted.output), "evaluate base")
 
@@ -60,6 +64,8 @@ def build_pipeline(config: RunConfig, for_cluster: bool = False) -> Callable:
                 run_config=run_config,
                 base_evaluation=base_eval.outputs["results"],
                 augmented_evaluation=augmented_eval.outputs["results"],
+                tfidf_evaluation=tfidf.outputs["results"],
+                zero_shot_evaluation=zero_shot.outputs["results"],
                 base_splits=splits.output,
                 augmented_splits=augmented_splits.output,
             ),

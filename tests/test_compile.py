@@ -11,7 +11,7 @@ from ftloop.components.config import load_config
 
 from conftest import REPO
 
-GPU_EXECUTORS = {"exec-finetune", "exec-finetune-2", "exec-evaluate", "exec-evaluate-2"}
+GPU_EXECUTORS = {"exec-finetune", "exec-finetune-2", "exec-evaluate", "exec-evaluate-2", "exec-evaluate-zero-shot"}
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +36,7 @@ def test_every_stage_of_the_loop_is_a_task(compiled):
     assert set(spec["root"]["dag"]["tasks"]) == {
         "importer", "prepare-examples", "split-examples", "format-chat", "finetune", "evaluate",
         "augment-from-errors", "format-chat-2", "finetune-2", "evaluate-2", "compare-models",
+        "tfidf-baseline", "evaluate-zero-shot",
     }
 
 
@@ -63,7 +64,7 @@ def test_only_gpu_tasks_request_an_l4(compiled):
 def test_gpu_tasks_are_not_cached_and_are_retried(compiled):
     spec = next(yaml.safe_load_all(compiled.read_text()))
     tasks = spec["root"]["dag"]["tasks"]
-    for name in ("finetune", "finetune-2", "evaluate", "evaluate-2"):
+    for name in ("finetune", "finetune-2", "evaluate", "evaluate-2", "evaluate-zero-shot"):
         assert tasks[name]["cachingOptions"] == {}, name
         assert tasks[name]["retryPolicy"]["maxRetryCount"] == 2
     assert tasks["split-examples"]["cachingOptions"] == {"enableCache": True}

@@ -41,10 +41,10 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
 
 
-def test_summary_has_both_models_on_every_split(run):
+def test_summary_has_both_models_and_baselines_on_every_split(run):
     workdir, _ = run
     summary = json.loads((workdir / "summary.json").read_text())
-    assert set(summary["models"]) == {"base", "augmented"}
+    assert set(summary["models"]) == {"base", "augmented", "tfidf", "zero-shot"}
     for model in summary["models"].values():
         for split in SPLITS:
             entry = model[split]
@@ -54,6 +54,12 @@ def test_summary_has_both_models_on_every_split(run):
             assert len(rows) == entry["n"] > 0
             assert {"id", "text", "label", "prediction", "group"} <= set(rows[0])
     assert summary["seed"] == 7 and summary["config"]["name"] == "test-run"
+    for pair in ("base->augmented", "tfidf->base", "zero-shot->base"):
+        test = summary["significance"][pair]["test"]
+        assert 0.0 <= test["p_value"] <= 1.0
+        assert len(summary["significance"][pair]["test_flips"]) == test["fixed"] + test["broken"]
+    lo, hi = summary["models"]["base"]["test"]["ci95"]["macro_f1"]
+    assert lo <= summary["models"]["base"]["test"]["macro_f1"] <= hi
     assert (workdir / "report.md").read_text().count("macro_f1") == 3
     assert "<table" in (workdir / "report.html").read_text()
 
