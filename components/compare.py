@@ -184,9 +184,64 @@ def render_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _heat(value: int, peak: int) -> str:
-    alpha = 0.0 if peak == 0 else value / peak
-    return f"background: rgba(31, 119, 180, {alpha:.2f}); color: {'#fff' if alpha > 0.55 else '#000'}"
+def _png(fig) -> str:
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def confusion_heatmap_png(matrix: list[list[int]], labels: list[str], title: str) -> str:
+    """Base64 PNG of a confusion matrix heatmap (rows true, columns predicted)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    data = np.asarray(matrix)
+    size = 1.6 + 0.55 * len(labels)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(data, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    peak = data.max() if data.size else 0
+    for i in range(data.shape[0]):
+        for j in range(data.shape[1]):
+            ax.text(j, i, str(data[i, j]), ha="center", va="center", color="white" if data[i, j] > peak / 2 else "black")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    return _png(fig)
+
+
+def per_class_f1_png(summary: dict[str, Any], split: str = "test") -> str:
+    """Base64 PNG: grouped bars of per-class F1 for every model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    labels = summary.get("labels") or []
+    names = model_order(summary)
+    x = np.arange(len(labels))
+    width = 0.8 / max(1, len(names))
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(labels), 3.6))
+    for k, name in enumerate(names):
+        per_class = summary["models"][name][split].get("per_class") or {}
+        ax.bar(x + k * width, [per_class.get(l, {}).get("f1", 0.0) for l in labels], width, label=name)
+    ax.set_xticks(x + width * (len(names) - 1) / 2, labels, rotation=30, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(f"{split} F1")
+    ax.legend(fontsize="small", ncols=len(names))
+    return _png(fig)
 
 
 def render_html(summary: dict[str, Any]) -> str:
@@ -197,28 +252,50 @@ def render_html(summary: dict[str, Any]) -> str:
         table += "<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>"
     table += "</table>"
     labels = summary.get("labels") or []
-    matrices = ""
+    heatmaps = ""
     for name in model_order(summary):
         cm = summary["models"][name]["test"].get("confusion_matrix")
-        if not cm:
-            continue
-        peak = max(max(r) for r in cm) if cm else 0
-        grid = "<table class='cm'><tr><th>true \\ predicted</th>" + "".join(f"<th>{esc(l)}</th>" for l in labels) + "</tr>"
-        for label, row in zip(labels, cm):
-            grid += f"<tr><th>{esc(label)}</th>" + "".join(f"<td style='{_heat(v, peak)}'>{v}</td>" for v in row) + "</tr>"
-        grid += "</table>"
-        matrices += f"<h3>{esc(name)}: test confusion matrix</h3>{grid}"
-    markdown_notes = esc(render_markdown(summary).split("## Augmentation", 1)[-1]) if _augmentation(summary) else ""
+        if cm:
+            png = confusion_heatmap_png(cm, labels, f"{name}: test confusion matrix")
+            heatmaps += f"<img class='heatmap' alt='{esc(name)} test confusion matrix' src='data:image/png;base64,{png}'>"
+    chart = f"<img class='per-class' alt='per-class F1 on test' src='data:image/png;base64,{per_class_f1_png(summary)}'>"
+    flips = ""
+    for pair, result in (summary.get("significance") or {}).items():
+        rows = result.get("test_flips", [])
+        test = result["test"]
+        flips += (
+            f"<h3>{esc(pair)}: {test['fixed']} fixed, {test['broken']} broken, McNemar p = {test['p_value']:.4f}</h3>"
+        )
+        if pair == "base->augmented" and rows:
+            flips += "<table><tr><th>change</th><th>id</th><th>question</th><th>label</th><th>before</th><th>after</th></tr>"
+            flips += "".join(
+                f"<tr><td>{esc(r['change'])}</td><td>{esc(r['id'])}</td><td style='text-align:left'>{esc(r['text'])}</td>"
+                f"<td>{esc(r['label'])}</td><td>{esc(r['before'])}</td><td>{esc(r['after'])}</td></tr>"
+                for r in rows
+            )
+            flips += "</table>"
+    notes = esc(render_markdown(summary).split("## Augmentation", 1)[-1]) if _augmentation(summary) else ""
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>ftloop report</title><style>"
         "body{font-family:system-ui,sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f4f4f4}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f4f4f4}img{margin:0.5em}"
         "</style></head><body>"
         f"<h1>ftloop run {esc(str(summary.get('run_name', '')))}</h1>"
-        f"<h2>Base vs augmented</h2>{table}<h2>Confusion matrices</h2>{matrices}"
-        + (f"<h2>Augmentation</h2><pre>{markdown_notes}</pre>" if markdown_notes else "")
+        f"<h2>Models on the same rows</h2>{table}"
+        f"<h2>Per-class F1 (test)</h2>{chart}"
+        f"<h2>Confusion matrices (test)</h2>{heatmaps}"
+        f"<h2>What changed (test rows that flipped)</h2>{flips}"
+        + (f"<h2>Augmentation</h2><pre>{notes}</pre>" if notes else "")
         + "</body></html>\n"
     )
+
+
+def write_reports(summary: dict[str, Any], *paths_md_html: tuple[Path, Path]) -> None:
+    markdown, page = render_markdown(summary), render_html(summary)
+    for md_path, html_path in paths_md_html:
+        for path, text in ((Path(md_path), markdown), (Path(html_path), page)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
 
 
 def run_compare(
@@ -231,9 +308,24 @@ def run_compare(
 ) -> dict[str, Any]:
     """Stage entry point: writes the run bundle (summary + predictions + reports) and the two report artifacts."""
     summary = build_summary(eval_dirs, split_dirs, bundle_dir, run_info)
-    markdown, page = render_markdown(summary), render_html(summary)
-    for path, text in ((Path(bundle_dir) / "report.md", markdown), (Path(bundle_dir) / "report.html", page),
-                       (Path(markdown_path), markdown), (Path(html_path), page)):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
+    write_reports(summary, (Path(bundle_dir) / "report.md", Path(bundle_dir) / "report.html"), (markdown_path, html_path))
     return summary
+
+
+def rerender_reports(run_dir: str | Path) -> tuple[Path, Path]:
+    """``ftloop report``: rebuild report.md/report.html of a finished run from its summary.json."""
+    from ftloop.components.errors import FtloopError
+
+    run_dir = Path(run_dir)
+    path = run_dir / "summary.json"
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FtloopError(f"{path}: not found; is {run_dir} the work directory of a finished run?") from None
+    except json.JSONDecodeError as exc:
+        raise FtloopError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg}") from None
+    if not isinstance(summary, dict) or not isinstance(summary.get("models"), dict) or not summary["models"]:
+        raise FtloopError(f"{path}: field 'models': missing or empty; not an ftloop summary")
+    md, page = run_dir / "report.md", run_dir / "report.html"
+    write_reports(summary, (md, page))
+    return md, page

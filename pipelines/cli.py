@@ -61,6 +61,14 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from ftloop.components.compare import rerender_reports
+
+    md, page = rerender_reports(args.run_dir)
+    print(f"wrote {md} and {page}")
+    return 0
+
+
 def cmd_tiny_model(args: argparse.Namespace) -> int:
     from ftloop.components.config import load_config
     from ftloop.components.sources import load_source
@@ -92,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--config", required=True, help="run config YAML")
     comp.add_argument("--output", required=True, help="pipeline YAML to write")
     comp.set_defaults(func=cmd_compile)
+
+    report = sub.add_parser("report", help="re-render report.md and report.html of a finished run")
+    report.add_argument("run_dir", help="work directory of a finished run (holds summary.json)")
+    report.set_defaults(func=cmd_report)
 
     tiny = sub.add_parser("tiny-model", help="build the tiny offline Phi-3-architecture model for a config's data")
     tiny.add_argument("--config", required=True, help="run config YAML (its data trains the tokenizer)")
