@@ -47,7 +47,8 @@ def build_summary(
             labels = labels or m.get("labels")
             models[name][split] = {
                 **{k: m[k] for k in ("accuracy", "macro_f1", "weighted_f1", "n")},
-                **{k: m[k] for k in ("macro_precision", "macro_recall", "weighted_precision", "weighted_recall") if k in m},
+                **{k: m[k] for k in ("macro_precision", "macro_recall", "weighted_precision", "weighted_recall",
+                                     "ece", "invalid_rate", "rows_per_second", "mean_batch_seconds") if k in m},
                 "per_class": m.get("per_class"),
                 "confusion_matrix": m.get("confusion_matrix"),
                 "predictions": rel.as_posix(),

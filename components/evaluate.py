@@ -9,6 +9,8 @@ faster than generate() (notes/finetune.md §4a).
 from __future__ import annotations
 
 import json
+import math
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,8 +29,8 @@ from ftloop.components.finetune import (
     read_labels,
     read_split,
 )
-from ftloop.components.metrics import compute_metrics, write_predictions
-from ftloop.components.records import SPLITS, write_json, write_jsonl
+from ftloop.components.metrics import compute_metrics, write_predictions  # noqa: F401  (re-exported)
+from ftloop.components.records import SPLITS
 
 Message = dict[str, str]
 
@@ -198,6 +200,25 @@ def _base_override(config: RunConfig, meta: dict[str, Any]) -> str | None:
     return config.model.name_or_path
 
 
+def timed_scoring(model, tokenizer, splits, labels, batch_size):
+    """Score every split and measure throughput, so speed regressions show up in the metrics."""
+    probabilities, timings = {}, {}
+    for split, rows in splits.items():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        probabilities[split] = score_labels(model, tokenizer, [r["prompt"] for r in rows], labels, batch_size)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        batches = max(1, math.ceil(len(rows) / batch_size))
+        timings[split] = {
+            "rows_per_second": len(rows) / seconds if seconds > 0 else 0.0,
+            "mean_batch_seconds": seconds / batches,
+        }
+    return probabilities, timings
+
+
 def evaluate_model(
     config: RunConfig,
     model_dir: str | Path,
@@ -217,11 +238,8 @@ def evaluate_model(
     model, tokenizer = load_for_inference(model_dir, _base_override(config, meta))
 
     with cpu_threads_for(model):
-        probabilities = {
-            split: score_labels(model, tokenizer, [r["prompt"] for r in rows], labels, config.eval.batch_size)
-            for split, rows in splits.items()
-        }
-    return write_predictions(splits, probabilities, labels, output_dir, progress)
+        probabilities, timings = timed_scoring(model, tokenizer, splits, labels, config.eval.batch_size)
+    return write_predictions(splits, probabilities, labels, output_dir, progress, timings)
 
 
 def evaluate_zero_shot(config: RunConfig, formatted_dir: str | Path, output_dir: str | Path, progress: Progress = print) -> dict[str, Any]:
@@ -238,8 +256,5 @@ def evaluate_zero_shot(config: RunConfig, formatted_dir: str | Path, output_dir:
     if torch.cuda.is_available():
         model.to("cuda")
     with cpu_threads_for(model):
-        probabilities = {
-            split: score_labels(model, tokenizer, [r["prompt"] for r in rows], labels, config.eval.batch_size)
-            for split, rows in splits.items()
-        }
-    return write_predictions(splits, probabilities, labels, output_dir, progress)
+        probabilities, timings = timed_scoring(model, tokenizer, splits, labels, config.eval.batch_size)
+    return write_predictions(splits, probabilities, labels, output_dir, progress, timings)

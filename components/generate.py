@@ -8,7 +8,6 @@ run with no model and no network, and it says so in every row's ``generator``.
 
 from __future__ import annotations
 
-import math
 import random
 import re
 from collections import Counter

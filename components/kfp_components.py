@@ -71,7 +71,7 @@ def evaluate(
 
     all_metrics = evaluate_model(RunConfig.from_json(run_config), model.path, formatted.path, results.path)
     for split, m in all_metrics.items():
-        for key in ("accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall"):
+        for key in ("accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall", "ece", "rows_per_second"):
             metrics.log_metric(f"{split}_{key}", float(m[key]))
     test = all_metrics["test"]
     confusion_matrix.log_confusion_matrix(list(test["labels"]), [list(map(int, r)) for r in test["confusion_matrix"]])

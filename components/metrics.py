@@ -54,8 +54,14 @@ def write_predictions(
     labels: list[str],
     output_dir: str | Path,
     progress: Callable[[str], None] = print,
+    timings: dict[str, dict[str, float]] | None = None,
 ) -> dict[str, Any]:
-    """predictions/<split>.jsonl (argmax of the label probabilities) and metrics.json; returns {split: metrics}."""
+    """predictions/<split>.jsonl (argmax of the label probabilities) and metrics.json; returns {split: metrics}.
+
+    ``timings`` (per split: rows_per_second, mean_batch_seconds) is merged into the metrics when given.
+    """
+    from ftloop.components.stats import expected_calibration_error
+
     output_dir = Path(output_dir)
     results: dict[str, Any] = {}
     for split, rows in splits.items():
@@ -70,6 +76,10 @@ def write_predictions(
         write_jsonl(output_dir / "predictions" / f"{split}.jsonl", predictions)
         results[split] = compute_metrics([r["label"] for r in rows], [p["prediction"] for p in predictions], labels)
         m = results[split]
+        # Label scoring always yields a label; generate-and-parse reports its own invalid rate.
+        m["invalid_rate"] = 0.0
+        m["ece"] = expected_calibration_error([max(p["scores"].values()) for p in predictions], [p["correct"] for p in predictions])
+        m.update((timings or {}).get(split, {}))
         progress(f"eval {split}: n={m['n']} accuracy {m['accuracy']:.3f} macro-F1 {m['macro_f1']:.3f}")
     write_json(output_dir / "metrics.json", results)
     return results

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from ftloop.components.augment import filter_new_rows, mine_errors, normalize, run_augment
-from ftloop.components.records import Example, read_jsonl, write_jsonl
+from ftloop.components.records import Example, write_jsonl
 from ftloop.components.split import read_splits, write_splits
 
 

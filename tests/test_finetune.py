@@ -135,3 +135,14 @@ def test_labels_outside_labels_json_are_a_user_error(tmp_path, formatted_dir, ti
 def test_rows_longer_than_max_length_are_dropped_not_truncated(tmp_path, formatted_dir, tiny_model_dir):
     with pytest.raises(FtloopError, match="every train row is longer than train.max_length=8"):
         build_trainer(demo_config(tiny_model_dir, max_length=8), formatted_dir, tmp_path / "out")
+
+
+def test_tiny_models_run_single_threaded_on_cpu(phi3_model):
+    import torch
+
+    from ftloop.components.finetune import cpu_threads_for
+
+    before = torch.get_num_threads()
+    with cpu_threads_for(phi3_model):
+        assert torch.get_num_threads() == 1  # 2 threads on 2 busy cores ran 20-90x slower
+    assert torch.get_num_threads() == before

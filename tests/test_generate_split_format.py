@@ -1,4 +1,3 @@
-import json
 from collections import Counter
 
 import pytest
@@ -8,7 +7,7 @@ from ftloop.components.config import load_config
 from ftloop.components.generate import OFFLINE_QUESTIONS, OfflineGenerator
 from ftloop.components.records import Article, Example, load_articles, read_jsonl
 from ftloop.components.sources import load_source, run_prepare
-from ftloop.components.split import SplitError, check_splittable, leakage_report, read_splits, run_split, split_examples
+from ftloop.components.split import SplitError, check_splittable, leakage_report, run_split, split_examples
 
 from conftest import CORPUS, corpus_subset, write_config, write_lines
 

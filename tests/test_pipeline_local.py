@@ -58,6 +58,8 @@ def test_summary_has_both_models_and_baselines_on_every_split(run):
         test = summary["significance"][pair]["test"]
         assert 0.0 <= test["p_value"] <= 1.0
         assert len(summary["significance"][pair]["test_flips"]) == test["fixed"] + test["broken"]
+    base_test = summary["models"]["base"]["test"]
+    assert 0.0 <= base_test["ece"] <= 1.0 and base_test["invalid_rate"] == 0.0 and base_test["rows_per_second"] > 0
     lo, hi = summary["models"]["base"]["test"]["ci95"]["macro_f1"]
     assert lo <= summary["models"]["base"]["test"]["macro_f1"] <= hi
     assert (workdir / "report.md").read_text().count("macro_f1") == 3

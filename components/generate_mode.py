@@ -1,0 +1,167 @@
+"""The published evaluation method, generate-then-parse, kept for parity checks.
+
+Common fine-tuning recipes evaluate a classifier by letting the model generate
+free text and string-matching it against the labels (notes/finetune.md §4a,
+option 4). ftloop evaluates by label scoring instead (``evaluate.score_labels``):
+one batched forward pass, no parsing, never an invalid label. This module
+reproduces the generate path *correctly* (left padding, greedy, stopping on
+Phi-3's ``<|end|>`` as well as eos) so the two can be compared on the same model
+and rows: ``bench/eval_speed.py`` times both and measures their agreement.
+
+Nothing in the pipeline uses this module; it has no kfp imports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Sequence
+
+import torch
+
+Message = dict[str, str]
+
+# Strings a chat model may emit after its answer. Phi-3 ends a turn with <|end|> and a
+# document with <|endoftext|> (its eos); runtimes that stop on eos only keep going (pitfall 2).
+END_TOKENS: tuple[str, ...] = ("<|end|>", "<|endoftext|>")
+TURN_END = "<|end|>"
+
+
+# ------------------------------------------------------------------- parsing
+
+
+def parse_label(text: str, labels: Sequence[str], end_tokens: Sequence[str] = END_TOKENS) -> str | None:
+    """The label ``text`` names, or None when the output is invalid.
+
+    Strict: surrounding whitespace and trailing end tokens are removed, then the
+    rest must equal one label exactly (case-sensitive). Anything else (wrong case,
+    extra words, a second turn after the end token) is invalid.
+    """
+    answer = text
+    while True:
+        stripped = answer.strip()
+        for tok in end_tokens:
+            if tok and stripped.endswith(tok):
+                stripped = stripped[: -len(tok)]
+                break
+        if stripped == answer:
+            break
+        answer = stripped
+    return answer if answer in set(labels) else None
+
+
+# ---------------------------------------------------------------- generating
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """eos id plus the id of ``<|end|>`` when the vocabulary has it, without duplicates."""
+    ids: list[int] = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    end_id = tokenizer.get_vocab().get(TURN_END)
+    if end_id is not None and end_id not in ids:
+        ids.append(int(end_id))
+    if not ids:
+        raise ValueError("tokenizer has neither an eos token nor <|end|>; generation could not stop")
+    return ids
+
+
+@contextlib.contextmanager
+def _padding_side(tokenizer, side: str) -> Iterator[None]:
+    previous = tokenizer.padding_side
+    tokenizer.padding_side = side
+    try:
+        yield
+    finally:
+        tokenizer.padding_side = previous
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def _result(tokenizer, new_ids: list[int], stops: list[int], labels: Sequence[str]) -> dict[str, Any]:
+    """Decode the generated ids up to and including the first stop token (the rest is padding)."""
+    for k, tok in enumerate(new_ids):
+        if tok in stops:
+            new_ids = new_ids[: k + 1]
+            break
+    raw = tokenizer.decode(new_ids, skip_special_tokens=False)
+    prediction = parse_label(raw, labels, (*END_TOKENS, *(t for t in (tokenizer.eos_token,) if t)))
+    return {"raw": raw, "prediction": prediction, "valid": prediction is not None}
+
+
+def _generate_kwargs(tokenizer, max_new_tokens: int) -> dict[str, Any]:
+    return {
+        "max_new_tokens": max_new_tokens,
+        "do_sample": False,
+        "num_beams": 1,
+        "eos_token_id": stop_token_ids(tokenizer),
+        "pad_token_id": _pad_id(tokenizer),
+    }
+
+
+@torch.no_grad()
+def generate_predictions(
+    model,
+    tokenizer,
+    prompts: list[list[Message]],
+    labels: list[str],
+    batch_size: int,
+    max_new_tokens: int = 8,
+) -> list[dict[str, Any]]:
+    """Greedy batched ``generate`` + strict parse: one {"raw", "prediction", "valid"} per prompt, in order.
+
+    Prompts are left-padded (decoder-only models continue from the last position,
+    so right padding would put pad tokens between prompt and answer).
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    if not prompts:
+        return []
+    device = next(model.parameters()).device
+    kwargs = _generate_kwargs(tokenizer, max_new_tokens)
+    out: list[dict[str, Any]] = []
+    with _padding_side(tokenizer, "left"):
+        for lo in range(0, len(prompts), batch_size):
+            # transformers 5: apply_chat_template(return_dict=True) gives input_ids + attention_mask.
+            enc = tokenizer.apply_chat_template(
+                prompts[lo: lo + batch_size],
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+                padding=True,
+                return_tensors="pt",
+            )
+            enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+            generated = model.generate(**enc, **kwargs)
+            width = enc["input_ids"].shape[1]
+            for row in generated[:, width:].tolist():
+                out.append(_result(tokenizer, row, kwargs["eos_token_id"], labels))
+    return out
+
+
+@torch.no_grad()
+def per_row_generate(
+    model,
+    tokenizer,
+    prompts: list[list[Message]],
+    labels: list[str],
+    max_new_tokens: int = 8,
+) -> list[dict[str, Any]]:
+    """The published loop: one prompt at a time, no padding, greedy ``generate``, parse. Bench only."""
+    device = next(model.parameters()).device
+    kwargs = _generate_kwargs(tokenizer, max_new_tokens)
+    out = []
+    for prompt in prompts:
+        enc = tokenizer.apply_chat_template(
+            prompt, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        )
+        enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+        generated = model.generate(**enc, **kwargs)
+        out.append(_result(tokenizer, generated[0, enc["input_ids"].shape[1]:].tolist(), kwargs["eos_token_id"], labels))
+    return out
+
+
+def invalid_rate(results: Sequence[dict[str, Any]]) -> float:
+    """Share of outputs that named no label (0.0 for no results)."""
+    return sum(not r["valid"] for r in results) / len(results) if results else 0.0
