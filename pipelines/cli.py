@@ -22,7 +22,7 @@ def _print_results(summary: dict, workdir: Path) -> None:
     from ftloop.components.compare import render_text_table
 
     print()
-    print("Base vs augmented (same rows):")
+    print("Models evaluated on the same rows (delta = augmented - base):")
     print(render_text_table(summary))
     print()
     print(f"summary: {workdir / 'summary.json'}")

@@ -104,4 +104,4 @@ def test_progress_shows_stages_and_training(run):
     for stage in ("prepare-examples", "split-examples", "format-chat", "finetune", "evaluate", "augment-from-errors", "compare-models"):
         assert stage in output
     assert "loss" in output and "step" in output
-    assert "Base vs augmented" in output
+    assert "delta = augmented - base" in output
