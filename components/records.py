@@ -82,11 +82,20 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _atomic_temp(path: Path) -> tuple[int, str]:
+    """A temp file beside ``path`` with the permissions a plain open() would give (mkstemp uses 0600)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    return fd, tmp
+
+
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
     """Write atomically: a crash never leaves a half-written file that looks complete."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _atomic_temp(path)
     count = 0
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as out:
@@ -102,8 +111,7 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
 
 def write_json(path: str | Path, obj: Any) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _atomic_temp(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             json.dump(obj, out, indent=2, sort_keys=True, ensure_ascii=False)

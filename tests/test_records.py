@@ -94,3 +94,19 @@ def test_questions_need_a_known_extension(tmp_path):
     path.write_text("x", encoding="utf-8")
     with pytest.raises(InputFileError, match="must be a .jsonl or .csv"):
         load_questions(path)
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    import os
+
+    from ftloop.components.records import write_json, write_jsonl
+
+    umask = os.umask(0o022)
+    try:
+        write_jsonl(tmp_path / "a.jsonl", [{"x": 1}])
+        write_json(tmp_path / "b.json", {"x": 1})
+    finally:
+        os.umask(umask)
+    for name in ("a.jsonl", "b.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644  # readable by another container user
+    assert not list(tmp_path.glob(".*.tmp"))
