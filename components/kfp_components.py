@@ -68,11 +68,10 @@ def evaluate(
     """Label-scoring inference on every split; metrics for the KFP UI."""
     from ftloop.components.config import RunConfig
     from ftloop.components.evaluate import evaluate_model
+    from ftloop.components.metrics import log_scalars
 
     all_metrics = evaluate_model(RunConfig.from_json(run_config), model.path, formatted.path, results.path)
-    for split, m in all_metrics.items():
-        for key in ("accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall", "ece", "rows_per_second"):
-            metrics.log_metric(f"{split}_{key}", float(m[key]))
+    log_scalars(metrics, all_metrics)
     test = all_metrics["test"]
     confusion_matrix.log_confusion_matrix(list(test["labels"]), [list(map(int, r)) for r in test["confusion_matrix"]])
     results.metadata.update({"model": model_name, **{f"{s}_rows": m["n"] for s, m in all_metrics.items()}})
@@ -85,11 +84,9 @@ def evaluate_zero_shot(
     """Baseline: the base model prompted with the same instruction, no fine-tuning."""
     from ftloop.components.config import RunConfig
     from ftloop.components.evaluate import evaluate_zero_shot as run_zero_shot
+    from ftloop.components.metrics import log_scalars
 
-    all_metrics = run_zero_shot(RunConfig.from_json(run_config), formatted.path, results.path)
-    for split, m in all_metrics.items():
-        for key in ("accuracy", "macro_f1", "weighted_f1"):
-            metrics.log_metric(f"{split}_{key}", float(m[key]))
+    log_scalars(metrics, run_zero_shot(RunConfig.from_json(run_config), formatted.path, results.path))
     results.metadata["model"] = "zero-shot"
 
 
@@ -98,11 +95,9 @@ def tfidf_baseline(run_config: str, formatted: Input[Dataset], results: Output[D
     """Baseline: TF-IDF + logistic regression trained on the same train split."""
     from ftloop.components.baselines import run_tfidf_baseline
     from ftloop.components.config import RunConfig
+    from ftloop.components.metrics import log_scalars
 
-    all_metrics = run_tfidf_baseline(formatted.path, results.path, RunConfig.from_json(run_config).seed)
-    for split, m in all_metrics.items():
-        for key in ("accuracy", "macro_f1", "weighted_f1"):
-            metrics.log_metric(f"{split}_{key}", float(m[key]))
+    log_scalars(metrics, run_tfidf_baseline(formatted.path, results.path, RunConfig.from_json(run_config).seed))
     results.metadata["model"] = "tfidf"
 
 

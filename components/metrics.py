@@ -83,3 +83,14 @@ def write_predictions(
         progress(f"eval {split}: n={m['n']} accuracy {m['accuracy']:.3f} macro-F1 {m['macro_f1']:.3f}")
     write_json(output_dir / "metrics.json", results)
     return results
+
+
+KFP_SCALARS = ("accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall", "ece", "rows_per_second")
+
+
+def log_scalars(metrics_artifact: Any, all_metrics: dict[str, dict[str, Any]]) -> None:
+    """Log ``<split>_<metric>`` scalars on a KFP Metrics artifact; one naming scheme so the Compare page lines runs up."""
+    for split, m in all_metrics.items():
+        for key in KFP_SCALARS:
+            if key in m:
+                metrics_artifact.log_metric(f"{split}_{key}", float(m[key]))

@@ -105,3 +105,20 @@ def test_progress_shows_stages_and_training(run):
         assert stage in output
     assert "loss" in output and "step" in output
     assert "delta = augmented - base" in output
+
+
+def test_kfp_ui_metrics_use_one_naming_scheme(run):
+    workdir, _ = run
+    (run_root,) = (workdir / "kfp").iterdir()
+    names = {}
+    for task in ("evaluate", "evaluate-2", "tfidf-baseline", "evaluate-zero-shot"):
+        output = json.loads((run_root / task / "executor_output.json").read_text())
+        names[task] = set(output["artifacts"]["metrics"]["artifacts"][0]["metadata"])
+    assert {f"{s}_{m}" for s in SPLITS for m in ("accuracy", "macro_f1", "weighted_f1", "ece")} <= names["evaluate"]
+    assert names["evaluate"] == names["evaluate-2"] == names["evaluate-zero-shot"]
+    assert {"test_macro_f1", "test_accuracy"} <= names["tfidf-baseline"]
+    matrix = json.loads((run_root / "evaluate" / "executor_output.json").read_text())["artifacts"]["confusion_matrix"]
+    spec = matrix["artifacts"][0]["metadata"]["confusionMatrix"]
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert [a["displayName"] for a in spec["annotationSpecs"]] == summary["labels"]
+    assert [r["row"] for r in spec["rows"]] == summary["models"]["base"]["test"]["confusion_matrix"]
