@@ -1,0 +1,335 @@
+"""Label scoring vs the published per-row generate-and-parse evaluation, same model, same rows.
+
+CPU (always): the tiny Phi-3 from components/tiny_model.py, LoRA-fine-tuned briefly on the
+synthetic intent data of tests/ml_fixtures.py, so both methods have a model that answers
+with a label and stops. Measures rows/s of each method, the speedup, how often the two
+agree, each one's accuracy against the gold labels and generate's invalid-output rate.
+Batched generate (left padding, same batch size as scoring) is reported as well, for
+information: it separates the gain from batching from the gain from not decoding.
+
+GPU (when torch.cuda.is_available()): a Phi-3-mini-sized model (random init from
+Phi3Config() defaults, 3.8B parameters, bf16) with the tiny tokenizer. Speed only, its
+predictions are meaningless: scores 1,000 questions (target < 10 s) and runs per-row
+generate on a sample (default 50) and extrapolates to 1,000. A random model never emits
+<|end|>, so every generate call runs --gpu-max-new-tokens steps (default 2 = a one-token
+label plus <|end|>, the fewest a fine-tuned model could need: generous to generate).
+
+Prints a table and PASS/FAIL per target; exits 0 either way (it is a benchmark).
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/eval_speed.py --rows 200 --seed 0 --json bench/eval_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # tests/ is not a package; ml_fixtures holds the synthetic data
+
+import torch  # noqa: E402
+
+from ml_fixtures import LABELS, build_tiny, demo_config, synthetic_examples, write_formatted  # noqa: E402
+
+from ftloop.components.evaluate import load_for_inference, score_labels  # noqa: E402
+from ftloop.components.finetune import finetune, read_split  # noqa: E402
+from ftloop.components.generate_mode import generate_predictions, invalid_rate, per_row_generate  # noqa: E402
+from ftloop.components.prompts import prompt_messages  # noqa: E402
+
+SPEEDUP_TARGET = 20.0
+GPU_SCORE_TARGET_S = 10.0
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    _sync()
+    start = time.perf_counter()
+    out = fn()
+    _sync()
+    return out, time.perf_counter() - start
+
+
+def _argmax(scores: dict[str, float], labels: list[str]) -> str:
+    return max(labels, key=lambda label: scores[label])  # ties go to the first label, as evaluate_model does
+
+
+def _scoring_invalid(scores: list[dict[str, float]], labels: list[str]) -> int:
+    """Rows whose scores are not a finite distribution over exactly the label set."""
+    bad = 0
+    for s in scores:
+        values = list(s.values())
+        if list(s) != labels or not all(math.isfinite(v) for v in values) or abs(sum(values) - 1.0) > 1e-6:
+            bad += 1
+    return bad
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("torch", "transformers", "trl", "peft"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+# ------------------------------------------------------------------------ CPU
+
+
+def prepare_tiny(workdir: Path, rows: int, train_rows: int, epochs: float, seed: int, log) -> tuple[Path, list[dict]]:
+    """Synthetic splits (train = train_rows, test >= rows), tiny base, a short LoRA fine-tune."""
+    n_labels = len(LABELS)
+    formatted = write_formatted(
+        workdir / "formatted",
+        n_train=math.ceil(train_rows / n_labels),
+        n_dev=1,
+        n_test=math.ceil(rows / n_labels),
+        seed=seed,
+    )
+    tiny = build_tiny(workdir / "tiny", formatted, seed=seed)
+    config = demo_config(tiny, epochs=epochs).model_copy(update={"seed": seed})
+    meta = finetune(config, formatted, workdir / "adapter", progress=lambda line: None)
+    log(f"fine-tuned tiny model: {meta['n_train_rows']} rows, {epochs:g} epochs, {meta['steps']} steps, "
+        f"{meta['wall_time_s']:.1f}s on {meta['device']}, mean train loss {meta['train_loss']:.3f}")
+    eval_rows = read_split(formatted, "test", LABELS)[:rows]
+    return workdir / "adapter", eval_rows
+
+
+def bench_cpu(args, workdir: Path, log) -> dict[str, Any]:
+    adapter, rows = prepare_tiny(workdir, args.rows, args.train_rows, args.epochs, args.seed, log)
+    model, tokenizer = load_for_inference(adapter)
+    model.to("cpu")
+    prompts = [r["prompt"] for r in rows]
+    gold = [r["label"] for r in rows]
+
+    # Warm-up: first calls pay one-off costs (allocator, kernel selection, tokenizer caches).
+    score_labels(model, tokenizer, prompts[:8], LABELS, args.batch_size)
+    per_row_generate(model, tokenizer, prompts[:2], LABELS, args.max_new_tokens)
+    generate_predictions(model, tokenizer, prompts[:8], LABELS, args.batch_size, args.max_new_tokens)
+
+    times: dict[str, list[float]] = {"score": [], "per_row": [], "batched": []}
+    # Interleaved repeats, median: the machine may be shared, load drifts over a run.
+    for _ in range(args.repeats):
+        scores, t = _timed(lambda: score_labels(model, tokenizer, prompts, LABELS, args.batch_size))
+        times["score"].append(t)
+        per_row, t = _timed(lambda: per_row_generate(model, tokenizer, prompts, LABELS, args.max_new_tokens))
+        times["per_row"].append(t)
+        batched, t = _timed(
+            lambda: generate_predictions(model, tokenizer, prompts, LABELS, args.batch_size, args.max_new_tokens)
+        )
+        times["batched"].append(t)
+
+    n = len(rows)
+    score_pred = [_argmax(s, LABELS) for s in scores]
+    gen_pred = [r["prediction"] for r in per_row]
+    median = {k: statistics.median(v) for k, v in times.items()}
+    result = {
+        "rows": n,
+        "batch_size": args.batch_size,
+        "max_new_tokens": args.max_new_tokens,
+        "repeats": args.repeats,
+        "seconds": median,
+        "seconds_all": times,
+        "rows_per_s": {k: n / v for k, v in median.items()},
+        "speedup_vs_per_row": median["per_row"] / median["score"],
+        "speedup_batched_generate_vs_per_row": median["per_row"] / median["batched"],
+        "agreement": sum(a == b for a, b in zip(score_pred, gen_pred)) / n,
+        "accuracy": {
+            "score": sum(p == g for p, g in zip(score_pred, gold)) / n,
+            "per_row": sum(p == g for p, g in zip(gen_pred, gold)) / n,
+            "batched": sum(r["prediction"] == g for r, g in zip(batched, gold)) / n,
+        },
+        "invalid_rate": {
+            "score": _scoring_invalid(scores, LABELS) / n,
+            "per_row": invalid_rate(per_row),
+            "batched": invalid_rate(batched),
+        },
+        "per_row_equals_batched_generate": sum(a["prediction"] == b["prediction"] for a, b in zip(per_row, batched)) / n,
+        "invalid_examples": [r["raw"] for r in per_row if not r["valid"]][:5],
+        "torch_threads": torch.get_num_threads(),
+    }
+    result["targets"] = {
+        f"score >= {SPEEDUP_TARGET:g}x faster than per-row generate": result["speedup_vs_per_row"] >= SPEEDUP_TARGET,
+        "score accuracy >= per-row generate accuracy": result["accuracy"]["score"] >= result["accuracy"]["per_row"],
+        "score: zero invalid outputs": result["invalid_rate"]["score"] == 0.0,
+    }
+    return result
+
+
+# ------------------------------------------------------------------------ GPU
+
+
+def bench_gpu(args, tiny_dir: Path, log, device: str = "cuda", config=None) -> dict[str, Any]:
+    """``device``/``config`` exist so the code path can be smoke-tested on CPU with a small config."""
+    from transformers import AutoTokenizer, GenerationConfig, Phi3Config, Phi3ForCausalLM
+
+    from ftloop.components.finetune import attn_implementation
+    from ftloop.components.generate_mode import stop_token_ids
+
+    on_cuda = device == "cuda"
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_dir))
+    config = config or Phi3Config()  # Phi-3-mini-4k: d 3072, 32 layers, vocab 32064 (> the tiny tokenizer's ids)
+    dtype = torch.bfloat16
+    torch.manual_seed(args.seed)
+    with torch.device(device):
+        model = Phi3ForCausalLM._from_config(config, dtype=dtype, attn_implementation=attn_implementation(dtype))
+    model.eval()
+    model.generation_config = GenerationConfig(
+        eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id
+    )
+    n_params = sum(p.numel() for p in model.parameters())
+    device_name = torch.cuda.get_device_name(0) if on_cuda else device
+    log(f"gpu: random-init Phi3Config() model, {n_params / 1e9:.2f}B params, {dtype}, "
+        f"{model.config._attn_implementation}, {device_name}")
+
+    per_label = math.ceil(args.gpu_rows / len(LABELS))
+    questions = [r["text"] for r in synthetic_examples(per_label, args.seed, "gpu-bench")][: args.gpu_rows]
+    prompts = [prompt_messages(q, LABELS) for q in questions]
+    sample = prompts[: args.gpu_generate_rows]
+
+    score_labels(model, tokenizer, prompts[: args.gpu_batch_size], LABELS, args.gpu_batch_size)  # warm-up
+    per_row_generate(model, tokenizer, sample[:2], LABELS, args.gpu_max_new_tokens)
+    score_times, gen_times = [], []
+    for _ in range(args.repeats):
+        _, t = _timed(lambda: score_labels(model, tokenizer, prompts, LABELS, args.gpu_batch_size))
+        score_times.append(t)
+        _, t = _timed(lambda: per_row_generate(model, tokenizer, sample, LABELS, args.gpu_max_new_tokens))
+        gen_times.append(t)
+    score_s = statistics.median(score_times)
+    gen_s = statistics.median(gen_times)
+    gen_extrapolated = gen_s * len(prompts) / len(sample)
+    result = {
+        "device": device_name,
+        "params": n_params,
+        "dtype": str(dtype),
+        "attn_implementation": model.config._attn_implementation,
+        "rows": len(prompts),
+        "batch_size": args.gpu_batch_size,
+        "score_seconds": score_s,
+        "score_seconds_all": score_times,
+        "score_rows_per_s": len(prompts) / score_s,
+        "generate_sample_rows": len(sample),
+        "generate_max_new_tokens": args.gpu_max_new_tokens,
+        "generate_sample_seconds": gen_s,
+        "generate_seconds_all": gen_times,
+        "generate_rows_per_s": len(sample) / gen_s,
+        "generate_seconds_extrapolated": gen_extrapolated,
+        "speedup_vs_per_row": gen_extrapolated / score_s,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if on_cuda else None,
+    }
+    result["targets"] = {f"score {len(prompts)} questions < {GPU_SCORE_TARGET_S:g} s": score_s < GPU_SCORE_TARGET_S}
+    return result
+
+
+# ---------------------------------------------------------------------- report
+
+
+def print_report(res: dict[str, Any]) -> None:
+    cpu = res["cpu"]
+    print()
+    print(f"CPU, tiny Phi-3 + LoRA, {cpu['rows']} rows, torch {res['env']['versions']['torch']}, "
+          f"{res['env']['cpu_count']} cores, median of {cpu['repeats']}")
+    print(f"{'method':<34} {'seconds':>8} {'rows/s':>9} {'accuracy':>9} {'invalid':>8}")
+    names = {"score": f"label scoring (batch {cpu['batch_size']})",
+             "per_row": "per-row generate (batch 1)",
+             "batched": f"batched generate (batch {cpu['batch_size']})"}
+    for key, name in names.items():
+        print(f"{name:<34} {cpu['seconds'][key]:>8.3f} {cpu['rows_per_s'][key]:>9.1f} "
+              f"{cpu['accuracy'][key]:>9.3f} {cpu['invalid_rate'][key]:>8.3f}")
+    print(f"speedup scoring vs per-row generate: {cpu['speedup_vs_per_row']:.1f}x "
+          f"(batched generate vs per-row: {cpu['speedup_batched_generate_vs_per_row']:.1f}x)")
+    print(f"agreement scoring vs per-row generate: {cpu['agreement']:.3f}")
+    gpu = res.get("gpu")
+    if gpu:
+        print()
+        print(f"GPU, {gpu['device']}, random Phi-3-mini ({gpu['params'] / 1e9:.2f}B, {gpu['dtype']}, "
+              f"{gpu['attn_implementation']})")
+        print(f"label scoring {gpu['rows']} questions (batch {gpu['batch_size']}): {gpu['score_seconds']:.2f} s "
+              f"({gpu['score_rows_per_s']:.0f} rows/s)")
+        print(f"per-row generate {gpu['generate_sample_rows']} rows, max_new_tokens {gpu['generate_max_new_tokens']}: "
+              f"{gpu['generate_sample_seconds']:.2f} s -> {gpu['generate_seconds_extrapolated']:.1f} s per "
+              f"{gpu['rows']} (extrapolated), speedup {gpu['speedup_vs_per_row']:.1f}x")
+    else:
+        print(f"\nGPU section: {res['gpu_skipped']}")
+    print()
+    for section in ("cpu", "gpu"):
+        for name, ok in (res.get(section) or {}).get("targets", {}).items():
+            print(f"{'PASS' if ok else 'FAIL'}  [{section}] {name}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", type=int, default=200, help="eval rows for the CPU comparison (default 200)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="OUT", help="write all results as JSON to OUT")
+    p.add_argument("--train-rows", type=int, default=200, help="synthetic train rows for the tiny fine-tune")
+    p.add_argument("--epochs", type=float, default=20, help="tiny fine-tune epochs (rest: the demo settings)")
+    p.add_argument("--batch-size", type=int, default=64, help="batch size of label scoring and batched generate")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="generate budget on CPU (the model stops earlier)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per method; the median is reported")
+    p.add_argument("--gpu-rows", type=int, default=1000)
+    p.add_argument("--gpu-generate-rows", type=int, default=50)
+    p.add_argument("--gpu-batch-size", type=int, default=64)
+    p.add_argument("--gpu-max-new-tokens", type=int, default=2)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, one per core)")
+    p.add_argument("--no-gpu", action="store_true", help="skip the GPU section even when CUDA is available")
+    p.add_argument("--workdir", help="keep the tiny model and adapter here (default: a temp dir)")
+    args = p.parse_args(argv)
+    if args.rows < 1 or args.repeats < 1 or args.batch_size < 1:
+        p.error("--rows, --repeats and --batch-size must be >= 1")
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    res: dict[str, Any] = {
+        "env": {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "cuda": torch.cuda.is_available(),
+            "versions": _versions(),
+            "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        },
+        "args": vars(args),
+    }
+    with tempfile.TemporaryDirectory(prefix="ftloop-eval-speed-") as tmp:
+        workdir = Path(args.workdir) if args.workdir else Path(tmp)
+        res["cpu"] = bench_cpu(args, workdir, log)
+        if torch.cuda.is_available() and not args.no_gpu:
+            res["gpu"] = bench_gpu(args, workdir / "tiny", log)
+        else:
+            res["gpu_skipped"] = "no CUDA device" if not torch.cuda.is_available() else "--no-gpu"
+    res["env"]["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    print_report(res)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
