@@ -109,7 +109,11 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
+    # label_scoring: one batched forward pass, a probability per label, never invalid.
+    # generate: the published generate-and-parse method, for parity; reports its invalid rate.
+    mode: Literal["label_scoring", "generate"] = "label_scoring"
     batch_size: PositiveInt = 32
+    max_new_tokens: PositiveInt = 8
 
 
 class AugmentConfig(_Section):

@@ -238,8 +238,27 @@ def evaluate_model(
     model, tokenizer = load_for_inference(model_dir, _base_override(config, meta))
 
     with cpu_threads_for(model):
+        if config.eval.mode == "generate":
+            return _evaluate_by_generation(config, model, tokenizer, splits, labels, output_dir, progress)
         probabilities, timings = timed_scoring(model, tokenizer, splits, labels, config.eval.batch_size)
     return write_predictions(splits, probabilities, labels, output_dir, progress, timings)
+
+
+def _evaluate_by_generation(config, model, tokenizer, splits, labels, output_dir, progress) -> dict[str, Any]:
+    """Parity mode: batched greedy generation + strict parsing; scores are one-hot on the parsed label."""
+    from ftloop.components.generate_mode import generate_predictions
+
+    generated, probabilities, timings = {}, {}, {}
+    for split, rows in splits.items():
+        start = time.perf_counter()
+        generated[split] = generate_predictions(
+            model, tokenizer, [r["prompt"] for r in rows], labels, config.eval.batch_size, config.eval.max_new_tokens
+        )
+        seconds = time.perf_counter() - start
+        probabilities[split] = [{l: float(l == g["prediction"]) for l in labels} for g in generated[split]]
+        batches = max(1, math.ceil(len(rows) / config.eval.batch_size))
+        timings[split] = {"rows_per_second": len(rows) / seconds if seconds > 0 else 0.0, "mean_batch_seconds": seconds / batches}
+    return write_predictions(splits, probabilities, labels, output_dir, progress, timings, generated)
 
 
 def evaluate_zero_shot(config: RunConfig, formatted_dir: str | Path, output_dir: str | Path, progress: Progress = print) -> dict[str, Any]:

@@ -6,9 +6,8 @@ option 4). ftloop evaluates by label scoring instead (``evaluate.score_labels``)
 one batched forward pass, no parsing, never an invalid label. This module
 reproduces the generate path *correctly* (left padding, greedy, stopping on
 Phi-3's ``<|end|>`` as well as eos) so the two can be compared on the same model
-and rows: ``bench/eval_speed.py`` times both and measures their agreement.
-
-Nothing in the pipeline uses this module; it has no kfp imports.
+and rows: ``bench/eval_speed.py`` times both and measures their agreement, and
+``eval.mode: generate`` in the run config evaluates the pipeline's models this way.
 """
 
 from __future__ import annotations

@@ -22,9 +22,10 @@ def compute_metrics(y_true: Sequence[str], y_pred: Sequence[str], labels: Sequen
     from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
     labels = list(labels)
+    y_pred = [INVALID if p is None else p for p in y_pred]
     if len(y_true) != len(y_pred):
         raise ValueError(f"y_true has {len(y_true)} items but y_pred has {len(y_pred)}")
-    unknown = sorted((set(y_true) | set(y_pred)) - set(labels))
+    unknown = sorted((set(y_true) | set(y_pred)) - set(labels) - {INVALID})
     if unknown:
         raise FtloopError(f"labels not in the label set: {unknown}")
     n = len(y_true)
@@ -55,10 +56,12 @@ def write_predictions(
     output_dir: str | Path,
     progress: Callable[[str], None] = print,
     timings: dict[str, dict[str, float]] | None = None,
+    generated: dict[str, list[dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """predictions/<split>.jsonl (argmax of the label probabilities) and metrics.json; returns {split: metrics}.
 
     ``timings`` (per split: rows_per_second, mean_batch_seconds) is merged into the metrics when given.
+    ``generated`` (generate mode) holds per row the raw output and the parsed label, None when invalid.
     """
     from ftloop.components.stats import expected_calibration_error
 
@@ -66,18 +69,22 @@ def write_predictions(
     results: dict[str, Any] = {}
     for split, rows in splits.items():
         predictions = []
-        for row, probs in zip(rows, probabilities[split]):
+        for i, (row, probs) in enumerate(zip(rows, probabilities[split])):
             prediction = max(labels, key=lambda label: probs[label])  # ties go to the first label
+            extra = {}
+            if generated is not None:
+                prediction = generated[split][i]["prediction"]
+                extra = {"raw": generated[split][i]["raw"]}
             predictions.append({
                 "id": row["id"], "text": row["text"], "label": row["label"], "group": row.get("group"),
                 "origin": row.get("origin"), "prediction": prediction, "scores": probs,
-                "correct": prediction == row["label"],
+                "correct": prediction == row["label"], **extra,
             })
         write_jsonl(output_dir / "predictions" / f"{split}.jsonl", predictions)
         results[split] = compute_metrics([r["label"] for r in rows], [p["prediction"] for p in predictions], labels)
         m = results[split]
-        # Label scoring always yields a label; generate-and-parse reports its own invalid rate.
-        m["invalid_rate"] = 0.0
+        # Label scoring always yields a label; generate-and-parse may not.
+        m["invalid_rate"] = sum(p["prediction"] is None for p in predictions) / len(predictions) if predictions else 0.0
         m["ece"] = expected_calibration_error([max(p["scores"].values()) for p in predictions], [p["correct"] for p in predictions])
         m.update((timings or {}).get(split, {}))
         progress(f"eval {split}: n={m['n']} accuracy {m['accuracy']:.3f} macro-F1 {m['macro_f1']:.3f}")
@@ -85,6 +92,7 @@ def write_predictions(
     return results
 
 
+INVALID = "<invalid>"  # an unparseable generate-mode output: wrong for every class, in no column
 KFP_SCALARS = ("accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall", "ece", "rows_per_second")
 
 

@@ -130,3 +130,29 @@ def test_evaluate_model_end_to_end(trained, formatted_dir, tmp_path):
     # learnable synthetic data: far above the 1/8 chance level on held-out questions
     assert metrics["train"]["macro_f1"] > 0.8
     assert metrics["test"]["macro_f1"] > 0.6, metrics["test"]
+
+
+def test_generate_mode_reports_invalid_outputs_and_scores_them_wrong(trained, formatted_dir, tmp_path):
+    """Parity mode (eval.mode: generate): parsed labels become predictions; unparseable outputs count as wrong."""
+    from ftloop.components.metrics import INVALID
+
+    base = trained["config"]
+    config = base.model_copy(update={"eval": base.eval.model_copy(update={"mode": "generate", "max_new_tokens": 4})})
+    metrics = evaluate_model(config, trained["dir"], formatted_dir, tmp_path / "gen", progress=lambda m: None)
+    rows = [json.loads(l) for l in (tmp_path / "gen" / "predictions" / "test.jsonl").read_text().splitlines()]
+    invalid = [r for r in rows if r["prediction"] is None]
+    assert metrics["test"]["invalid_rate"] == len(invalid) / len(rows)
+    assert all("raw" in r for r in rows)
+    assert all(not r["correct"] for r in invalid)
+    expected = compute_metrics([r["label"] for r in rows], [r["prediction"] or INVALID for r in rows], metrics["test"]["labels"])
+    assert metrics["test"]["accuracy"] == expected["accuracy"]
+    assert metrics["test"]["macro_f1"] == expected["macro_f1"]
+
+
+def test_invalid_predictions_count_against_recall_only():
+    from ftloop.components.metrics import compute_metrics
+
+    m = compute_metrics(["a", "a", "b"], ["a", None, "b"], ["a", "b"])
+    assert m["accuracy"] == 2 / 3
+    assert m["per_class"]["a"] == {"precision": 1.0, "recall": 0.5, "f1": 2 / 3, "support": 2}
+    assert m["confusion_matrix"] == [[1, 0], [0, 1]]
