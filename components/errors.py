@@ -29,3 +29,18 @@ class InputFileError(FtloopError):
 
 class ConfigError(FtloopError):
     """The run config is invalid: names the file, the key path and, when known, the line."""
+
+
+class exit_on_user_error:
+    """Inside a pipeline task: print a user error as one line and exit non-zero, without a traceback."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is not None and isinstance(exc, FtloopError):
+            import sys
+
+            print(f"ftloop: error: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(exc.exit_code) from None
+        return False

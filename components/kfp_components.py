@@ -18,41 +18,53 @@ _component = dict(base_image=PLACEHOLDER_IMAGE, install_kfp_package=False, packa
 @dsl.component(**_component)
 def prepare_examples(run_config: str, source: Input[Dataset], examples: Output[Dataset]):
     """Labeled articles -> generated questions, or imported labeled questions."""
-    from ftloop.components.config import RunConfig
-    from ftloop.components.sources import run_prepare
+    from ftloop.components.errors import exit_on_user_error
 
-    examples.metadata.update(run_prepare(RunConfig.from_json(run_config), source.path, examples.path))
+    with exit_on_user_error():
+        from ftloop.components.config import RunConfig
+        from ftloop.components.sources import run_prepare
+
+        examples.metadata.update(run_prepare(RunConfig.from_json(run_config), source.path, examples.path))
 
 
 @dsl.component(**_component)
 def split_examples(run_config: str, examples: Input[Dataset], splits: Output[Dataset]):
     """Grouped, stratified train/dev/test split with a leakage report."""
-    from ftloop.components.config import RunConfig
-    from ftloop.components.split import run_split
+    from ftloop.components.errors import exit_on_user_error
 
-    config = RunConfig.from_json(run_config)
-    splits.metadata.update(run_split(examples.path, splits.path, config.split.dev, config.split.test, config.seed))
+    with exit_on_user_error():
+        from ftloop.components.config import RunConfig
+        from ftloop.components.split import run_split
+
+        config = RunConfig.from_json(run_config)
+        splits.metadata.update(run_split(examples.path, splits.path, config.split.dev, config.split.test, config.seed))
 
 
 @dsl.component(**_component)
 def format_chat(run_config: str, splits: Input[Dataset], formatted: Output[Dataset]):
     """Splits -> conversational prompt/completion rows."""
-    from ftloop.components.chat_format import run_format
-    from ftloop.components.config import RunConfig
+    from ftloop.components.errors import exit_on_user_error
 
-    config = RunConfig.from_json(run_config)
-    formatted.metadata.update(run_format(splits.path, formatted.path, config.format.system_prompt))
+    with exit_on_user_error():
+        from ftloop.components.chat_format import run_format
+        from ftloop.components.config import RunConfig
+
+        config = RunConfig.from_json(run_config)
+        formatted.metadata.update(run_format(splits.path, formatted.path, config.format.system_prompt))
 
 
 @dsl.component(**_component)
 def finetune(run_config: str, formatted: Input[Dataset], model: Output[Model]):
     """LoRA fine-tune (trl SFTTrainer + peft) of the configured base model."""
-    from ftloop.components.config import RunConfig
-    from ftloop.components.finetune import finetune as run_finetune
+    from ftloop.components.errors import exit_on_user_error
 
-    meta = run_finetune(RunConfig.from_json(run_config), formatted.path, model.path)
-    model.metadata.update({k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool))})
-    model.metadata["framework"] = "peft-lora"
+    with exit_on_user_error():
+        from ftloop.components.config import RunConfig
+        from ftloop.components.finetune import finetune as run_finetune
+
+        meta = run_finetune(RunConfig.from_json(run_config), formatted.path, model.path)
+        model.metadata.update({k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool))})
+        model.metadata["framework"] = "peft-lora"
 
 
 @dsl.component(**_component)
@@ -66,15 +78,18 @@ def evaluate(
     confusion_matrix: Output[ClassificationMetrics],
 ):
     """Label-scoring inference on every split; metrics for the KFP UI."""
-    from ftloop.components.config import RunConfig
-    from ftloop.components.evaluate import evaluate_model
-    from ftloop.components.metrics import log_scalars
+    from ftloop.components.errors import exit_on_user_error
 
-    all_metrics = evaluate_model(RunConfig.from_json(run_config), model.path, formatted.path, results.path)
-    log_scalars(metrics, all_metrics)
-    test = all_metrics["test"]
-    confusion_matrix.log_confusion_matrix(list(test["labels"]), [list(map(int, r)) for r in test["confusion_matrix"]])
-    results.metadata.update({"model": model_name, **{f"{s}_rows": m["n"] for s, m in all_metrics.items()}})
+    with exit_on_user_error():
+        from ftloop.components.config import RunConfig
+        from ftloop.components.evaluate import evaluate_model
+        from ftloop.components.metrics import log_scalars
+
+        all_metrics = evaluate_model(RunConfig.from_json(run_config), model.path, formatted.path, results.path)
+        log_scalars(metrics, all_metrics)
+        test = all_metrics["test"]
+        confusion_matrix.log_confusion_matrix(list(test["labels"]), [list(map(int, r)) for r in test["confusion_matrix"]])
+        results.metadata.update({"model": model_name, **{f"{s}_rows": m["n"] for s, m in all_metrics.items()}})
 
 
 @dsl.component(**_component)
@@ -82,36 +97,45 @@ def evaluate_zero_shot(
     run_config: str, formatted: Input[Dataset], results: Output[Dataset], metrics: Output[Metrics]
 ):
     """Baseline: the base model prompted with the same instruction, no fine-tuning."""
-    from ftloop.components.config import RunConfig
-    from ftloop.components.evaluate import evaluate_zero_shot as run_zero_shot
-    from ftloop.components.metrics import log_scalars
+    from ftloop.components.errors import exit_on_user_error
 
-    log_scalars(metrics, run_zero_shot(RunConfig.from_json(run_config), formatted.path, results.path))
-    results.metadata["model"] = "zero-shot"
+    with exit_on_user_error():
+        from ftloop.components.config import RunConfig
+        from ftloop.components.evaluate import evaluate_zero_shot as run_zero_shot
+        from ftloop.components.metrics import log_scalars
+
+        log_scalars(metrics, run_zero_shot(RunConfig.from_json(run_config), formatted.path, results.path))
+        results.metadata["model"] = "zero-shot"
 
 
 @dsl.component(**_component)
 def tfidf_baseline(run_config: str, formatted: Input[Dataset], results: Output[Dataset], metrics: Output[Metrics]):
     """Baseline: TF-IDF + logistic regression trained on the same train split."""
-    from ftloop.components.baselines import run_tfidf_baseline
-    from ftloop.components.config import RunConfig
-    from ftloop.components.metrics import log_scalars
+    from ftloop.components.errors import exit_on_user_error
 
-    log_scalars(metrics, run_tfidf_baseline(formatted.path, results.path, RunConfig.from_json(run_config).seed))
-    results.metadata["model"] = "tfidf"
+    with exit_on_user_error():
+        from ftloop.components.baselines import run_tfidf_baseline
+        from ftloop.components.config import RunConfig
+        from ftloop.components.metrics import log_scalars
+
+        log_scalars(metrics, run_tfidf_baseline(formatted.path, results.path, RunConfig.from_json(run_config).seed))
+        results.metadata["model"] = "tfidf"
 
 
 @dsl.component(**_component)
 def augment_from_errors(run_config: str, splits: Input[Dataset], evaluation: Input[Dataset], augmented: Output[Dataset]):
     """Rephrase misclassified train/dev rows into an augmented train split."""
-    from ftloop.components.augment import run_augment
-    from ftloop.components.config import RunConfig
+    from ftloop.components.errors import exit_on_user_error
 
-    config = RunConfig.from_json(run_config)
-    a = config.augment
-    augmented.metadata.update(
-        run_augment(splits.path, evaluation.path, augmented.path, a.backend, a.rephrasings_per_error, a.max_per_class, config.seed)
-    )
+    with exit_on_user_error():
+        from ftloop.components.augment import run_augment
+        from ftloop.components.config import RunConfig
+
+        config = RunConfig.from_json(run_config)
+        a = config.augment
+        augmented.metadata.update(
+            run_augment(splits.path, evaluation.path, augmented.path, a.backend, a.rephrasings_per_error, a.max_per_class, config.seed)
+        )
 
 
 @dsl.component(**_component)
@@ -128,21 +152,24 @@ def compare_models(
     report_html: Output[HTML],
 ):
     """Side-by-side comparison: summary.json, predictions and reports in one bundle."""
-    from ftloop.components.compare import run_compare
-    from ftloop.components.config import RunConfig
+    from ftloop.components.errors import exit_on_user_error
 
-    config = RunConfig.from_json(run_config)
-    summary = run_compare(
-        {
-            "base": base_evaluation.path,
-            "augmented": augmented_evaluation.path,
-            "tfidf": tfidf_evaluation.path,
-            "zero-shot": zero_shot_evaluation.path,
-        },
-        {"base": base_splits.path, "augmented": augmented_splits.path},
-        results.path,
-        report_markdown.path,
-        report_html.path,
-        {"run_name": config.name, "seed": config.seed, "config": config.model_dump(mode="json")},
-    )
-    results.metadata.update({f"delta_test_{k}": v for k, v in summary["deltas"].get("test", {}).items()})
+    with exit_on_user_error():
+        from ftloop.components.compare import run_compare
+        from ftloop.components.config import RunConfig
+
+        config = RunConfig.from_json(run_config)
+        summary = run_compare(
+            {
+                "base": base_evaluation.path,
+                "augmented": augmented_evaluation.path,
+                "tfidf": tfidf_evaluation.path,
+                "zero-shot": zero_shot_evaluation.path,
+            },
+            {"base": base_splits.path, "augmented": augmented_splits.path},
+            results.path,
+            report_markdown.path,
+            report_html.path,
+            {"run_name": config.name, "seed": config.seed, "config": config.model_dump(mode="json")},
+        )
+        results.metadata.update({f"delta_test_{k}": v for k, v in summary["deltas"].get("test", {}).items()})

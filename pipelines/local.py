@@ -66,9 +66,9 @@ def run_local(config: RunConfig, workdir: str | Path, progress: Callable[[str], 
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
         warnings.filterwarnings("ignore", message=".*image.*", category=RuntimeWarning)
         task = build_pipeline(config)()
-    bundle = task.output
+    bundle = task.outputs.get("Output")  # empty when a stage failed
     if bundle is None or not Path(bundle.path).exists():
-        raise FtloopError("pipeline failed: a stage did not finish (its log is above); no results were written")
+        raise FtloopError("pipeline failed: a stage did not finish (its error is in the log above); no results were written")
 
     bundle_dir = Path(bundle.path)
     shutil.copytree(bundle_dir / "predictions", workdir / "predictions")

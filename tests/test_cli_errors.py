@@ -76,3 +76,17 @@ def test_a_failed_run_removes_an_older_runs_results(tmp_path):
     result = run_cli("run", "--local", "--config", str(write_config(tmp_path / "run.yaml", articles)), "--workdir", str(out), cwd=tmp_path)
     assert result.returncode == 2
     assert not (out / "summary.json").exists()
+
+
+def test_a_user_error_inside_a_stage_fails_the_run_cleanly(tmp_path):
+    """Caught only once the fine-tune stage tokenizes: still one clear line, exit 2, no traceback, no summary."""
+    articles = write_lines(tmp_path / "articles.jsonl", corpus_subset(["returns", "shipping"], 5))
+    config = write_config(tmp_path / "run.yaml", articles, model={"name_or_path": "builtin:tiny-phi3"},
+                          train={"max_length": 8, "epochs": 1})
+    result = run_cli("run", "--local", "--config", str(config), "--workdir", str(tmp_path / "out"), cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2
+    assert "ftloop: error: every train row is longer than train.max_length=8 tokens" in output
+    assert "pipeline failed" in result.stderr
+    assert "Traceback" not in output
+    assert not (tmp_path / "out" / "summary.json").exists()
