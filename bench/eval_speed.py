@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata
 import json
 import math
 import os
@@ -83,13 +82,9 @@ def _scoring_invalid(scores: list[dict[str, float]], labels: list[str]) -> int:
 
 
 def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for dist in ("torch", "transformers", "trl", "peft"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return out
+    from ftloop.components.finetune import library_versions
+
+    return {"python": platform.python_version(), **library_versions()}
 
 
 # ------------------------------------------------------------------------ CPU

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ftloop.components.records import SPLITS, read_jsonl, write_json
+from ftloop.components.records import SPLITS, read_json, read_jsonl, write_json
 from ftloop.components.stats import bootstrap_ci, mcnemar_exact
 
 HEADLINE_METRICS = ("accuracy", "macro_f1", "weighted_f1")
@@ -319,12 +319,9 @@ def rerender_reports(run_dir: str | Path) -> tuple[Path, Path]:
 
     run_dir = Path(run_dir)
     path = run_dir / "summary.json"
-    try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FtloopError(f"{path}: not found; is {run_dir} the work directory of a finished run?") from None
-    except json.JSONDecodeError as exc:
-        raise FtloopError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg}") from None
+    if not path.exists():
+        raise FtloopError(f"{path}: not found; is {run_dir} the work directory of a finished run?")
+    summary = read_json(path)
     if not isinstance(summary, dict) or not isinstance(summary.get("models"), dict) or not summary["models"]:
         raise FtloopError(f"{path}: field 'models': missing or empty; not an ftloop summary")
     md, page = run_dir / "report.md", run_dir / "report.html"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import importlib.util
-import json
 import time
 import warnings
 from pathlib import Path
@@ -23,7 +22,7 @@ from torch import nn
 
 from ftloop.components.config import TINY_MODEL_REF, RunConfig
 from ftloop.components.errors import FtloopError
-from ftloop.components.records import read_jsonl, write_json
+from ftloop.components.records import read_json, read_jsonl, write_json
 
 MODEL_META = "ftloop_model.json"
 Progress = Callable[[str], None]
@@ -221,12 +220,7 @@ def resolve_target_modules(model: nn.Module, spec: str | list[str]) -> list[str]
 
 def read_labels(formatted_dir: Path) -> list[str]:
     path = formatted_dir / "labels.json"
-    try:
-        labels = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FtloopError(f"{path}: file not found") from None
-    except json.JSONDecodeError as exc:
-        raise FtloopError(f"{path}: not valid JSON: {exc.msg}") from None
+    labels = read_json(path)
     if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels):
         raise FtloopError(f"{path}: expected a JSON list of at least two label strings")
     return labels
@@ -268,7 +262,7 @@ def _progress_callback(progress: Progress):
     return ProgressCallback()
 
 
-def _versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
     out = {}
     for dist in ("torch", "transformers", "trl", "peft"):
         try:
@@ -418,7 +412,7 @@ def finetune(
         "attn_implementation": trainer.model.get_base_model().config._attn_implementation,
         "trainable_params": int(trainable),
         "total_params": int(total),
-        "versions": _versions(),
+        "versions": library_versions(),
     }
     write_json(output_dir / MODEL_META, meta)
     progress(f"train done: mean loss {meta['train_loss']:.3f}, {meta['steps']} steps in {meta['wall_time_s']:.1f}s")

@@ -92,6 +92,19 @@ def _atomic_temp(path: Path) -> tuple[int, str]:
     return fd, tmp
 
 
+def read_json(path: str | Path) -> Any:
+    """Read one JSON document; errors name the file and line."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputFileError(str(path), "file not found") from None
+    except json.JSONDecodeError as exc:
+        raise InputFileError(str(path), f"not valid JSON: {exc.msg}", exc.lineno) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputFileError(str(path), f"cannot read: {exc}") from None
+
+
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
     """Write atomically: a crash never leaves a half-written file that looks complete."""
     path = Path(path)
