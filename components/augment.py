@@ -77,9 +77,10 @@ def run_augment(
     kept, removed = filter_new_rows(generated, existing, max_per_class)
     augmented = {**splits, "train": splits["train"] + kept}
     confusions = Counter(f"{row['label']}->{row['prediction']}" for row in errors)
+    ids_of = {split: {e.id for e in splits[split]} for split in MINED_SPLITS}
     extra = {
         "augmentation": {
-            "errors_mined": {split: sum(1 for r in errors if r["id"] in {e.id for e in splits[split]}) for split in MINED_SPLITS},
+            "errors_mined": {split: sum(1 for r in errors if r["id"] in ids_of[split]) for split in MINED_SPLITS},
             "confusions": dict(confusions.most_common()),
             "generated": len(generated),
             "removed": removed,

@@ -6,7 +6,6 @@ silently ignored. Paths in the YAML are resolved relative to the YAML file.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -229,6 +228,3 @@ def load_config(path: str | Path) -> RunConfig:
     except ValidationError as exc:
         raise ConfigError(_format_errors(str(path), exc, tree)) from None
 
-
-def dump_config(config: RunConfig) -> str:
-    return yaml.safe_dump(json.loads(config.to_json()), sort_keys=False)

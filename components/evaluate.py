@@ -29,7 +29,7 @@ from ftloop.components.finetune import (
     read_labels,
     read_split,
 )
-from ftloop.components.metrics import compute_metrics, write_predictions  # noqa: F401  (re-exported)
+from ftloop.components.metrics import write_predictions
 from ftloop.components.records import SPLITS
 
 Message = dict[str, str]

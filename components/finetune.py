@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from ftloop.components.config import TINY_MODEL_REF, RunConfig
+from ftloop.components.config import RunConfig
 from ftloop.components.errors import FtloopError
 from ftloop.components.records import read_json, read_jsonl, write_json
 
@@ -121,7 +121,7 @@ def _is_local(name_or_path: str) -> bool:
 
 
 def check_model_ref(name_or_path: str) -> None:
-    if name_or_path.startswith("builtin:") or name_or_path == TINY_MODEL_REF:
+    if name_or_path.startswith("builtin:"):
         raise FtloopError(
             f"model.name_or_path {name_or_path!r} is a placeholder: build the tiny model first "
             "(the pipeline does this) and pass its directory"

@@ -156,7 +156,7 @@ class OfflineGenerator:
         for example in examples:
             rng = random.Random(f"{self.seed}:rephrase:{example.id}:{example.round}")
             seen = {example.text.lower()}
-            for attempt in range(n * 10):
+            for _ in range(n * 10):
                 text = _rewrite(example.text, rng)
                 if text.lower() in seen:
                     continue

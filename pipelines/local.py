@@ -17,7 +17,7 @@ from ftloop.components.sources import load_source
 RESULT_FILES = ("summary.json", "report.md", "report.html")
 
 
-def ensure_tiny_model(config: RunConfig, workdir: Path, progress: Callable[[str], None]) -> RunConfig:
+def ensure_tiny_model(config: RunConfig, workdir: Path, texts: list[str], labels: list[str], progress: Callable[[str], None]) -> RunConfig:
     """Replace ``builtin:tiny-phi3`` by a model directory built offline from this run's data."""
     if config.model.name_or_path != TINY_MODEL_REF:
         return config
@@ -28,8 +28,7 @@ def ensure_tiny_model(config: RunConfig, workdir: Path, progress: Callable[[str]
         progress(f"tiny model: reusing {model_dir}")
     else:
         progress(f"tiny model: building a random-init Phi-3-architecture model in {model_dir}")
-        examples, labels = load_source(config)
-        build_tiny_model(model_dir, [e.text for e in examples], labels, seed=config.seed)
+        build_tiny_model(model_dir, texts, labels, seed=config.seed)
     return config.with_model_path(str(model_dir))
 
 
@@ -53,8 +52,8 @@ def run_local(config: RunConfig, workdir: str | Path, progress: Callable[[str], 
         raise FtloopError(f"{workdir}: cannot create work directory: {exc.strerror or exc}") from None
     started = time.monotonic()
     clear_previous_results(workdir)
-    load_source(config)  # fail fast, with file and line, before any stage starts
-    config = ensure_tiny_model(config, workdir, progress)
+    examples, labels = load_source(config)  # fail fast, with file and line, before any stage starts
+    config = ensure_tiny_model(config, workdir, [e.text for e in examples], labels, progress)
 
     local.init(
         runner=local.SubprocessRunner(use_venv=False),

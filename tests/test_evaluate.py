@@ -14,7 +14,8 @@ except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys
     from ml_fixtures import LABELS, formatted_dir, tiny_model_dir, trained  # noqa: F401
 
 from ftloop.components.errors import FtloopError
-from ftloop.components.evaluate import compute_metrics, evaluate_model, load_for_inference, score_labels
+from ftloop.components.evaluate import evaluate_model, load_for_inference, score_labels
+from ftloop.components.metrics import compute_metrics
 from ftloop.components.prompts import prompt_messages
 
 QUESTIONS = [
@@ -150,8 +151,6 @@ def test_generate_mode_reports_invalid_outputs_and_scores_them_wrong(trained, fo
 
 
 def test_invalid_predictions_count_against_recall_only():
-    from ftloop.components.metrics import compute_metrics
-
     m = compute_metrics(["a", "a", "b"], ["a", None, "b"], ["a", "b"])
     assert m["accuracy"] == 2 / 3
     assert m["per_class"]["a"] == {"precision": 1.0, "recall": 0.5, "f1": 2 / 3, "support": 2}
