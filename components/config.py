@@ -64,7 +64,8 @@ class OkareoConfig(_Section):
     name_prefix: str = "ftloop"
     max_retries: Annotated[int, Field(ge=0, le=10)] = 4
     backoff_seconds: Annotated[float, Field(ge=0)] = 2.0
-    upload_eval: bool = Field(default=False, description="Also upload dev/test as scenarios and report predictions as test runs.")
+    upload_eval: bool = Field(default=False, description="Also upload the splits as scenarios and report predictions as test runs.")
+    secret_name: str = Field(default="okareo", description="Kubernetes secret (key 'api-key') that becomes OKAREO_API_KEY on the cluster.")
 
 
 class HFGeneratorConfig(_Section):
@@ -96,6 +97,9 @@ class OpenAIConfig(_Section):
     max_tokens: PositiveInt = 512
     max_attempts: Annotated[int, Field(ge=1, le=10)] = Field(
         default=3, description="Tries per request when the reply cannot be parsed into the asked-for list."
+    )
+    secret_name: str | None = Field(
+        default=None, description="Kubernetes secret (key 'api-key') exposed as api_key_env on the cluster; none if unset."
     )
 
 

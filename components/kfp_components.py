@@ -7,6 +7,8 @@ time (``pipelines.k8s``), never hard-coded here.
 """
 
 
+from typing import NamedTuple
+
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
 
@@ -123,19 +125,56 @@ def tfidf_baseline(run_config: str, formatted: Input[Dataset], results: Output[D
 
 
 @dsl.component(**_component)
-def augment_from_errors(run_config: str, splits: Input[Dataset], evaluation: Input[Dataset], augmented: Output[Dataset]):
-    """Rephrase misclassified train/dev rows into an augmented train split."""
+def augment_from_errors(
+    run_config: str,
+    round: int,
+    splits: Input[Dataset],
+    evaluation: Input[Dataset],
+    model: Input[Model],
+    reference_splits: Input[Dataset],
+    reference_evaluation: Input[Dataset],
+    augmented: Output[Dataset],
+) -> NamedTuple("AugmentDecision", [("decision", str), ("reason", str)]):
+    """One loop round: rephrase misclassified train/dev rows into an augmented train split, or decide to stop."""
+    from collections import namedtuple
+
     from ftloop.components.errors import exit_on_user_error
 
     with exit_on_user_error():
         from ftloop.components.augment import run_augment
         from ftloop.components.config import RunConfig
 
-        config = RunConfig.from_json(run_config)
-        a = config.augment
-        augmented.metadata.update(
-            run_augment(splits.path, evaluation.path, augmented.path, a.backend, a.rephrasings_per_error, a.max_per_class, config.seed)
+        meta = run_augment(
+            RunConfig.from_json(run_config), splits.path, evaluation.path, augmented.path, round=round,
+            reference_eval_dir=reference_evaluation.path, reference_split_dir=reference_splits.path, model_dir=model.path,
         )
+        augmented.metadata.update(meta)
+        return namedtuple("AugmentDecision", ["decision", "reason"])(meta["decision"], meta["stop_reason"])
+
+
+@dsl.component(**_component)
+def carry_forward(
+    decision: str,
+    model: Input[Model],
+    evaluation: Input[Dataset],
+    reference_model: Input[Model],
+    reference_evaluation: Input[Dataset],
+    kept_model: Output[Model],
+    kept_evaluation: Output[Dataset],
+):
+    """The loop stopped: pass the kept model and its evaluation on unchanged."""
+    from ftloop.components.errors import exit_on_user_error
+
+    with exit_on_user_error():
+        from ftloop.components.augment import carry_forward as run_carry
+
+        kept = run_carry(
+            decision, (model.path, evaluation.path), (reference_model.path, reference_evaluation.path),
+            (kept_model.path, kept_evaluation.path),
+        )
+        sources = (reference_model, reference_evaluation) if kept == "reference" else (model, evaluation)
+        for src, dst in zip(sources, (kept_model, kept_evaluation)):
+            dst.metadata.update({**src.metadata, "kept_by_loop_stop": kept})
 
 
 @dsl.component(**_component)
