@@ -212,3 +212,26 @@ def compare_models(
             {"run_name": config.name, "seed": config.seed, "config": config.model_dump(mode="json")},
         )
         results.metadata.update({f"delta_test_{k}": v for k, v in summary["deltas"].get("test", {}).items()})
+
+
+@dsl.component(**_component)
+def upload_to_okareo(
+    run_config: str,
+    base_evaluation: Input[Dataset],
+    augmented_evaluation: Input[Dataset],
+    links: Output[Artifact],
+):
+    """Optional: the splits as Okareo scenarios and each model's predictions as Okareo test runs (key from OKAREO_API_KEY)."""
+    from ftloop.components.errors import exit_on_user_error
+
+    with exit_on_user_error():
+        from ftloop.components.config import RunConfig
+        from ftloop.components.gen_okareo import upload_evaluation
+        from ftloop.components.records import write_json
+
+        config = RunConfig.from_json(run_config)
+        result = upload_evaluation(
+            config.generators.okareo, config.name, {"base": base_evaluation.path, "augmented": augmented_evaluation.path}
+        )
+        write_json(links.path, result)
+        links.metadata.update({f"{model}_{split}": url for model, splits in result.items() for split, url in splits.items()})

@@ -42,7 +42,7 @@ def build_pipeline(config: RunConfig, for_cluster: bool = False) -> Callable:
         return configure_gpu_task(task, config.cluster) if for_cluster else task
 
     def generation(task: PipelineTask, name: str, backend: str, needs_gpu: bool = False) -> PipelineTask:
-        """A task that runs a generator: on a GPU for hf, with the backend's API key from a Kubernetes secret."""
+        """A task that calls a generator backend (or Okareo): on a GPU for hf, its API key from a Kubernetes secret."""
         task = gpu(task, name) if needs_gpu or backend == "hf" else cpu(task, name)
         if for_cluster:
             task.set_caching_options(False)  # sampling from a remote model is not reproducible
@@ -124,6 +124,12 @@ def build_pipeline(config: RunConfig, for_cluster: bool = False) -> Callable:
             ),
             "compare models",
         )
+        if config.generators.okareo.upload_eval:
+            generation(
+                c.upload_to_okareo(run_config=run_config, base_evaluation=base_eval.outputs["results"], augmented_evaluation=augmented_eval),
+                "upload evaluation to Okareo",
+                "okareo",
+            )
         return comparison.outputs["results"]
 
     return ftloop_pipeline
