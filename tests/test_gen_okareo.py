@@ -6,8 +6,6 @@ import sys
 
 import pytest
 
-pytest.importorskip("okareo")
-
 from ftloop.components.config import RunConfig
 from ftloop.components.errors import ConfigError
 from ftloop.components.gen_okareo import upload_evaluation
