@@ -189,3 +189,41 @@ def test_hf_backend_parses_model_replies_and_rejects_garbage(tiny_dir, monkeypat
     rows = gen.rephrase([PARENT], 2, hint={"e1": "shipping"})
     assert [r.text for r in rows] == ["where is my refund?", "refund status?"]
     assert rows[0].generator == f"hf:{tiny_dir}" and rows[0].round == 1
+
+
+# ------------------------------------------------------- from the run config
+
+
+def test_prepare_stage_runs_the_backend_named_in_the_run_config(tmp_path, monkeypatch):
+    import yaml
+
+    from ftloop.components.config import load_config
+    from ftloop.components.records import read_jsonl
+    from ftloop.components.sources import run_prepare
+
+    from conftest import corpus_subset, write_lines
+
+    articles = write_lines(tmp_path / "articles.jsonl", corpus_subset(["returns", "shipping", "payments"], 4))
+    with FakeOpenAI() as server:
+        path = tmp_path / "run.yaml"
+        path.write_text(yaml.safe_dump({
+            "data": {"articles": str(articles)},
+            "generate": {"backend": "openai", "questions_per_article": 3},
+            "generators": {"openai": {"base_url": f"{server.url}/v1", "model": "m", "backoff_seconds": 0}},
+        }))
+        meta = run_prepare(load_config(path), str(articles), tmp_path / "examples")
+    assert meta["generator"] == "openai" and meta["groups"] == 12 and len(server.requests) == 12
+    rows = read_jsonl(tmp_path / "examples" / "examples.jsonl")
+    assert meta["rows"] == len(rows) == 36 - meta["filtered_total"]
+    assert {r["generator"] for r in rows} == {"openai:m"}
+    assert (tmp_path / "examples" / "generation" / "openai-requests.jsonl").exists()
+
+
+def test_an_unknown_backend_in_the_run_config_names_key_and_line(tmp_path):
+    from ftloop.components.config import load_config
+    from ftloop.components.errors import ConfigError
+
+    path = tmp_path / "run.yaml"
+    path.write_text("data:\n  questions: q.jsonl\naugment:\n  backend: gpt4\n")
+    with pytest.raises(ConfigError, match=r"run.yaml:4: augment.backend: Input should be 'offline', 'okareo', 'hf' or 'openai'"):
+        load_config(path)
