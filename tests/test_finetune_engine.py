@@ -218,12 +218,6 @@ def test_fingerprint_ignores_where_checkpoints_go_but_not_what_is_trained(tiny_m
     assert training_fingerprint(base, "d") != training_fingerprint(demo_config(tiny_model_dir, learning_rate=1e-3), "d")
 
 
-def test_unsupported_checkpoint_uri_is_a_user_error(tmp_path, tiny_model_dir, formatted_dir):
-    config = demo_config(tiny_model_dir, checkpoint_uri="s3://bucket/x")
-    with pytest.raises(FtloopError, match="train.checkpoint_uri: 's3://bucket/x': only gs://"):
-        finetune(config, formatted_dir, tmp_path / "out", progress=lambda line: None)
-
-
 # ---------------------------------------------------------------- preflight
 
 
