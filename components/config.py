@@ -6,11 +6,12 @@ silently ignored. Paths in the YAML are resolved relative to the YAML file.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ftloop.components.errors import ConfigError
 
@@ -149,12 +150,38 @@ class FormatConfig(_Section):
     )
 
 
+# The July 2024 re-release of Phi-3-mini-4k-instruct (notes/finetune.md §6.3).
+DEFAULT_BASE_MODEL = "microsoft/Phi-3-mini-4k-instruct"
+DEFAULT_BASE_REVISION = "0a67737cc96d2554230f90338b163bc6380a2a85"
+
+
 class ModelConfig(_Section):
-    name_or_path: str = "microsoft/Phi-3-mini-4k-instruct"
+    name_or_path: str = DEFAULT_BASE_MODEL
     revision: str | None = Field(
         default=None, description="Hub commit to pin; required for hub ids, ignored for local paths."
     )
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    # nf4 = QLoRA (4-bit NF4 base, double quantization, bf16 compute). Needs CUDA and bitsandbytes;
+    # bf16 LoRA is the default because Phi-3-mini fits an L4 unquantized (notes/finetune.md §7).
+    quantization: Literal["none", "nf4"] = "none"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_model_is_pinned(cls, data):
+        if isinstance(data, dict) and data.get("name_or_path", DEFAULT_BASE_MODEL) == DEFAULT_BASE_MODEL:
+            data = {"revision": DEFAULT_BASE_REVISION, **data}
+        return data
+
+    @model_validator(mode="after")
+    def _hub_models_are_pinned(self) -> "ModelConfig":
+        # A hub id without a commit can change under a scheduled run (Phi-3-mini's template did in July 2024).
+        ref = self.name_or_path
+        is_hub_id = not ref.startswith(("builtin:", "/", ".")) and "://" not in ref and ref.count("/") == 1
+        if is_hub_id and not (self.revision and re.fullmatch(r"[0-9a-f]{40}", self.revision)):
+            raise ValueError(
+                f"revision: hub model {ref!r} must be pinned to a 40-character commit hash, got {self.revision!r}"
+            )
+        return self
 
 
 class LoraConfig(_Section):
@@ -174,7 +201,37 @@ class TrainConfig(_Section):
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     gradient_checkpointing: bool = False
+    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
     logging_steps: PositiveInt = 10
+    # Dev-set evaluation during training: the best checkpoint by this metric is kept,
+    # and training stops after `early_stopping_patience` evaluations without improvement.
+    early_stopping_metric: Literal["dev_macro_f1", "dev_loss", "none"] = "dev_macro_f1"
+    early_stopping_patience: PositiveInt = 3
+    eval_every_steps: PositiveInt | None = Field(
+        default=None, description="Evaluate (and checkpoint) every N optimizer steps; default: every epoch."
+    )
+    checkpoint_uri: str | None = Field(
+        default=None,
+        description="Directory or gs:// prefix that checkpoints are mirrored to as they are written; "
+        "a rerun of the same training (e.g. a retry after a Spot preemption) resumes from the newest one. "
+        "Unset: checkpoints stay in a temporary directory and nothing can resume.",
+    )
+    keep_checkpoints: Annotated[int, Field(ge=1, le=20)] = 2
+    export_merged: bool = Field(
+        default=False, description="Also write the adapter merged into the base weights (merged/), for serving."
+    )
+
+    @field_validator("checkpoint_uri")
+    @classmethod
+    def _checkpoint_location(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if value.startswith("gs://"):
+            if not re.fullmatch(r"gs://[a-z0-9][a-z0-9._-]{1,221}[a-z0-9](/.*)?", value):
+                raise ValueError(f"{value!r} is not a valid gs://bucket/prefix URI")
+        elif "://" in value:
+            raise ValueError(f"{value!r}: only gs:// URIs and directories are supported")
+        return value
 
     @model_validator(mode="after")
     def _effective_batch(self) -> "TrainConfig":
@@ -188,6 +245,8 @@ class EvalConfig(_Section):
     # label_scoring: one batched forward pass, a probability per label, never invalid.
     # generate: the published generate-and-parse method, for parity; reports its invalid rate.
     mode: Literal["label_scoring", "generate"] = "label_scoring"
+    # Score with the merged export (train.export_merged) instead of base + adapter.
+    use_merged: bool = False
     batch_size: PositiveInt = 32
     max_new_tokens: PositiveInt = 8
 
@@ -312,6 +371,11 @@ def load_config(path: str | Path) -> RunConfig:
         ref = model.get("name_or_path")
         if isinstance(ref, str) and ref.startswith((".", "/")):
             model["name_or_path"] = str((base / ref).resolve())
+    train = raw.get("train")
+    if isinstance(train, dict):
+        ref = train.get("checkpoint_uri")
+        if isinstance(ref, str) and ref and "://" not in ref:
+            train["checkpoint_uri"] = str((base / ref).resolve())
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:

@@ -32,6 +32,16 @@ def ensure_tiny_model(config: RunConfig, workdir: Path, texts: list[str], labels
     return config.with_model_path(str(model_dir))
 
 
+def check_base_model(config: RunConfig) -> None:
+    """A local base model must be loadable before any stage starts; hub ids are checked when they are loaded."""
+    from ftloop.components.finetune import check_model_ref, load_tokenizer
+
+    ref = config.model.name_or_path
+    check_model_ref(ref)
+    if Path(ref).is_dir():
+        load_tokenizer(ref)  # chat template and a pad token distinct from eos
+
+
 def support_oneof_artifacts_locally() -> None:
     """Let kfp.local resolve ``dsl.OneOf`` over artifacts, as the KFP backend does.
 
@@ -91,6 +101,7 @@ def run_local(config: RunConfig, workdir: str | Path, progress: Callable[[str], 
     # a model or a paid API is called once, by the pipeline's own generate step.
     examples, labels = load_source(config, generate=config.generate.backend == "offline")
     config = ensure_tiny_model(config, workdir, [e.text for e in examples], labels, progress)
+    check_base_model(config)
 
     support_oneof_artifacts_locally()
     local.init(
