@@ -222,3 +222,38 @@ def carry_forward(decision: str, current: tuple[str | Path, str | Path], referen
     for src, dst in zip(chosen, out):
         shutil.copytree(src, dst, dirs_exist_ok=True)
     return "reference" if decision == STOP_KEEP_REFERENCE else "current"
+
+
+def select_final(
+    current: tuple[str | Path, str | Path, str | Path],
+    reference: tuple[str | Path, str | Path, str | Path],
+    out: tuple[str | Path, str | Path, str | Path],
+    min_improvement: float,
+    rounds: int,
+) -> dict[str, Any]:
+    """After the last round: keep its (model, evaluation, splits) only if it raised dev macro-F1 over the round before.
+
+    The same rule as between rounds, applied once more, so a last round that
+    made things worse is not what ``compare_models`` calls ``augmented``.
+    A loop that already stopped keeps what it kept.
+    """
+    model, eval_dir, split_dir = (Path(x) for x in current)
+    report = read_json(split_dir / "report.json")
+    keep, reason = "current", ""
+    if STOPPED_KEY not in report and current[1] != reference[1]:
+        now, before = dev_macro_f1(eval_dir), dev_macro_f1(reference[1])
+        if now - before <= min_improvement:
+            keep = "reference"
+            reason = (f"round {rounds} did not improve dev macro-F1 by more than {min_improvement:g} "
+                      f"({before:.4f} -> {now:.4f}); keeping the earlier model")
+    chosen = reference if keep == "reference" else current
+    for src, dst in zip(chosen[:2], out[:2]):
+        shutil.copytree(src, dst, dirs_exist_ok=True)
+    kept_splits, labels = read_splits(chosen[2])
+    kept_report = read_json(Path(chosen[2]) / "report.json")
+    extra = {k: v for k, v in kept_report.items() if k in ("augmentation", "seed", STOPPED_KEY)}
+    extra["augmentation_rounds"] = report.get("augmentation_rounds", [])  # every round that ran
+    if keep == "reference":
+        extra[STOPPED_KEY] = {"round": rounds + 1, "decision": STOP_KEEP_REFERENCE, "reason": reason}
+    write_splits(kept_splits, labels, out[2], extra=extra)
+    return {"kept": keep, "reason": reason}

@@ -182,6 +182,40 @@ def carry_forward(
 
 
 @dsl.component(**_component)
+def select_final_model(
+    run_config: str,
+    model: Input[Model],
+    evaluation: Input[Dataset],
+    splits: Input[Dataset],
+    reference_model: Input[Model],
+    reference_evaluation: Input[Dataset],
+    reference_splits: Input[Dataset],
+    kept_model: Output[Model],
+    kept_evaluation: Output[Dataset],
+    kept_splits: Output[Dataset],
+) -> str:
+    """After the last round: keep it only if it improved dev macro-F1 over the round before; returns which was kept."""
+    from ftloop.components.errors import exit_on_user_error
+
+    with exit_on_user_error():
+        from ftloop.components.augment import select_final
+        from ftloop.components.config import RunConfig
+
+        config = RunConfig.from_json(run_config)
+        result = select_final(
+            (model.path, evaluation.path, splits.path),
+            (reference_model.path, reference_evaluation.path, reference_splits.path),
+            (kept_model.path, kept_evaluation.path, kept_splits.path),
+            config.augment.min_dev_improvement,
+            config.augment.rounds,
+        )
+        sources = (reference_model, reference_evaluation, reference_splits) if result["kept"] == "reference" else (model, evaluation, splits)
+        for src, dst in zip(sources, (kept_model, kept_evaluation, kept_splits)):
+            dst.metadata.update({**src.metadata, "kept": result["kept"], "reason": result["reason"]})
+        return result["kept"]
+
+
+@dsl.component(**_component)
 def compare_models(
     run_config: str,
     base_evaluation: Input[Dataset],

@@ -12,9 +12,8 @@ from kfp import dsl
 from kfp.dsl import Artifact, Dataset, PipelineTask
 
 from ftloop.components import kfp_components as c
-from ftloop.components.config import RunConfig
+from ftloop.components.config import GeneratorsConfig, RunConfig
 from ftloop.pipelines.k8s import configure_cpu_task, configure_gpu_task, quiet_ml_env
-from ftloop.components.config import GeneratorsConfig
 
 
 def add_generator_secret(task: PipelineTask, backend: str, generators: GeneratorsConfig) -> None:
@@ -45,7 +44,8 @@ def build_pipeline(config: RunConfig, for_cluster: bool = False) -> Callable:
         """A task that calls a generator backend (or Okareo): on a GPU for hf, its API key from a Kubernetes secret."""
         task = gpu(task, name) if needs_gpu or backend == "hf" else cpu(task, name)
         if for_cluster:
-            task.set_caching_options(False)  # sampling from a remote model is not reproducible
+            if backend != "offline":
+                task.set_caching_options(False)  # sampling from a model or a remote API is not reproducible
             add_generator_secret(task, backend, config.generators)
         return task
 
@@ -110,7 +110,16 @@ def build_pipeline(config: RunConfig, for_cluster: bool = False) -> Callable:
                 # On a stop the augment task itself writes the kept splits, so no OneOf is needed here.
                 augment_task.outputs["augmented"],
             )
-        _, augmented_eval, augmented_splits = current
+        # The rule between rounds, applied once more after the last one: a last round that lowered
+        # dev macro-F1 is not the final model.
+        final = cpu(
+            c.select_final_model(
+                run_config=run_config, model=current[0], evaluation=current[1], splits=current[2],
+                reference_model=reference[0], reference_evaluation=reference[1], reference_splits=reference[2],
+            ),
+            "keep the better of the last two rounds",
+        )
+        augmented_eval, augmented_splits = final.outputs["kept_evaluation"], final.outputs["kept_splits"]
 
         comparison = cpu(
             c.compare_models(

@@ -147,3 +147,29 @@ def test_no_dev_improvement_keeps_the_reference_round(tmp_path):
     assert kept == "reference" and (tmp_path / "km" / "marker").read_text() == "reference"
     with pytest.raises(ValueError, match="only when the loop stops"):
         carry_forward(CONTINUE, (tmp_path,) * 2, (tmp_path,) * 2, (tmp_path / "x",) * 2)
+
+
+def test_select_final_keeps_the_last_round_only_if_it_improved_dev(tmp_path):
+    from ftloop.components.augment import select_final
+
+    def state(name, dev_f1, train_rows):
+        root = tmp_path / name
+        splits = {"train": [ex(i) for i in range(train_rows)], "dev": [ex(90)], "test": [ex(91)]}
+        write_splits(splits, ["returns"], root / "splits", extra={"augmentation_rounds": [{"round": 1}] if name == "r1" else []})
+        write_json(root / "eval" / "metrics.json", {"dev": {"macro_f1": dev_f1}})
+        (root / "model").mkdir()
+        (root / "model" / "which").write_text(name)
+        return root / "model", root / "eval", root / "splits"
+
+    base, worse, better = state("base", 0.5, 2), state("r1", 0.4, 5), state("r1b", 0.6, 5)
+    out = (tmp_path / "km", tmp_path / "ke", tmp_path / "ks")
+    result = select_final(worse, base, out, 0.0, rounds=1)
+    assert result["kept"] == "reference" and "0.5000 -> 0.4000" in result["reason"]
+    assert (tmp_path / "km" / "which").read_text() == "base" and len(read_splits(out[2])[0]["train"]) == 2
+    report = json.loads((out[2] / "report.json").read_text())
+    assert report["loop_stopped"]["round"] == 2 and report["augmentation_rounds"] == [{"round": 1}]
+
+    out2 = (tmp_path / "km2", tmp_path / "ke2", tmp_path / "ks2")
+    assert select_final(better, base, out2, 0.0, rounds=1)["kept"] == "current"
+    assert (tmp_path / "km2" / "which").read_text() == "r1b"
+    assert "loop_stopped" not in json.loads((out2[2] / "report.json").read_text())
