@@ -67,13 +67,17 @@ def paired_delta_ci(runs: list[dict], split: str, labels: list[str], seed: int =
     return {"mean_delta": point, "ci95": [float(np.quantile(draws, 0.025)), float(np.quantile(draws, 0.975))]}
 
 
-def run_seed(config_path: Path, seed: int, rounds: int, label_filter: str | None, workdir: Path, verbose: bool) -> dict:
+def run_seed(config_path: Path, seed: int, rounds: int, label_filter: str | None, workdir: Path, verbose: bool,
+             early_stopping: str | None = None) -> dict:
     from ftloop.components.config import load_config
     from ftloop.pipelines.local import run_local
 
     config = load_config(config_path)
     augment = {"rounds": rounds, **({"label_filter": label_filter} if label_filter else {})}
-    config = config.model_copy(update={"seed": seed, "augment": config.augment.model_copy(update=augment)})
+    update = {"seed": seed, "augment": config.augment.model_copy(update=augment)}
+    if early_stopping:
+        update["train"] = config.train.model_copy(update={"early_stopping_metric": early_stopping})
+    config = config.model_copy(update=update)
     out = workdir / f"seed-{seed}"
     started = time.monotonic()
     sink = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
@@ -118,7 +122,8 @@ def report(runs: list[dict], args: argparse.Namespace) -> str:
     labels = runs[0]["labels"]
     fmt = lambda m: f"{m['macro_f1']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]"  # noqa: E731
     lines = [
-        f"config {args.config}, rounds {args.rounds}, label filter {args.label_filter or 'as configured'}, seeds {args.seeds}",
+        f"config {args.config}, rounds {args.rounds}, label filter {args.label_filter or 'as configured'}, "
+        f"fine-tune early stopping {args.early_stopping or 'as configured'}, seeds {args.seeds}",
         "",
         "| seed | split | base | augmented | TF-IDF | delta | McNemar p (test) | train rows base -> aug | loop |",
         "|---|---|---|---|---|---:|---:|---|---|",
@@ -148,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--label-filter", choices=["tfidf", "model", "none"], default=None)
+    parser.add_argument("--early-stopping", choices=["dev_macro_f1", "dev_loss", "none"], default=None,
+                        help="override train.early_stopping_metric (e.g. 'none' to train every epoch)")
     parser.add_argument("--workdir", default="/tmp/ftloop-bench-augmentation")
     parser.add_argument("--json", help="write per-seed results (without prediction rows) here")
     parser.add_argument("--verbose", action="store_true", help="show the pipeline's own output")
@@ -156,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for seed in args.seeds:
         print(f"seed {seed}: running the local pipeline ...", file=sys.stderr, flush=True)
-        run = run_seed(Path(args.config), seed, args.rounds, args.label_filter, Path(args.workdir), args.verbose)
+        run = run_seed(Path(args.config), seed, args.rounds, args.label_filter, Path(args.workdir), args.verbose,
+                       args.early_stopping)
         print(f"seed {seed}: done in {run['seconds']} s", file=sys.stderr, flush=True)
         runs.append(run)
     text = report(runs, args)

@@ -65,6 +65,9 @@ class OkareoConfig(_Section):
     name_prefix: str = "ftloop"
     max_retries: Annotated[int, Field(ge=0, le=10)] = 4
     backoff_seconds: Annotated[float, Field(ge=0)] = 2.0
+    timeout_seconds: Annotated[float, Field(gt=0)] = Field(
+        default=120.0, description="Per HTTP request (the SDK itself sets none; generation calls can be slow)."
+    )
     upload_eval: bool = Field(default=False, description="Also upload the splits as scenarios and report predictions as test runs.")
     secret_name: str = Field(default="okareo", description="Kubernetes secret (key 'api-key') that becomes OKAREO_API_KEY on the cluster.")
 

@@ -13,14 +13,16 @@ Scenario names carry a hash of their content: the SDK returns an existing
 scenario for a reused name, which is then the same data, never stale data.
 
 The key comes from ``OKAREO_API_KEY`` only (never a config field or pipeline
-parameter). 429 and 5xx answers and network errors are retried with
-exponential backoff; other errors fail at once with the server's message.
+parameter). 429 and 5xx answers, timeouts (``timeout_seconds`` per request:
+the SDK sets none) and network errors are retried with exponential backoff;
+other errors fail at once with the server's message.
 A generation that yields zero rows (the SDK warns and returns no scenario id)
 gives zero rows, counted in ``stats``.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -90,12 +92,21 @@ class OkareoSession:
     @property
     def client(self):
         if self._client is None:
-            from okareo import Okareo
+            import httpx
+            import okareo.okareo as sdk
 
             kwargs: dict[str, Any] = {"project": self.cfg.project}
             if self.cfg.base_url:
                 kwargs["base_path"] = self.cfg.base_url.rstrip("/")
-            self._client = self.call("connect (GET /v0/projects)", Okareo, self._key, **kwargs)
+            # The SDK does not pass a timeout to its HTTP client (notes/okareo.md §3e), and its constructor
+            # already makes a request: give the client class it builds a timeout for the time of the call.
+            timeout = httpx.Timeout(self.cfg.timeout_seconds)
+            plain = sdk.Client
+            sdk.Client = functools.partial(plain, timeout=timeout)
+            try:
+                self._client = self.call("connect (GET /v0/projects)", sdk.Okareo, self._key, **kwargs)
+            finally:
+                sdk.Client = plain
         return self._client
 
     def scenario(self, name: str, rows: list[tuple[Any, Any]]):

@@ -139,3 +139,17 @@ def test_cli_stage_without_key_exits_cleanly(tmp_path, monkeypatch):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "OKAREO_API_KEY is not set" in result.stderr
+
+
+def test_a_hanging_server_times_out_and_is_retried(server):
+    server.faults = [None, ("sleep", 1.5)]  # the scenario upload hangs once
+    gen = make_generator("okareo", okareo_config(server, timeout_seconds=0.3))
+    assert len(gen.questions(ARTICLES, 1)) == 2
+    assert gen.stats["retries"] == 1
+    assert [p for p in paths(server)].count(("POST", "scenario_sets")) == 2
+
+
+def test_a_server_that_keeps_hanging_ends_in_a_clear_error(server):
+    server.faults = [("sleep", 1.0)] * 3
+    with pytest.raises(GeneratorError, match=r"okareo connect \(GET /v0/projects\): gave up after 3 tries: ReadTimeout"):
+        make_generator("okareo", okareo_config(server, timeout_seconds=0.2)).questions(ARTICLES, 1)
