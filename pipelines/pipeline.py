@@ -13,7 +13,7 @@ from kfp.dsl import Artifact, Dataset, PipelineTask
 
 from ftloop.components import kfp_components as c
 from ftloop.components.config import RunConfig
-from ftloop.pipelines.k8s import configure_cpu_task, configure_gpu_task, quiet_ml_env
+from ftloop.pipelines.k8s import backend_of, configure_cpu_task, configure_gpu_task, configure_llm_task, quiet_ml_env
 
 
 def build_pipeline(config: RunConfig, for_cluster: bool = False) -> Callable:
@@ -28,6 +28,10 @@ def build_pipeline(config: RunConfig, for_cluster: bool = False) -> Callable:
         quiet_ml_env(task)
         return configure_gpu_task(task, config.cluster) if for_cluster else task
 
+    def llm(task: PipelineTask, section: object) -> PipelineTask:
+        # Remote generators (e.g. okareo): no caching, retries, the API key from a Secret.
+        return configure_llm_task(task, config.cluster, backend_of(section)) if for_cluster else task
+
     @dsl.pipeline(
         name=config.name,
         description="ftloop: generate, split, format, LoRA fine-tune, evaluate, augment from errors, retrain, compare.",
@@ -37,6 +41,8 @@ def build_pipeline(config: RunConfig, for_cluster: bool = False) -> Callable:
         source = dsl.importer(artifact_uri=source_uri, artifact_class=Dataset, reimport=False)
         source.set_display_name("source data")
         examples = cpu(c.prepare_examples(run_config=run_config, source=source.output), "generate questions" if config.data.articles else "import questions")
+        if config.data.articles:
+            llm(examples, config.generate)
         splits = cpu(c.split_examples(run_config=run_config, examples=examples.output), "split (grouped, stratified)")
         formatted = cpu(c.format_chat(run_config=run_config, splits=splits.output), "format chat data")
 
@@ -51,6 +57,7 @@ def build_pipeline(config: RunConfig, for_cluster: bool = False) -> Callable:
             c.augment_from_errors(run_config=run_config, splits=splits.output, evaluation=base_eval.outputs["results"]),
             "augment from errors",
         )
+        llm(augmented_splits, config.augment)
         augmented_formatted = cpu(c.format_chat(run_config=run_config, splits=augmented_splits.output), "format augmented data")
         augmented_model = gpu(c.finetune(run_config=run_config, formatted=augmented_formatted.output), "fine-tune augmented")
         # Same rows as the base evaluation, so the two models are compared pairwise.
