@@ -90,8 +90,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     result = submit_run(config, _target(args, config.cluster), run_name=args.run_name,
-                        images=_images(args), source_uri=args.source_uri)
-    print(f"submitted run {result['run_id']} (experiment {result['experiment_id']})")
+                        images=_images(args), source_uri=args.source_uri, skip_existing=args.skip_existing)
+    if result["skipped"]:
+        print(f"run '{result['run_name']}' already exists ({result['run_id']}); nothing submitted")
+    else:
+        print(f"submitted run {result['run_id']} '{result['run_name']}' (experiment {result['experiment_id']})")
     return 0
 
 
@@ -169,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     submit = sub.add_parser("submit", help="compile a config's cluster pipeline and start a run on Kubeflow Pipelines")
     _add_cluster_args(submit)
-    submit.add_argument("--run-name", help="run display name (default: the config's name)")
+    submit.add_argument("--run-name", help="run display name (default: the config's name; with --skip-existing NAME-<config hash>)")
+    submit.add_argument("--skip-existing", action="store_true",
+                        help="submit nothing if the experiment already has a run of this name (idempotent GitOps hook)")
     submit.set_defaults(func=cmd_submit)
 
     schedule = sub.add_parser("schedule", help="create a recurring run of a config's cluster pipeline (cron)")

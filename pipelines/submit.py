@@ -16,6 +16,8 @@ Every failure a user can cause (bad host, server down, HTTP error, bad cron) is 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import tempfile
@@ -136,23 +138,47 @@ def _prepare(config: RunConfig, images: dict[str, str] | None, source_uri: str |
     return config, package, arguments
 
 
+def content_run_name(config: RunConfig, arguments: dict) -> str:
+    """``NAME-<10 hex>``: the same resolved config and data URI always give the same run name."""
+    digest = hashlib.sha256(json.dumps(arguments, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{config.name}-{digest}"
+
+
+def _existing_run(client, experiment_id: str, run_name: str, where: str) -> str | None:
+    predicate = {"predicates": [{"key": "display_name", "operation": "EQUALS", "string_value": run_name}]}
+    response = _call(lambda: client.list_runs(experiment_id=experiment_id, page_size=1, filter=json.dumps(predicate)), where)
+    runs = response.runs or []
+    return runs[0].run_id if runs else None
+
+
 def submit_run(config: RunConfig, target: Target, run_name: str | None = None,
-               images: dict[str, str] | None = None, source_uri: str | None = None) -> dict:
-    """Compile the config's cluster pipeline and start one run; returns ids for the caller to print."""
+               images: dict[str, str] | None = None, source_uri: str | None = None,
+               skip_existing: bool = False) -> dict:
+    """Compile the config's cluster pipeline and start one run; returns ids for the caller to print.
+
+    With ``skip_existing`` the run is named after the resolved config (unless ``run_name`` is
+    given) and nothing is submitted when the experiment already has a run of that name: a
+    GitOps re-sync of an unchanged config starts no second run.
+    """
     with tempfile.TemporaryDirectory(prefix="ftloop-submit-") as workdir:
         config, package, arguments = _prepare(config, images, source_uri, workdir)
+        name = run_name or (content_run_name(config, arguments) if skip_existing else config.name)
         client = make_client(target)
         where = client._existing_config.host
         experiment = _call(lambda: client.create_experiment(name=target.experiment, namespace=target.namespace), where)
+        if skip_existing:
+            existing = _existing_run(client, experiment.experiment_id, name, where)
+            if existing:
+                return {"run_id": existing, "experiment_id": experiment.experiment_id, "run_name": name, "skipped": True}
         result = _call(
             lambda: client.create_run_from_pipeline_package(
-                str(package), arguments=arguments, run_name=run_name or config.name,
+                str(package), arguments=arguments, run_name=name,
                 experiment_id=experiment.experiment_id, namespace=target.namespace,
                 pipeline_root=config.cluster.pipeline_root, service_account=target.service_account,
             ),
             where,
         )
-    return {"run_id": result.run_id, "experiment_id": experiment.experiment_id}
+    return {"run_id": result.run_id, "experiment_id": experiment.experiment_id, "run_name": name, "skipped": False}
 
 
 # KFP recurring runs use robfig/cron with a leading seconds field: "sec min hour dom month dow".

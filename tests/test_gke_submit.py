@@ -21,10 +21,11 @@ SOURCE = "gs://ftloop-data/webbizz/articles.jsonl"
 class KfpStub:
     """Answers the v2beta1 endpoints kfp.Client calls; records every request."""
 
-    def __init__(self, fail: dict | None = None, experiments: list | None = None):
+    def __init__(self, fail: dict | None = None, experiments: list | None = None, runs: list | None = None):
         self.requests: list[dict] = []
         self.fail = fail or {}  # (method, path) -> HTTP status
         self.experiments = experiments or []
+        self.runs = runs or []  # existing runs, filtered by display_name like the API server
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -40,7 +41,12 @@ class KfpStub:
                 status = stub.fail.get((method, url.path))
                 if status:
                     return self._send(status, {"error": "stub says no", "code": status})
+                listed = stub.runs
+                if method == "GET" and url.path == "/apis/v2beta1/runs" and "filter" in parse_qs(url.query):
+                    wanted = json.loads(parse_qs(url.query)["filter"][0])["predicates"][0]["string_value"]
+                    listed = [r for r in stub.runs if r["display_name"] == wanted]
                 routes = {
+                    ("GET", "/apis/v2beta1/runs"): {"runs": listed, "total_size": len(listed)},
                     ("GET", "/apis/v2beta1/healthz"): {"multi_user": False},
                     ("GET", "/apis/v2beta1/experiments"): {"experiments": stub.experiments, "total_size": len(stub.experiments)},
                     ("POST", "/apis/v2beta1/experiments"): {"experiment_id": "exp-123", **(body or {})},
@@ -95,7 +101,7 @@ def test_submit_creates_experiment_and_run_with_the_run_config(tmp_path):
                         "--experiment", "webbizz", "--run-name", "retrain-abc123", "--source-uri", SOURCE,
                         "--image", "cpu=reg/ftloop-cpu:abc123", "--image", "gpu=reg/ftloop-gpu:abc123", home=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "submitted run run-456 (experiment exp-123)" in result.stdout
+    assert "submitted run run-456 'retrain-abc123' (experiment exp-123)" in result.stdout
     paths = [(r["method"], r["path"]) for r in kfp.requests]
     assert ("GET", "/apis/v2beta1/healthz") in paths
     lookup = next(r for r in kfp.requests if r["method"] == "GET" and r["path"] == "/apis/v2beta1/experiments")
@@ -128,6 +134,24 @@ def test_an_existing_experiment_is_reused(tmp_path):
     assert kfp.posted("/apis/v2beta1/experiments") == []
     [run] = kfp.posted("/apis/v2beta1/runs")
     assert run["experiment_id"] == "exp-old"
+
+
+def test_skip_existing_submits_once_per_config(tmp_path):
+    """The GitOps hook: a re-sync with an unchanged config finds its run by name and submits nothing."""
+    args = ["submit", "--config", str(REPO / "manifests" / "gitops" / "retrain" / "run.yaml"), "--skip-existing",
+            "--images-from", str(REPO / "manifests" / "gitops" / "retrain" / "build.json")]
+    with KfpStub() as kfp:
+        first = ftloop(*args, "--host", kfp.url, home=tmp_path)
+        assert first.returncode == 0, first.stderr
+        [run] = kfp.posted("/apis/v2beta1/runs")
+        assert run["display_name"].startswith("webbizz-phi3-") and len(run["display_name"]) == len("webbizz-phi3-") + 10
+        kfp.runs.append({"run_id": "run-456", "display_name": run["display_name"]})
+        again = ftloop(*args, "--host", kfp.url, home=tmp_path)
+        changed = ftloop(*args, "--host", kfp.url, "--source-uri", "gs://my-project-ftloop/data/v2.jsonl", home=tmp_path)
+    assert again.returncode == 0 and "already exists (run-456); nothing submitted" in again.stdout
+    assert changed.returncode == 0 and "submitted run" in changed.stdout
+    names = [r["display_name"] for r in kfp.posted("/apis/v2beta1/runs")]
+    assert len(names) == 2 and names[0] != names[1]
 
 
 def test_schedule_creates_a_recurring_run(tmp_path):
