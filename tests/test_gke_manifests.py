@@ -97,7 +97,7 @@ def _validator(kind):
     jsonschema = pytest.importorskip("jsonschema")
     path = SCHEMAS / CR_SCHEMAS.get(kind, "-")
     if not path.is_file():
-        pytest.skip(f"no schema for {kind} in {SCHEMAS} : not schema-validated")
+        pytest.skip(f"no schema for {kind} in {SCHEMAS}; not schema-validated")
     return jsonschema.Draft7Validator(json.loads(path.read_text()))
 
 
