@@ -78,6 +78,9 @@ class ModelConfig(_Section):
         default=None, description="Hub commit to pin; required for hub ids, ignored for local paths."
     )
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    # nf4 = QLoRA (4-bit NF4 base, double quantization, bf16 compute). Needs CUDA and bitsandbytes;
+    # bf16 LoRA is the default because Phi-3-mini fits an L4 unquantized (notes/finetune.md §7).
+    quantization: Literal["none", "nf4"] = "none"
 
 
 class LoraConfig(_Section):
@@ -97,7 +100,25 @@ class TrainConfig(_Section):
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     gradient_checkpointing: bool = False
+    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
     logging_steps: PositiveInt = 10
+    # Dev-set evaluation during training: the best checkpoint by this metric is kept,
+    # and training stops after `early_stopping_patience` evaluations without improvement.
+    early_stopping_metric: Literal["dev_macro_f1", "dev_loss", "none"] = "dev_macro_f1"
+    early_stopping_patience: PositiveInt = 3
+    eval_every_steps: PositiveInt | None = Field(
+        default=None, description="Evaluate (and checkpoint) every N optimizer steps; default: every epoch."
+    )
+    checkpoint_uri: str | None = Field(
+        default=None,
+        description="Directory or gs:// prefix that checkpoints are mirrored to as they are written; "
+        "a rerun of the same training (e.g. a retry after a Spot preemption) resumes from the newest one. "
+        "Unset: checkpoints stay in a temporary directory and nothing can resume.",
+    )
+    keep_checkpoints: Annotated[int, Field(ge=1, le=20)] = 2
+    export_merged: bool = Field(
+        default=False, description="Also write the adapter merged into the base weights (merged/), for serving."
+    )
 
     @model_validator(mode="after")
     def _effective_batch(self) -> "TrainConfig":
@@ -111,6 +132,8 @@ class EvalConfig(_Section):
     # label_scoring: one batched forward pass, a probability per label, never invalid.
     # generate: the published generate-and-parse method, for parity; reports its invalid rate.
     mode: Literal["label_scoring", "generate"] = "label_scoring"
+    # Score with the merged export (train.export_merged) instead of base + adapter.
+    use_merged: bool = False
     batch_size: PositiveInt = 32
     max_new_tokens: PositiveInt = 8
 
@@ -242,6 +265,11 @@ def load_config(path: str | Path) -> RunConfig:
         ref = model.get("name_or_path")
         if isinstance(ref, str) and ref.startswith((".", "/")):
             model["name_or_path"] = str((base / ref).resolve())
+    train = raw.get("train")
+    if isinstance(train, dict):
+        ref = train.get("checkpoint_uri")
+        if isinstance(ref, str) and ref and "://" not in ref:
+            train["checkpoint_uri"] = str((base / ref).resolve())
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:

@@ -48,8 +48,9 @@ def read_model_meta(model_dir: str | Path) -> dict[str, Any]:
         raise FtloopError(f"{path}: not valid JSON: {exc.msg}") from None
 
 
-def load_for_inference(model_dir: str | Path, base_model: str | None = None):
-    """Base model (loaded by the same rules as for training) + the trained adapter, in eval mode.
+def load_for_inference(model_dir: str | Path, base_model: str | None = None, merged: bool = False):
+    """The trained model in eval mode: the base (loaded by the same rules as for training) plus the adapter,
+    or, with ``merged``, the merged export written by ``train.export_merged``.
 
     ``base_model`` overrides the recorded base path, for when the base was built
     or mounted at a different path than during training (e.g. another KFP step).
@@ -61,12 +62,25 @@ def load_for_inference(model_dir: str | Path, base_model: str | None = None):
     meta = read_model_meta(model_dir)
     base = meta["base_model"]
     with quiet_progress_bars(), peft_deprecation_silenced():
-        model = load_base_model(base_model or base["name_or_path"], base.get("revision"), base.get("dtype", "auto"))
-        model = PeftModel.from_pretrained(model, str(model_dir), is_trainable=False)
+        if merged:
+            from ftloop.components.model_export import MERGED_DIR
+
+            if not (model_dir / MERGED_DIR).is_dir():
+                raise FtloopError(
+                    f"eval.use_merged is set but {model_dir} has no {MERGED_DIR}/ export; "
+                    "train with train.export_merged: true"
+                )
+            model = load_base_model(str(model_dir / MERGED_DIR), None, meta.get("merged", {}).get("dtype", base.get("dtype", "auto")))
+        else:
+            model = load_base_model(
+                base_model or base["name_or_path"], base.get("revision"), base.get("dtype", "auto"),
+                base.get("quantization", "none"),
+            )
+            model = PeftModel.from_pretrained(model, str(model_dir), is_trainable=False)
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     model.eval()
-    if torch.cuda.is_available():
-        model.to("cuda")
+    if torch.cuda.is_available() and (merged or base.get("quantization", "none") == "none"):
+        model.to("cuda")  # a 4-bit base is placed on the GPU while loading
     return model, tokenizer
 
 
@@ -235,7 +249,7 @@ def evaluate_model(
             f"{formatted_dir / 'labels.json'} lists {labels} but the model in {model_dir} was trained on {meta['labels']}"
         )
     splits = {split: read_split(formatted_dir, split, labels) for split in SPLITS}
-    model, tokenizer = load_for_inference(model_dir, _base_override(config, meta))
+    model, tokenizer = load_for_inference(model_dir, _base_override(config, meta), merged=config.eval.use_merged)
 
     with cpu_threads_for(model):
         if config.eval.mode == "generate":

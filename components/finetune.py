@@ -22,7 +22,7 @@ from torch import nn
 
 from ftloop.components.config import RunConfig
 from ftloop.components.errors import FtloopError
-from ftloop.components.records import read_json, read_jsonl, write_json
+from ftloop.components.records import content_hash, read_json, read_jsonl, write_json
 
 MODEL_META = "ftloop_model.json"
 Progress = Callable[[str], None]
@@ -128,12 +128,33 @@ def check_model_ref(name_or_path: str) -> None:
         )
 
 
-def load_base_model(name_or_path: str, revision: str | None, dtype_spec: str) -> torch.nn.Module:
+def quantization_config(quantization: str):
+    """QLoRA's NF4 settings (double quantization, bf16 compute and storage), or None for unquantized weights."""
+    if quantization == "none":
+        return None
+    if quantization != "nf4":
+        raise FtloopError(f"model.quantization: unsupported value {quantization!r}")
+    if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
+        raise FtloopError("model.quantization: nf4 needs a CUDA GPU and the bitsandbytes package (the GPU image has both)")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_quant_storage=torch.bfloat16,
+    )
+
+
+def load_base_model(name_or_path: str, revision: str | None, dtype_spec: str, quantization: str = "none") -> torch.nn.Module:
     """Load the causal LM exactly as a hub model would be loaded: safetensors only, no remote code."""
     from transformers import AutoModelForCausalLM
 
     check_model_ref(name_or_path)
-    dtype = resolve_dtype(dtype_spec)
+    quant = quantization_config(quantization)
+    dtype = torch.bfloat16 if quant is not None else resolve_dtype(dtype_spec)
+    extra = {"quantization_config": quant, "device_map": {"": 0}} if quant is not None else {}
     try:
         return AutoModelForCausalLM.from_pretrained(
             name_or_path,
@@ -142,6 +163,7 @@ def load_base_model(name_or_path: str, revision: str | None, dtype_spec: str) ->
             attn_implementation=attn_implementation(dtype),
             trust_remote_code=False,
             use_safetensors=True,
+            **extra,
         )
     except OSError as exc:
         raise FtloopError(f"cannot load base model {name_or_path!r}: {exc}") from None
@@ -280,38 +302,130 @@ def _checkpointing_args(config_cls: type, enabled: bool) -> dict[str, bool]:
     return {"gradient_checkpointing": enabled}
 
 
+def _evaluation_args(config: RunConfig, has_dev: bool) -> dict[str, Any]:
+    """Evaluate on dev and checkpoint at the same cadence, so the best checkpoint by the dev metric can be kept."""
+    train = config.train
+    strategy = "steps" if train.eval_every_steps else "epoch"
+    cadence = {"save_strategy": strategy, "save_total_limit": train.keep_checkpoints, "save_only_model": False}
+    if train.eval_every_steps:
+        cadence["save_steps"] = train.eval_every_steps
+    if train.early_stopping_metric == "none" or not has_dev:
+        return {**cadence, "eval_strategy": "no", "load_best_model_at_end": False}
+    if train.eval_every_steps:
+        cadence["eval_steps"] = train.eval_every_steps
+    metric, greater = ("eval_macro_f1", True) if train.early_stopping_metric == "dev_macro_f1" else ("eval_loss", False)
+    return {
+        **cadence,
+        "eval_strategy": strategy,
+        "load_best_model_at_end": True,
+        "metric_for_best_model": metric,
+        "greater_is_better": greater,
+    }
+
+
+def _dev_scoring_trainer(base: type, labels: list[str], dev_rows: list[dict[str, Any]], batch_size: int) -> type:
+    """SFTTrainer whose evaluation also label-scores the dev split, so early stopping can watch macro-F1.
+
+    Dev loss covers only the label tokens and can keep falling while the argmax
+    label stops changing; macro-F1 is the number the run is judged on.
+    """
+    from sklearn.metrics import f1_score
+
+    from ftloop.components.evaluate import score_labels
+
+    prompts = [r["prompt"] for r in dev_rows]
+    gold = [r["label"] for r in dev_rows]
+
+    class DevScoringSFTTrainer(base):
+        def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                probabilities = score_labels(self.model, self.processing_class, prompts, labels, batch_size)
+            finally:
+                self.model.train(was_training)
+            predicted = [max(p, key=p.get) for p in probabilities]
+            output.metrics[f"{metric_key_prefix}_macro_f1"] = float(
+                f1_score(gold, predicted, labels=labels, average="macro", zero_division=0)
+            )
+            output.metrics[f"{metric_key_prefix}_accuracy"] = sum(p == g for p, g in zip(predicted, gold)) / len(gold)
+            return output
+
+    return DevScoringSFTTrainer
+
+
+def _fits(tokenizer, rows: list[dict[str, Any]], max_length: int) -> tuple[list[dict[str, Any]], int]:
+    """Rows whose whole conversation fits max_length, and the longest such row in tokens.
+
+    Truncation would cut the answer off (TRL keeps the start), leaving a row with no loss.
+    """
+    kept, longest = [], 0
+    for row in rows:
+        n = len(chat_token_ids(tokenizer, row["prompt"] + row["completion"]))
+        if n <= max_length:
+            kept.append(row)
+            longest = max(longest, n)
+    return kept, longest
+
+
 def build_trainer(
-    config: RunConfig, formatted_dir: str | Path, output_dir: str | Path, progress: Progress = print
+    config: RunConfig,
+    formatted_dir: str | Path,
+    output_dir: str | Path,
+    progress: Progress = print,
+    callbacks: list[Any] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
-    """The configured SFTTrainer and facts about its inputs, before training; split out so tests can inspect it."""
+    """The configured SFTTrainer and facts about its inputs, before training; split out so tests can inspect it.
+
+    ``output_dir`` is where the trainer writes its checkpoints.
+    """
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import PrinterCallback, set_seed
+    from transformers import AutoConfig, EarlyStoppingCallback, PrinterCallback, set_seed
     from trl import SFTConfig, SFTTrainer
+
+    from ftloop.components.preflight import describe, detect_device, preflight
 
     formatted_dir, output_dir = Path(formatted_dir), Path(output_dir)
     labels = read_labels(formatted_dir)
     rows = read_split(formatted_dir, "train", labels)
     if not rows:
         raise FtloopError(f"{formatted_dir / 'train.jsonl'}: the train split is empty")
+    dev_rows = read_split(formatted_dir, "dev", labels) if (formatted_dir / "dev.jsonl").exists() else []
 
     set_seed(config.seed)
-    name = config.model.name_or_path
+    name, train = config.model.name_or_path, config.train
     tokenizer = load_tokenizer(name, config.model.revision)
-    model = load_base_model(name, config.model.revision, config.model.dtype)
-    targets = resolve_target_modules(model, config.lora.target_modules)
-
-    train = config.train
-    # Truncation would cut the answer off (TRL keeps the start), leaving a row with no loss:
-    # drop such rows visibly instead.
-    kept = [r for r in rows if len(chat_token_ids(tokenizer, r["prompt"] + r["completion"])) <= train.max_length]
+    kept, longest = _fits(tokenizer, rows, train.max_length)
     if len(kept) < len(rows):
         progress(f"warning: dropped {len(rows) - len(kept)} train rows longer than train.max_length={train.max_length} tokens")
     if not kept:
         raise FtloopError(f"every train row is longer than train.max_length={train.max_length} tokens")
     rows = kept
+    dev_rows, _ = _fits(tokenizer, dev_rows, train.max_length)
+    if train.early_stopping_metric != "none" and not dev_rows:
+        progress("warning: no dev rows, so no dev evaluation or early stopping")
+
+    check_model_ref(name)
+    try:
+        model_config = AutoConfig.from_pretrained(
+            name, revision=None if _is_local(name) else config.model.revision, trust_remote_code=False
+        )
+    except OSError as exc:
+        raise FtloopError(f"cannot load the config of base model {name!r}: {exc}") from None
+    dtype = resolve_dtype(config.model.dtype)
+    from ftloop.components.preflight import _meta_model
+
+    targets = resolve_target_modules(_meta_model(model_config), config.lora.target_modules)
+    sized = config.model_copy(update={"train": train.model_copy(update={"max_length": longest})})
+    report = preflight(sized, model_config, targets, detect_device(), dtype)
+    progress(describe(report))
+    model = load_base_model(name, config.model.revision, config.model.dtype, config.model.quantization)
+
     # With FlashAttention the batch is flattened without pad tokens (TRL's padding-free mode);
-    # TRL then wants max_length=None, which the filter above makes safe.
+    # TRL then wants max_length=None, which the length filter above makes safe. Otherwise
+    # rows of similar length are batched together so dynamic padding wastes little.
     padding_free = model.config._attn_implementation.startswith("flash_attention")
     use_cuda = torch.cuda.is_available()
     args = SFTConfig(
@@ -319,16 +433,20 @@ def build_trainer(
         num_train_epochs=train.epochs,
         learning_rate=train.learning_rate,
         per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.batch_size,
         gradient_accumulation_steps=train.gradient_accumulation_steps,
         max_length=None if padding_free else train.max_length,
         padding_free=padding_free,
+        train_sampling_strategy="random" if padding_free else "group_by_length",
         warmup_steps=train.warmup_ratio,  # transformers 5: a float < 1 is a ratio of total steps
         weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
         lr_scheduler_type=train.lr_scheduler,
         **_checkpointing_args(SFTConfig, train.gradient_checkpointing),
+        **_evaluation_args(config, bool(dev_rows)),
         logging_steps=train.logging_steps,
         logging_first_step=True,
-        bf16=cuda_bf16(),
+        bf16=dtype == torch.bfloat16 and use_cuda,
         fp16=False,
         use_cpu=not use_cuda,
         seed=config.seed,
@@ -336,8 +454,6 @@ def build_trainer(
         completion_only_loss=True,
         packing=False,
         report_to=[],
-        save_strategy="no",
-        eval_strategy="no",
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
@@ -349,18 +465,50 @@ def build_trainer(
         bias="none",
         task_type="CAUSAL_LM",
     )
-    dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+
+    def as_dataset(items):
+        return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in items])
+
+    trainer_cls = SFTTrainer
+    all_callbacks = [_progress_callback(progress), *(callbacks or [])]
+    if args.eval_strategy != "no":
+        all_callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
+        if train.early_stopping_metric == "dev_macro_f1":
+            trainer_cls = _dev_scoring_trainer(SFTTrainer, labels, dev_rows, config.eval.batch_size)
     with peft_deprecation_silenced():
-        trainer = SFTTrainer(
+        trainer = trainer_cls(
             model=model,
             args=args,
-            train_dataset=dataset,
+            train_dataset=as_dataset(rows),
+            eval_dataset=as_dataset(dev_rows) if args.eval_strategy != "no" else None,
             processing_class=tokenizer,
             peft_config=peft_config,
-            callbacks=[_progress_callback(progress)],
+            callbacks=all_callbacks,
         )
     trainer.remove_callback(PrinterCallback)  # it would print every raw log dict
-    return trainer, {"labels": labels, "n_train_rows": len(rows), "target_modules": targets}
+    info = {
+        "labels": labels,
+        "n_train_rows": len(rows),
+        "n_dev_rows": len(dev_rows),
+        "target_modules": targets,
+        "preflight": report,
+        "padding_free": padding_free,
+    }
+    return trainer, info
+
+
+def _peak_memory() -> dict[str, int]:
+    import resource
+
+    out = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if torch.cuda.is_available():
+        out["peak_gpu_memory_bytes"] = int(torch.cuda.max_memory_allocated())
+    return out
+
+
+def _dev_history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    keys = ("epoch", "step", "eval_loss", "eval_macro_f1", "eval_accuracy")
+    return [{k: e[k] for k in keys if k in e} for e in log_history if "eval_loss" in e]
 
 
 def finetune(
@@ -369,51 +517,101 @@ def finetune(
     output_dir: str | Path,
     progress: Progress = print,
 ) -> dict[str, Any]:
-    """Train a LoRA adapter; write adapter, tokenizer and ftloop_model.json; return that metadata."""
-    start = time.perf_counter()
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    with quiet_progress_bars():
-        trainer, info = build_trainer(config, formatted_dir, output_dir, progress)
-        trainable, total = trainer.model.get_nb_trainable_parameters()
-        progress(
-            f"train {info['n_train_rows']} rows on {device_description()}: LoRA r={config.lora.r} on "
-            f"{', '.join(info['target_modules'])} ({trainable:,} of {total:,} params trainable)"
-        )
-        with cpu_threads_for(trainer.model):
-            result = trainer.train()
-        trainer.model.save_pretrained(str(output_dir))
-        trainer.processing_class.save_pretrained(str(output_dir))
+    """Train a LoRA adapter (resuming from a mirrored checkpoint if there is one); write the model artifact.
 
-    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    The artifact holds the adapter and tokenizer, ftloop_model.json (metadata),
+    README.md (the model card) and, when asked for, merged/ (adapter merged into the base).
+    """
+    import shutil
+    import tempfile
+
+    from ftloop.components.checkpoints import mirror_callback, open_store, restore_latest, training_fingerprint
+    from ftloop.components.model_export import export_merged, write_model_card
+
+    start = time.perf_counter()
+    formatted_dir, output_dir = Path(formatted_dir), Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    inputs = [formatted_dir / "labels.json", formatted_dir / "train.jsonl"]
+    inputs += [formatted_dir / "dev.jsonl"] if (formatted_dir / "dev.jsonl").exists() else []
+    data_sha256 = content_hash(inputs)
+    fingerprint = training_fingerprint(config, data_sha256)
+    store = open_store(config.train.checkpoint_uri, fingerprint) if config.train.checkpoint_uri else None
+    staging = Path(tempfile.mkdtemp(prefix="ftloop-checkpoints-"))
+    try:
+        with quiet_progress_bars():
+            callbacks = [mirror_callback(store, progress)] if store else []
+            trainer, info = build_trainer(config, formatted_dir, staging, progress, callbacks)
+            resume = restore_latest(store, staging, progress) if store else None
+            trainable, total = trainer.model.get_nb_trainable_parameters()
+            progress(
+                f"train {info['n_train_rows']} rows on {device_description()}: LoRA r={config.lora.r} on "
+                f"{', '.join(info['target_modules'])} ({trainable:,} of {total:,} params trainable)"
+            )
+            with cpu_threads_for(trainer.model):
+                result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            trainer.model.save_pretrained(str(output_dir))
+            trainer.processing_class.save_pretrained(str(output_dir))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    state = trainer.state
+    logged = [entry for entry in state.log_history if "loss" in entry]
     last = logged[-1] if logged else {}
+    stopped_early = state.global_step < state.max_steps
     meta: dict[str, Any] = {
         "format": "ftloop-lora-adapter/1",
         "base_model": {
             "name_or_path": config.model.name_or_path,
             "revision": None if _is_local(config.model.name_or_path) else config.model.revision,
             "dtype": config.model.dtype,
+            "quantization": config.model.quantization,
         },
         "labels": info["labels"],
         "target_modules": info["target_modules"],
         "lora": {"r": config.lora.r, "alpha": config.lora.alpha, "dropout": config.lora.dropout},
         "train": config.train.model_dump(),
         "seed": config.seed,
+        "data_sha256": data_sha256,
+        "training_fingerprint": fingerprint,
         "n_train_rows": info["n_train_rows"],
+        "n_dev_rows": info["n_dev_rows"],
         "train_loss": float(result.training_loss),
         "final_loss": float(last["loss"]) if "loss" in last else None,
         "final_token_accuracy": float(last["mean_token_accuracy"]) if "mean_token_accuracy" in last else None,
         "tokens_seen": int(last["num_tokens"]) if "num_tokens" in last else None,
-        "steps": int(result.global_step),
+        "steps": int(state.global_step),
+        "max_steps": int(state.max_steps),
+        "epochs_completed": round(float(state.epoch or 0.0), 3),
+        "stopped_early": stopped_early,
+        "resumed_from": resume.name if resume else None,
+        "dev": {
+            "metric": config.train.early_stopping_metric,
+            "best_metric": state.best_metric,
+            "best_step": getattr(state, "best_global_step", None),
+            "history": _dev_history(state.log_history),
+        },
+        "checkpoints": store.uri if store else None,
         "train_runtime_s": round(float(result.metrics.get("train_runtime", 0.0)), 3),
-        "wall_time_s": round(time.perf_counter() - start, 3),
+        "wall_time_s": None,
         "device": device_description(),
+        "preflight": info["preflight"],
+        "padding_free": info["padding_free"],
         "bf16": bool(trainer.args.bf16),
         "attn_implementation": trainer.model.get_base_model().config._attn_implementation,
         "trainable_params": int(trainable),
         "total_params": int(total),
+        **_peak_memory(),
         "versions": library_versions(),
     }
+    if stopped_early:
+        progress(f"stopped early at step {state.global_step}/{state.max_steps}: no dev improvement in "
+                 f"{config.train.early_stopping_patience} evaluations")
+    if state.best_metric is not None:
+        progress(f"kept the best checkpoint: step {meta['dev']['best_step']}, {config.train.early_stopping_metric} {state.best_metric:.4f}")
+    if config.train.export_merged:
+        meta["merged"] = export_merged(output_dir, meta, progress)
+    meta["wall_time_s"] = round(time.perf_counter() - start, 3)
+    write_model_card(output_dir, meta)
     write_json(output_dir / MODEL_META, meta)
     progress(f"train done: mean loss {meta['train_loss']:.3f}, {meta['steps']} steps in {meta['wall_time_s']:.1f}s")
     return meta

