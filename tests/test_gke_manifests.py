@@ -150,10 +150,14 @@ def test_overlays_differ_where_they_should(rendered):
     assert by_kind(rendered["manifests/overlays/prod"], "StorageBucket")[0]["spec"]["versioning"] == {"enabled": True}
 
 
-def test_bucket_expires_pipeline_artifacts_only(rendered):
+def test_bucket_expires_artifacts_and_checkpoints_but_not_data_or_the_model_cache(rendered):
     [bucket] = by_kind(rendered["manifests/base"], "StorageBucket")
     delete_rules = [r for r in bucket["spec"]["lifecycleRule"] if r["action"]["type"] == "Delete"]
-    assert delete_rules and all(r["condition"].get("matchesPrefix") == ["pipeline-root/"] for r in delete_rules)
+    prefixes = {p for r in delete_rules for p in r["condition"]["matchesPrefix"]}
+    assert prefixes == {"pipeline-root/", "checkpoints/"}
+    config = load_config(REPO / "manifests" / "gitops" / "retrain" / "run.yaml")
+    assert config.train.checkpoint_uri == f"gs://{bucket['metadata']['name']}/checkpoints"
+    assert config.cluster.pipeline_root == f"gs://{bucket['metadata']['name']}/pipeline-root"
     assert bucket["spec"]["uniformBucketLevelAccess"] is True and bucket["spec"]["publicAccessPrevention"] == "enforced"
 
 
