@@ -16,6 +16,7 @@ from kfp import compiler
 
 from ftloop.components.config import ClusterConfig, RunConfig
 from ftloop.components.errors import FtloopError
+from ftloop.pipelines.pipeline import build_pipeline
 
 # skaffold artifact names (skaffold.yaml build.artifacts[].image) -> image role.
 SKAFFOLD_ARTIFACTS = {"ftloop-cpu": "cpu", "ftloop-gpu": "gpu"}
@@ -93,8 +94,6 @@ def check_cluster_config(config: RunConfig) -> None:
 
 def compile_pipeline(config: RunConfig, output: str | Path, images: dict[str, str] | None = None) -> Path:
     """Write the cluster pipeline for ``config`` (images overridden by ``images``) to ``output``."""
-    from ftloop.pipelines.pipeline import build_pipeline
-
     output = Path(output)
     check_cluster_config(config)
     config = with_images(config, images)
