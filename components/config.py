@@ -6,11 +6,12 @@ silently ignored. Paths in the YAML are resolved relative to the YAML file.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ftloop.components.errors import ConfigError
 
@@ -72,8 +73,13 @@ class FormatConfig(_Section):
     )
 
 
+# The July 2024 re-release of Phi-3-mini-4k-instruct (notes/finetune.md §6.3).
+DEFAULT_BASE_MODEL = "microsoft/Phi-3-mini-4k-instruct"
+DEFAULT_BASE_REVISION = "0a67737cc96d2554230f90338b163bc6380a2a85"
+
+
 class ModelConfig(_Section):
-    name_or_path: str = "microsoft/Phi-3-mini-4k-instruct"
+    name_or_path: str = DEFAULT_BASE_MODEL
     revision: str | None = Field(
         default=None, description="Hub commit to pin; required for hub ids, ignored for local paths."
     )
@@ -81,6 +87,24 @@ class ModelConfig(_Section):
     # nf4 = QLoRA (4-bit NF4 base, double quantization, bf16 compute). Needs CUDA and bitsandbytes;
     # bf16 LoRA is the default because Phi-3-mini fits an L4 unquantized (notes/finetune.md §7).
     quantization: Literal["none", "nf4"] = "none"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_model_is_pinned(cls, data):
+        if isinstance(data, dict) and data.get("name_or_path", DEFAULT_BASE_MODEL) == DEFAULT_BASE_MODEL:
+            data = {"revision": DEFAULT_BASE_REVISION, **data}
+        return data
+
+    @model_validator(mode="after")
+    def _hub_models_are_pinned(self) -> "ModelConfig":
+        # A hub id without a commit can change under a scheduled run (Phi-3-mini's template did in July 2024).
+        ref = self.name_or_path
+        is_hub_id = not ref.startswith(("builtin:", "/", ".")) and "://" not in ref and ref.count("/") == 1
+        if is_hub_id and not (self.revision and re.fullmatch(r"[0-9a-f]{40}", self.revision)):
+            raise ValueError(
+                f"revision: hub model {ref!r} must be pinned to a 40-character commit hash, got {self.revision!r}"
+            )
+        return self
 
 
 class LoraConfig(_Section):
@@ -119,6 +143,18 @@ class TrainConfig(_Section):
     export_merged: bool = Field(
         default=False, description="Also write the adapter merged into the base weights (merged/), for serving."
     )
+
+    @field_validator("checkpoint_uri")
+    @classmethod
+    def _checkpoint_location(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if value.startswith("gs://"):
+            if not re.fullmatch(r"gs://[a-z0-9][a-z0-9._-]{1,221}[a-z0-9](/.*)?", value):
+                raise ValueError(f"{value!r} is not a valid gs://bucket/prefix URI")
+        elif "://" in value:
+            raise ValueError(f"{value!r}: only gs:// URIs and directories are supported")
+        return value
 
     @model_validator(mode="after")
     def _effective_batch(self) -> "TrainConfig":

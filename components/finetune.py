@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import importlib.util
+import shutil
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -116,6 +118,11 @@ def cpu_threads_for(model: nn.Module) -> Iterator[None]:
 # -------------------------------------------------------------------- loading
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "no details"
+
+
 def _is_local(name_or_path: str) -> bool:
     return Path(name_or_path).is_dir()
 
@@ -126,6 +133,39 @@ def check_model_ref(name_or_path: str) -> None:
             f"model.name_or_path {name_or_path!r} is a placeholder: build the tiny model first "
             "(the pipeline does this) and pass its directory"
         )
+    if _is_local(name_or_path):
+        check_model_dir(Path(name_or_path))
+    elif name_or_path.startswith(("/", ".")):
+        raise FtloopError(f"model.name_or_path: {name_or_path}: no such model directory")
+
+
+SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.bin")
+
+
+def check_model_dir(path: Path) -> None:
+    """A local base-model directory has a readable config, a chat-template tokenizer and safetensors weights.
+
+    Checked up front so a wrong path fails in seconds with the file named, not
+    inside the fine-tune task after the data stages ran. Pickled weights are
+    refused: loading them can execute code.
+    """
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise FtloopError(f"{path}: not a model directory: config.json is missing")
+    config = read_json(config_path)
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise FtloopError(f"{config_path}: not a transformers model config: no 'model_type'")
+    if not any((path / name).is_file() for name in SAFETENSORS_WEIGHTS):
+        pickled = [name for name in PICKLE_WEIGHTS if (path / name).is_file()]
+        if pickled:
+            raise FtloopError(
+                f"{path}: weights are only in {pickled[0]} (pickle); ftloop loads safetensors only. "
+                "Convert them with save_pretrained(safe_serialization=True)"
+            )
+        raise FtloopError(f"{path}: no model weights: expected {' or '.join(SAFETENSORS_WEIGHTS)}")
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        raise FtloopError(f"{path}: no tokenizer files (tokenizer.json or tokenizer_config.json)")
 
 
 def quantization_config(quantization: str):
@@ -165,8 +205,10 @@ def load_base_model(name_or_path: str, revision: str | None, dtype_spec: str, qu
             use_safetensors=True,
             **extra,
         )
-    except OSError as exc:
-        raise FtloopError(f"cannot load base model {name_or_path!r}: {exc}") from None
+    except FtloopError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - truncated or corrupt weights raise library-specific errors
+        raise FtloopError(f"cannot load base model {name_or_path!r}: {type(exc).__name__}: {_first_line(exc)}") from None
 
 
 def load_tokenizer(name_or_path: str, revision: str | None = None):
@@ -177,8 +219,8 @@ def load_tokenizer(name_or_path: str, revision: str | None = None):
         tokenizer = AutoTokenizer.from_pretrained(
             name_or_path, revision=None if _is_local(name_or_path) else revision, trust_remote_code=False
         )
-    except OSError as exc:
-        raise FtloopError(f"cannot load tokenizer {name_or_path!r}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - corrupt tokenizer files raise anything from OSError to Exception
+        raise FtloopError(f"cannot load tokenizer {name_or_path!r}: {type(exc).__name__}: {_first_line(exc)}") from None
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         # pad == eos makes label-masking collators hide the stop token (Microsoft's Phi-3 recipe uses unk).
         if tokenizer.unk_token is None:
@@ -385,7 +427,7 @@ def build_trainer(
     from transformers import AutoConfig, EarlyStoppingCallback, PrinterCallback, set_seed
     from trl import SFTConfig, SFTTrainer
 
-    from ftloop.components.preflight import describe, detect_device, preflight
+    from ftloop.components.preflight import describe, detect_device, meta_model, preflight
 
     formatted_dir, output_dir = Path(formatted_dir), Path(output_dir)
     labels = read_labels(formatted_dir)
@@ -407,17 +449,15 @@ def build_trainer(
     if train.early_stopping_metric != "none" and not dev_rows:
         progress("warning: no dev rows, so no dev evaluation or early stopping")
 
-    check_model_ref(name)
     try:
         model_config = AutoConfig.from_pretrained(
             name, revision=None if _is_local(name) else config.model.revision, trust_remote_code=False
         )
-    except OSError as exc:
-        raise FtloopError(f"cannot load the config of base model {name!r}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - as in load_base_model
+        raise FtloopError(f"cannot load the config of base model {name!r}: {type(exc).__name__}: {_first_line(exc)}") from None
     dtype = resolve_dtype(config.model.dtype)
-    from ftloop.components.preflight import _meta_model
-
-    targets = resolve_target_modules(_meta_model(model_config), config.lora.target_modules)
+    # Targets and memory are worked out on a weightless copy, before gigabytes of weights load.
+    targets = resolve_target_modules(meta_model(model_config), config.lora.target_modules)
     sized = config.model_copy(update={"train": train.model_copy(update={"max_length": longest})})
     report = preflight(sized, model_config, targets, detect_device(), dtype)
     progress(describe(report))
@@ -522,9 +562,6 @@ def finetune(
     The artifact holds the adapter and tokenizer, ftloop_model.json (metadata),
     README.md (the model card) and, when asked for, merged/ (adapter merged into the base).
     """
-    import shutil
-    import tempfile
-
     from ftloop.components.checkpoints import mirror_callback, open_store, restore_latest, training_fingerprint
     from ftloop.components.model_export import export_merged, write_model_card
 

@@ -32,6 +32,16 @@ def ensure_tiny_model(config: RunConfig, workdir: Path, texts: list[str], labels
     return config.with_model_path(str(model_dir))
 
 
+def check_base_model(config: RunConfig) -> None:
+    """A local base model must be loadable before any stage starts; hub ids are checked when they are loaded."""
+    from ftloop.components.finetune import check_model_ref, load_tokenizer
+
+    ref = config.model.name_or_path
+    check_model_ref(ref)
+    if Path(ref).is_dir():
+        load_tokenizer(ref)  # chat template and a pad token distinct from eos
+
+
 def clear_previous_results(workdir: Path) -> None:
     """A failed run must not leave an older run's results looking current."""
     for name in RESULT_FILES:
@@ -54,6 +64,7 @@ def run_local(config: RunConfig, workdir: str | Path, progress: Callable[[str], 
     clear_previous_results(workdir)
     examples, labels = load_source(config)  # fail fast, with file and line, before any stage starts
     config = ensure_tiny_model(config, workdir, [e.text for e in examples], labels, progress)
+    check_base_model(config)
 
     local.init(
         runner=local.SubprocessRunner(use_venv=False),

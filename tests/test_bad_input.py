@@ -1,0 +1,90 @@
+"""The bad-input corpus (tests/data/bad): every case stops with a clear error, exit code 2, and no results.
+
+Each case is a directory with case.yaml (what it breaks, the expected error as a
+regex, and for model cases how a freshly built tiny model is damaged), a run
+config and the input files. Cases run `ftloop run --local` in-process (an
+uncaught exception fails the test, so a raw traceback cannot slip through); a
+sample also runs as a real subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ftloop.pipelines.cli import main
+
+BAD = Path(__file__).resolve().parent / "data" / "bad"
+CASES = sorted(p.name for p in BAD.iterdir() if p.is_dir() and not p.name.startswith("_"))
+_TINY: dict[str, Path] = {}
+
+
+def test_the_corpus_covers_every_input_kind():
+    kinds = {name.split("-", 1)[0] for name in CASES}
+    assert len(CASES) >= 30 and kinds >= {"articles", "questions", "config", "model"}
+    # generator responses are covered where the backends are: tests/test_generators*.py
+
+
+def _tiny_model(tmp_path_factory) -> Path:
+    if "model" not in _TINY:
+        from ftloop.components.records import read_jsonl
+        from ftloop.components.tiny_model import build_tiny_model
+
+        rows = read_jsonl(BAD / "_shared" / "articles.jsonl")
+        labels = sorted({r["label"] for r in rows})
+        _TINY["model"] = build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", [r["text"] for r in rows], labels, seed=0)
+    return _TINY["model"]
+
+
+def _stage(case: str, tmp_path: Path, tmp_path_factory) -> tuple[Path, dict]:
+    """Copy the case (and the shared inputs it points to) out of the repo; damage a model if the case says so."""
+    root = tmp_path / "bad"
+    shutil.copytree(BAD / "_shared", root / "_shared")
+    shutil.copytree(BAD / case, root / case)
+    spec = yaml.safe_load((root / case / "case.yaml").read_text())
+    damage = spec.get("model")
+    if damage:
+        model = root / case / "model"
+        shutil.copytree(_tiny_model(tmp_path_factory), model)
+        for name in damage.get("delete", []):
+            (model / name).unlink()
+        for name, text in damage.get("write", {}).items():
+            (model / name).write_text(text)
+        for name, key in damage.get("drop_key", {}).items():
+            data = json.loads((model / name).read_text())
+            data.pop(key, None)
+            (model / name).write_text(json.dumps(data))
+    return root / case, spec
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_a_clear_error(case, tmp_path, tmp_path_factory, capsys):
+    case_dir, spec = _stage(case, tmp_path, tmp_path_factory)
+    workdir = tmp_path / "out"
+    code = main(["run", "--local", "--config", str(case_dir / "config.yaml"), "--workdir", str(workdir)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("ftloop: error: "), err
+    assert re.search(spec["expect"], err), f"{spec['description']}: {err!r} does not match {spec['expect']!r}"
+    assert "Traceback" not in err
+    # nothing that looks like a finished (or even started) run
+    assert not (workdir / "summary.json").exists() and not (workdir / "kfp").exists()
+
+
+@pytest.mark.parametrize("case", ["articles-line-not-json", "config-unknown-nested-key", "model-pickle-weights"])
+def test_bad_input_exit_code_from_the_real_command(case, tmp_path, tmp_path_factory):
+    case_dir, spec = _stage(case, tmp_path, tmp_path_factory)
+    result = subprocess.run(
+        [sys.executable, "-m", "ftloop.pipelines.cli", "run", "--local", "--config", str(case_dir / "config.yaml"),
+         "--workdir", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr + result.stdout
+    assert re.search(spec["expect"], result.stderr)
