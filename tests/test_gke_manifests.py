@@ -311,3 +311,10 @@ def test_gpu_image_installs_a_prebuilt_flash_attn_wheel_matching_torch_and_pytho
     pins = dict(line.split("==") for line in (REPO / "constraints" / "gpu.txt").read_text().splitlines() if "==" in line)
     assert pins["torch"].startswith(torch_minor) and name.startswith(f"flash_attn-{pins['flash-attn']}+")
     assert "HF_HOME=/cache/hf" in text
+
+
+def test_cpu_image_takes_torch_from_the_cpu_index():
+    text = dockerfile("cpu")
+    torch_step = re.search(r"pip install[^\n]*--index-url https://download\.pytorch\.org/whl/cpu[^\n]*torch==", text)
+    assert torch_step, "PyPI's Linux torch wheel is the CUDA build: install torch from the CPU index first"
+    assert text.index(torch_step.group(0)) < text.index('".[okareo]"')
