@@ -69,7 +69,6 @@ class OkareoConfig(_Section):
         default=120.0, description="Per HTTP request (the SDK itself sets none; generation calls can be slow)."
     )
     upload_eval: bool = Field(default=False, description="Also upload the splits as scenarios and report predictions as test runs.")
-    secret_name: str = Field(default="okareo", description="Kubernetes secret (key 'api-key') that becomes OKAREO_API_KEY on the cluster.")
 
 
 class HFGeneratorConfig(_Section):
@@ -282,6 +281,25 @@ class ClusterConfig(_Section):
     gpu_cpu_request: str = "6"
     gpu_memory_request: str = "24G"
     retries: Annotated[int, Field(ge=0, le=10)] = 2
+    # Base-model weights come from a cache volume, not from the hub on every run:
+    # a PVC (e.g. backed by the GCS bucket through the GKE Cloud Storage FUSE CSI
+    # driver, see manifests/base/model-cache.yaml) mounted at HF_HOME, read offline.
+    model_cache_pvc: str | None = Field(
+        default=None, description="PVC holding the Hugging Face cache (HF_HOME) for GPU tasks; None = download from the hub."
+    )
+    model_cache_mount_path: str = "/cache/hf"
+    model_cache_gcsfuse: bool = Field(
+        default=False, description="The PVC is a Cloud Storage FUSE volume: annotate GPU pods for the gcsfuse sidecar."
+    )
+    # Okareo API key: a Kubernetes Secret in the pipeline namespace, exposed as
+    # OKAREO_API_KEY only to tasks whose backend is okareo. Never a parameter.
+    okareo_secret_name: str = "okareo-api-key"
+    okareo_secret_key: str = "api-key"
+    # Defaults for `ftloop submit` / `ftloop schedule` (flags override them).
+    kfp_host: str | None = None
+    namespace: str = "kubeflow"
+    experiment: str = "ftloop"
+    service_account: str | None = None
 
 
 class RunConfig(_Section):

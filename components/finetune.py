@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import importlib.util
+import shutil
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -425,7 +427,7 @@ def build_trainer(
     from transformers import AutoConfig, EarlyStoppingCallback, PrinterCallback, set_seed
     from trl import SFTConfig, SFTTrainer
 
-    from ftloop.components.preflight import describe, detect_device, preflight
+    from ftloop.components.preflight import describe, detect_device, meta_model, preflight
 
     formatted_dir, output_dir = Path(formatted_dir), Path(output_dir)
     labels = read_labels(formatted_dir)
@@ -447,17 +449,15 @@ def build_trainer(
     if train.early_stopping_metric != "none" and not dev_rows:
         progress("warning: no dev rows, so no dev evaluation or early stopping")
 
-    check_model_ref(name)
     try:
         model_config = AutoConfig.from_pretrained(
             name, revision=None if _is_local(name) else config.model.revision, trust_remote_code=False
         )
-    except OSError as exc:
-        raise FtloopError(f"cannot load the config of base model {name!r}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - as in load_base_model
+        raise FtloopError(f"cannot load the config of base model {name!r}: {type(exc).__name__}: {_first_line(exc)}") from None
     dtype = resolve_dtype(config.model.dtype)
-    from ftloop.components.preflight import _meta_model
-
-    targets = resolve_target_modules(_meta_model(model_config), config.lora.target_modules)
+    # Targets and memory are worked out on a weightless copy, before gigabytes of weights load.
+    targets = resolve_target_modules(meta_model(model_config), config.lora.target_modules)
     sized = config.model_copy(update={"train": train.model_copy(update={"max_length": longest})})
     report = preflight(sized, model_config, targets, detect_device(), dtype)
     progress(describe(report))
@@ -562,9 +562,6 @@ def finetune(
     The artifact holds the adapter and tokenizer, ftloop_model.json (metadata),
     README.md (the model card) and, when asked for, merged/ (adapter merged into the base).
     """
-    import shutil
-    import tempfile
-
     from ftloop.components.checkpoints import mirror_callback, open_store, restore_latest, training_fingerprint
     from ftloop.components.model_export import export_merged, write_model_card
 

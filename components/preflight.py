@@ -69,7 +69,7 @@ class MemoryEstimate:
         return self.weights_bytes + self.trainable_state_bytes + self.activation_bytes + self.overhead_bytes
 
 
-def _meta_model(model_config):
+def meta_model(model_config):
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -80,7 +80,7 @@ def count_params(model_config, target_modules: list[str], lora_r: int) -> tuple[
     """(base parameters, LoRA parameters) for this architecture, counted without allocating weights."""
     from torch import nn
 
-    model = _meta_model(model_config)
+    model = meta_model(model_config)
     total = sum(p.numel() for p in model.parameters())
     lora = 0
     for name, module in model.named_modules():

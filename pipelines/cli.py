@@ -52,12 +52,61 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _run(Path(args.config), Path(args.workdir))
 
 
+def _images(args: argparse.Namespace) -> dict[str, str]:
+    """Image references: skaffold's build.json first, explicit --image flags over it."""
+    from ftloop.pipelines.compile import load_skaffold_builds, parse_image_flags
+
+    images = load_skaffold_builds(args.images_from) if args.images_from else {}
+    images.update(parse_image_flags(args.image or []))
+    return images
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     from ftloop.components.config import load_config
     from ftloop.pipelines.compile import compile_pipeline
 
-    out = compile_pipeline(load_config(args.config), args.output)
+    out = compile_pipeline(load_config(args.config), args.output, images=_images(args))
     print(f"wrote {out}")
+    return 0
+
+
+def _target(args: argparse.Namespace, cluster):
+    from ftloop.pipelines.submit import Target
+
+    return Target(
+        host=args.host or os.environ.get("KF_PIPELINES_ENDPOINT") or cluster.kfp_host,
+        namespace=args.namespace or cluster.namespace,
+        experiment=args.experiment or cluster.experiment,
+        auth=args.auth,
+        iap_client_id=args.iap_client_id or os.environ.get("KF_PIPELINES_IAP_OAUTH2_CLIENT_ID"),
+        token_path=args.token_path,
+        service_account=args.service_account or cluster.service_account,
+    )
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from ftloop.components.config import load_config
+    from ftloop.pipelines.submit import submit_run
+
+    config = load_config(args.config)
+    result = submit_run(config, _target(args, config.cluster), run_name=args.run_name,
+                        images=_images(args), source_uri=args.source_uri, skip_existing=args.skip_existing)
+    if result["skipped"]:
+        print(f"run '{result['run_name']}' already exists ({result['run_id']}); nothing submitted")
+    else:
+        print(f"submitted run {result['run_id']} '{result['run_name']}' (experiment {result['experiment_id']})")
+    return 0
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from ftloop.components.config import load_config
+    from ftloop.pipelines.submit import schedule_run
+
+    config = load_config(args.config)
+    result = schedule_run(config, _target(args, config.cluster), cron=args.cron, name=args.name,
+                          images=_images(args), source_uri=args.source_uri,
+                          max_concurrency=args.max_concurrency, catchup=args.catchup)
+    print(f"created recurring run {result['recurring_run_id']} (experiment {result['experiment_id']}, cron '{args.cron}')")
     return 0
 
 
@@ -81,6 +130,25 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_image_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images-from", metavar="BUILD_JSON", help="skaffold build --file-output file with the ftloop-cpu/ftloop-gpu tags")
+    p.add_argument("--image", action="append", metavar="ROLE=REF", help="cpu=REF or gpu=REF; overrides the config and --images-from")
+
+
+def _add_cluster_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="run config YAML")
+    _add_image_args(p)
+    p.add_argument("--source-uri", help="gs:// URI of the articles/questions file (default: the config's data path)")
+    p.add_argument("--host", help="KFP API URL (default: $KF_PIPELINES_ENDPOINT, cluster.kfp_host, or the kubeconfig cluster)")
+    p.add_argument("--namespace", help="KFP namespace (default: cluster.namespace)")
+    p.add_argument("--experiment", help="experiment name (default: cluster.experiment)")
+    p.add_argument("--auth", choices=["none", "in-cluster", "iap"], default="none",
+                   help="none (port-forward/kubeconfig), in-cluster (projected SA token), iap (OAuth client id -> ID token)")
+    p.add_argument("--iap-client-id", help="IAP OAuth client id (default: $KF_PIPELINES_IAP_OAUTH2_CLIENT_ID)")
+    p.add_argument("--token-path", help="projected SA token for --auth in-cluster (default: $KF_PIPELINES_SA_TOKEN_PATH)")
+    p.add_argument("--service-account", help="Kubernetes service account the run's pods use (default: cluster.service_account)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ftloop", description=__doc__)
     parser.add_argument("--version", action="version", version=f"ftloop {__version__}")
@@ -99,7 +167,24 @@ def build_parser() -> argparse.ArgumentParser:
     comp = sub.add_parser("compile", help="compile the pipeline for a config into KFP YAML")
     comp.add_argument("--config", required=True, help="run config YAML")
     comp.add_argument("--output", required=True, help="pipeline YAML to write")
+    _add_image_args(comp)
     comp.set_defaults(func=cmd_compile)
+
+    submit = sub.add_parser("submit", help="compile a config's cluster pipeline and start a run on Kubeflow Pipelines")
+    _add_cluster_args(submit)
+    submit.add_argument("--run-name", help="run display name (default: the config's name; with --skip-existing NAME-<config hash>)")
+    submit.add_argument("--skip-existing", action="store_true",
+                        help="submit nothing if the experiment already has a run of this name (idempotent GitOps hook)")
+    submit.set_defaults(func=cmd_submit)
+
+    schedule = sub.add_parser("schedule", help="create a recurring run of a config's cluster pipeline (cron)")
+    _add_cluster_args(schedule)
+    schedule.add_argument("--cron", required=True,
+                          help="6-field cron, seconds first, e.g. '0 0 3 * * 1' (Mondays 03:00), or @daily / @every 24h")
+    schedule.add_argument("--name", help="recurring run name (default: NAME-schedule)")
+    schedule.add_argument("--max-concurrency", type=int, default=1, help="runs allowed at once (default 1)")
+    schedule.add_argument("--catchup", action="store_true", help="back-fill runs missed while paused (default: no)")
+    schedule.set_defaults(func=cmd_schedule)
 
     report = sub.add_parser("report", help="re-render report.md and report.html of a finished run")
     report.add_argument("run_dir", help="work directory of a finished run (holds summary.json)")

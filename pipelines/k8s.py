@@ -14,6 +14,8 @@ from ftloop.components.config import ClusterConfig
 
 GKE_ACCELERATOR_LABEL = "cloud.google.com/gke-accelerator"
 GKE_SPOT_LABEL = "cloud.google.com/gke-spot"
+GCSFUSE_ANNOTATION = "gke-gcsfuse/volumes"
+OKAREO_ENV = "OKAREO_API_KEY"
 QUIET_ML_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "TRANSFORMERS_VERBOSITY": "error",
@@ -44,5 +46,43 @@ def configure_gpu_task(task: PipelineTask, cluster: ClusterConfig) -> PipelineTa
     kubernetes.add_node_selector(task, label_key=GKE_ACCELERATOR_LABEL, label_value=cluster.accelerator_node_label)
     kubernetes.add_toleration(task, key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
     if cluster.spot:
+        kubernetes.add_node_selector(task, label_key=GKE_SPOT_LABEL, label_value="true")
         kubernetes.add_toleration(task, key=GKE_SPOT_LABEL, operator="Equal", value="true", effect="NoSchedule")
+    mount_model_cache(task, cluster)
+    return task
+
+
+def mount_model_cache(task: PipelineTask, cluster: ClusterConfig) -> PipelineTask:
+    """Base weights from the cache volume at HF_HOME, read offline (no hub download per run)."""
+    if cluster.model_cache_pvc is None:
+        return task
+    kubernetes.mount_pvc(task, pvc_name=cluster.model_cache_pvc, mount_path=cluster.model_cache_mount_path)
+    task.set_env_variable("HF_HOME", cluster.model_cache_mount_path)
+    task.set_env_variable("HF_HUB_OFFLINE", "1")
+    if cluster.model_cache_gcsfuse:
+        kubernetes.add_pod_annotation(task, annotation_key=GCSFUSE_ANNOTATION, annotation_value="true")
+    return task
+
+
+def backend_of(section: object) -> str:
+    """The generation backend of a config section (``generate`` or ``augment``), as a plain string."""
+    return str(getattr(section, "backend", "offline"))
+
+
+def attach_okareo_secret(task: PipelineTask, cluster: ClusterConfig) -> PipelineTask:
+    """OKAREO_API_KEY from the cluster Secret, on this task only; the value never enters the pipeline spec."""
+    kubernetes.use_secret_as_env(
+        task, secret_name=cluster.okareo_secret_name, secret_key_to_env={cluster.okareo_secret_key: OKAREO_ENV}
+    )
+    return task
+
+
+def configure_llm_task(task: PipelineTask, cluster: ClusterConfig, backend: str) -> PipelineTask:
+    """A CPU task that may call a remote generator: uncached and retried unless offline, plus its secret."""
+    if backend == "offline":
+        return task
+    task.set_caching_options(False)
+    task.set_retry(cluster.retries, backoff_duration="30s", backoff_factor=2.0)
+    if backend == "okareo":
+        attach_okareo_secret(task, cluster)
     return task

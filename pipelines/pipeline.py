@@ -12,20 +12,16 @@ from kfp import dsl
 from kfp.dsl import Artifact, Dataset, PipelineTask
 
 from ftloop.components import kfp_components as c
-from ftloop.components.config import GeneratorsConfig, RunConfig
-from ftloop.pipelines.k8s import configure_cpu_task, configure_gpu_task, quiet_ml_env
+from ftloop.components.config import OpenAIConfig, RunConfig
+from ftloop.pipelines.k8s import configure_cpu_task, configure_gpu_task, configure_llm_task, quiet_ml_env
 
 
-def add_generator_secret(task: PipelineTask, backend: str, generators: GeneratorsConfig) -> None:
-    """Expose the backend's API key to the task from a Kubernetes secret (never a pipeline parameter)."""
+def add_openai_secret(task: PipelineTask, openai: OpenAIConfig) -> None:
+    """The openai backend's key, if it needs one, from a Kubernetes Secret (never a pipeline parameter)."""
     from kfp import kubernetes
 
-    if backend == "okareo":
-        kubernetes.use_secret_as_env(task, secret_name=generators.okareo.secret_name, secret_key_to_env={"api-key": "OKAREO_API_KEY"})
-    elif backend == "openai" and generators.openai.secret_name:
-        kubernetes.use_secret_as_env(
-            task, secret_name=generators.openai.secret_name, secret_key_to_env={"api-key": generators.openai.api_key_env}
-        )
+    if openai.secret_name:
+        kubernetes.use_secret_as_env(task, secret_name=openai.secret_name, secret_key_to_env={"api-key": openai.api_key_env})
 
 
 def build_pipeline(config: RunConfig, for_cluster: bool = False) -> Callable:
@@ -41,12 +37,13 @@ def build_pipeline(config: RunConfig, for_cluster: bool = False) -> Callable:
         return configure_gpu_task(task, config.cluster) if for_cluster else task
 
     def generation(task: PipelineTask, name: str, backend: str, needs_gpu: bool = False) -> PipelineTask:
-        """A task that calls a generator backend (or Okareo): on a GPU for hf, its API key from a Kubernetes secret."""
+        """A task that calls a generator backend (or Okareo): on a GPU for hf; on the cluster
+        uncached and retried unless offline, with the backend's API key from a Kubernetes Secret."""
         task = gpu(task, name) if needs_gpu or backend == "hf" else cpu(task, name)
         if for_cluster:
-            if backend != "offline":
-                task.set_caching_options(False)  # sampling from a model or a remote API is not reproducible
-            add_generator_secret(task, backend, config.generators)
+            configure_llm_task(task, config.cluster, backend)  # the Okareo secret, no caching, retries
+            if backend == "openai":
+                add_openai_secret(task, config.generators.openai)
         return task
 
     augment_on_gpu = config.augment.label_filter == "model"

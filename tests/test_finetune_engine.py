@@ -212,7 +212,7 @@ def test_fingerprint_ignores_where_checkpoints_go_but_not_what_is_trained(tiny_m
     from ftloop.components.checkpoints import training_fingerprint
 
     base = demo_config(tiny_model_dir)
-    same = demo_config(tiny_model_dir, checkpoint_uri="gs://b/x", keep_checkpoints=5, export_merged=True)
+    same = demo_config(tiny_model_dir, checkpoint_uri="gs://ftloop-ckpt/x", keep_checkpoints=5, export_merged=True)
     assert training_fingerprint(base, "d") == training_fingerprint(same, "d")
     assert training_fingerprint(base, "d") != training_fingerprint(base, "e")
     assert training_fingerprint(base, "d") != training_fingerprint(demo_config(tiny_model_dir, learning_rate=1e-3), "d")

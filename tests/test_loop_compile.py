@@ -45,10 +45,10 @@ def test_rounds_are_unrolled_inside_conditions_and_backends_get_their_secrets(tm
     # later rounds hang off the previous round's dsl.OneOf outputs, inside If/Else condition groups
     conditions = [t for t in tasks.values() if "triggerPolicy" in t]
     assert len(conditions) == 6 and all("continue" in t["triggerPolicy"]["condition"] for t in conditions[:1])
-    assert k8s["exec-prepare-examples"]["secretAsEnv"][0]["secretName"] == "okareo"
+    assert k8s["exec-prepare-examples"]["secretAsEnv"][0]["secretName"] == "okareo-api-key"  # cluster.okareo_secret_name
     assert k8s["exec-prepare-examples"]["secretAsEnv"][0]["keyToEnv"] == [{"envVar": "OKAREO_API_KEY", "secretKey": "api-key"}]
     assert k8s["exec-augment-from-errors"]["secretAsEnv"][0]["secretName"] == "vllm-key"
-    assert k8s["exec-upload-to-okareo"]["secretAsEnv"][0]["secretName"] == "okareo"
+    assert k8s["exec-upload-to-okareo"]["secretAsEnv"][0]["secretName"] == "okareo-api-key"
     # the model-based label filter scores with the fine-tuned model: the augment task gets the L4
     assert k8s["exec-augment-from-errors"]["nodeSelector"] == {"labels": {"cloud.google.com/gke-accelerator": "nvidia-l4"}}
     assert tasks["prepare-examples"]["cachingOptions"] == {}  # remote generation is not cached

@@ -1,0 +1,209 @@
+"""The cluster pipeline for configs/webbizz-gke.yaml: L4 only where a model runs, images as built, secrets by reference."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from ftloop.components.config import load_config
+from ftloop.pipelines.compile import compile_pipeline
+
+from conftest import REPO
+
+GKE_CONFIG = REPO / "configs" / "webbizz-gke.yaml"
+# Every task that loads the language model: fine-tunes, their evaluations, the zero-shot baseline.
+GPU_TASKS = {"finetune", "finetune-2", "evaluate", "evaluate-2", "evaluate-zero-shot"}
+CPU_TASKS = {"prepare-examples", "split-examples", "format-chat", "format-chat-2", "tfidf-baseline",
+             "augment-from-errors", "carry-forward", "select-final-model", "compare-models"}
+L4 = {"labels": {"cloud.google.com/gke-accelerator": "nvidia-l4"}}
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "ftloop.pipelines.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+
+
+def load(path):
+    spec, platform = yaml.safe_load_all(path.read_text())
+    return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def all_tasks(spec):
+    """Tasks of the root DAG and of the sub-DAGs (an augmentation round's retrain sits inside dsl.If/Else)."""
+    tasks = dict(spec["root"]["dag"]["tasks"])
+    for component in spec["components"].values():
+        tasks.update(component.get("dag", {}).get("tasks", {}))
+    return {name: task for name, task in tasks.items() if not name.startswith("condition-")}
+
+
+def executor_of(spec, task):
+    return all_tasks(spec)[task]["componentRef"]["name"].replace("comp-", "exec-", 1)
+
+
+@pytest.fixture(scope="module")
+def build_json(tmp_path_factory):
+    path = tmp_path_factory.mktemp("skaffold") / "build.json"
+    path.write_text(json.dumps({"builds": [
+        {"imageName": "ftloop-cpu", "tag": "us-docker.pkg.dev/p/ftloop/ftloop-cpu:9f1c2ab@sha256:" + "a" * 64},
+        {"imageName": "ftloop-gpu", "tag": "us-docker.pkg.dev/p/ftloop/ftloop-gpu:9f1c2ab@sha256:" + "b" * 64},
+    ]}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory, build_json):
+    out = tmp_path_factory.mktemp("compile") / "pipeline.yaml"
+    result = run_cli("compile", "--config", str(GKE_CONFIG), "--output", str(out), "--images-from", str(build_json),
+                     env={"OKAREO_API_KEY": "okareo-FAKE-KEY-planted-7c1d"})
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_exactly_the_model_tasks_request_one_l4(compiled):
+    spec, k8s = load(compiled)
+    tasks = all_tasks(spec)
+    assert set(tasks) - {"importer"} == GPU_TASKS | CPU_TASKS
+    for task in GPU_TASKS | CPU_TASKS:
+        executor = executor_of(spec, task)
+        resources = spec["deploymentSpec"]["executors"][executor]["container"]["resources"]
+        if task in GPU_TASKS:
+            assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu" and resources["accelerator"]["resourceCount"] == "1"
+            assert resources["resourceCpuRequest"] == "6" and resources["resourceMemoryRequest"] == "24G"
+            assert k8s[executor]["nodeSelector"] == L4
+            assert k8s[executor]["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+            assert tasks[task]["cachingOptions"] == {} and tasks[task]["retryPolicy"]["maxRetryCount"] == 2
+        else:
+            assert "accelerator" not in resources, task
+            assert "nodeSelector" not in k8s.get(executor, {}) and "tolerations" not in k8s.get(executor, {}), task
+            assert resources["resourceCpuRequest"] == "1"
+
+
+def test_images_come_from_skaffold_build_output(compiled, build_json):
+    spec, _ = load(compiled)
+    builds = {b["imageName"]: b["tag"] for b in json.loads(build_json.read_text())["builds"]}
+    for task in GPU_TASKS | CPU_TASKS:
+        image = spec["deploymentSpec"]["executors"][executor_of(spec, task)]["container"]["image"]
+        assert image == builds["ftloop-gpu" if task in GPU_TASKS else "ftloop-cpu"], task
+    # The run config default carries the same images, so tasks and config agree.
+    default = json.loads(spec["root"]["inputDefinitions"]["parameters"]["run_config"]["defaultValue"])
+    assert default["cluster"]["gpu_image"] == builds["ftloop-gpu"]
+
+
+def test_image_flags_override_build_json(tmp_path, build_json):
+    out = tmp_path / "p.yaml"
+    result = run_cli("compile", "--config", str(GKE_CONFIG), "--output", str(out), "--images-from", str(build_json),
+                     "--image", "gpu=reg.example/ftloop-gpu:hotfix")
+    assert result.returncode == 0, result.stderr
+    spec, _ = load(out)
+    executors = spec["deploymentSpec"]["executors"]
+    assert executors[executor_of(spec, "finetune")]["container"]["image"] == "reg.example/ftloop-gpu:hotfix"
+    assert executors[executor_of(spec, "split-examples")]["container"]["image"].startswith("us-docker.pkg.dev/p/ftloop/ftloop-cpu:9f1c2ab@")
+
+
+def test_no_secret_anywhere_in_the_compiled_yaml(compiled):
+    text = compiled.read_text()
+    assert "okareo-FAKE-KEY-planted-7c1d" not in text
+    assert "OKAREO_API_KEY" not in text  # offline backends: no task even references the secret
+
+
+def test_gcs_pipeline_root_and_importer(compiled):
+    spec, _ = load(compiled)
+    assert spec["defaultPipelineRoot"] == "gs://ftloop-artifacts/pipeline-root"
+    importer = spec["deploymentSpec"]["executors"]["exec-importer"]["importer"]
+    assert importer["artifactUri"] == {"runtimeParameter": "uri"}
+    assert spec["root"]["dag"]["tasks"]["importer"]["inputs"]["parameters"]["uri"] == {"componentInputParameter": "source_uri"}
+
+
+def cluster_variant(tmp_path, **cluster):
+    config = load_config(GKE_CONFIG)
+    return config.model_copy(update={"cluster": config.cluster.model_copy(update=cluster)})
+
+
+def test_gs_source_goes_through_the_importer(tmp_path):
+    config = load_config(GKE_CONFIG)
+    config = config.model_copy(update={"data": config.data.model_copy(update={"articles": "gs://ftloop-data/webbizz/articles.jsonl"})})
+    spec, _ = load(compile_pipeline(config, tmp_path / "p.yaml"))
+    assert spec["root"]["inputDefinitions"]["parameters"]["source_uri"]["defaultValue"] == "gs://ftloop-data/webbizz/articles.jsonl"
+
+
+def test_spot_and_model_cache_only_on_gpu_tasks(tmp_path):
+    config = cluster_variant(tmp_path, spot=True, model_cache_pvc="ftloop-model-cache", model_cache_gcsfuse=True)
+    spec, k8s = load(compile_pipeline(config, tmp_path / "p.yaml"))
+    for task in GPU_TASKS | CPU_TASKS:
+        executor = executor_of(spec, task)
+        container = spec["deploymentSpec"]["executors"][executor]["container"]
+        env = {e["name"]: e["value"] for e in container.get("env", [])}
+        if task in GPU_TASKS:
+            assert k8s[executor]["nodeSelector"] == {"labels": {"cloud.google.com/gke-accelerator": "nvidia-l4", "cloud.google.com/gke-spot": "true"}}
+            assert {"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"} in k8s[executor]["tolerations"]
+            assert k8s[executor]["pvcMount"] == [{"mountPath": "/cache/hf", "constant": "ftloop-model-cache", "pvcNameParameter": {"runtimeValue": {"constant": "ftloop-model-cache"}}}]
+            assert env["HF_HOME"] == "/cache/hf" and env["HF_HUB_OFFLINE"] == "1"
+            assert k8s[executor]["podMetadata"]["annotations"] == {"gke-gcsfuse/volumes": "true"}
+        else:
+            assert executor not in k8s, task
+            assert "HF_HOME" not in env
+
+
+def okareo(section):
+    # The okareo backend is being added to the config elsewhere; build the section without validation.
+    return section.model_construct(**{**section.model_dump(), "backend": "okareo"})
+
+
+@pytest.mark.parametrize("sections, secret_tasks", [
+    (("generate",), {"prepare-examples"}),
+    (("augment",), {"augment-from-errors"}),
+    (("generate", "augment"), {"prepare-examples", "augment-from-errors"}),
+])
+def test_okareo_key_only_on_tasks_that_call_okareo(tmp_path, monkeypatch, sections, secret_tasks):
+    monkeypatch.setenv("OKAREO_API_KEY", "okareo-FAKE-KEY-planted-7c1d")
+    config = load_config(GKE_CONFIG)
+    config = config.model_copy(update={name: okareo(getattr(config, name)) for name in sections})
+    out = tmp_path / "p.yaml"
+    compile_pipeline(config, out)
+    text = out.read_text()
+    assert "okareo-FAKE-KEY-planted-7c1d" not in text
+    spec, k8s = load(out)
+    tasks = all_tasks(spec)
+    for task in GPU_TASKS | CPU_TASKS:
+        secrets = k8s.get(executor_of(spec, task), {}).get("secretAsEnv")
+        if task in secret_tasks:
+            assert secrets == [{"secretName": "okareo-api-key", "keyToEnv": [{"secretKey": "api-key", "envVar": "OKAREO_API_KEY"}],
+                                "secretNameParameter": {"runtimeValue": {"constant": "okareo-api-key"}}, "optional": False}]
+            assert tasks[task]["cachingOptions"] == {}, task
+            assert tasks[task]["retryPolicy"]["maxRetryCount"] == 2
+        else:
+            assert secrets is None, task
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("{", "build.json:1: not valid JSON"),
+    ('{"builds": [{"imageName": "ftloop-cpu", "tag": "r/ftloop-cpu:1"}]}', "no build for ftloop-gpu"),
+    ('{"builds": [{"imageName": "ftloop-cpu"}]}', "builds[0]: needs string fields 'imageName' and 'tag'"),
+    ('[]', "expected a JSON object with a 'builds' list"),
+])
+def test_bad_build_json_is_a_clear_error(tmp_path, content, expected):
+    bad = tmp_path / "build.json"
+    bad.write_text(content)
+    result = run_cli("compile", "--config", str(GKE_CONFIG), "--output", str(tmp_path / "p.yaml"), "--images-from", str(bad))
+    assert result.returncode == 2
+    assert expected in result.stderr and str(bad) in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "p.yaml").exists()
+
+
+@pytest.mark.parametrize("flag, expected", [
+    ("cpu", "--image 'cpu': expected cpu=IMAGE_REF or gpu=IMAGE_REF"),
+    ("tpu=x:1", "expected cpu=IMAGE_REF"),
+    ("cpu=registry:5000/ftloop-cpu", "cluster.cpu_image: image 'registry:5000/ftloop-cpu' has no tag or digest"),
+])
+def test_bad_image_flags(tmp_path, flag, expected):
+    result = run_cli("compile", "--config", str(GKE_CONFIG), "--output", str(tmp_path / "p.yaml"), "--image", flag)
+    assert result.returncode == 2 and expected in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_local_pipeline_root_is_refused(tmp_path):
+    with pytest.raises(Exception, match="cluster.pipeline_root: '/tmp/root' is not an object-store URI"):
+        compile_pipeline(cluster_variant(tmp_path, pipeline_root="/tmp/root"), tmp_path / "p.yaml")
