@@ -1,6 +1,5 @@
 """The okareo backend and evaluation upload through the official SDK, against a local fake Okareo API."""
 
-import json
 import subprocess
 import sys
 

@@ -1,7 +1,5 @@
 """The generator interface and its prompted backends: openai against a local server, hf with the tiny model."""
 
-import json
-
 import pytest
 
 from ftloop.components.config import RunConfig
