@@ -197,7 +197,8 @@ def published_generate(
     max_new_tokens: int = PUBLISHED_MAX_NEW_TOKENS,
 ) -> list[dict[str, Any]]:
     """The published evaluation loop (notes/okareo.md §1.5): per row, greedy ``generate`` of exactly
-    ``max_new_tokens`` tokens, decode without special tokens, strip, ``parse_published``. Bench only.
+    ``max_new_tokens`` tokens, decode without special tokens, drop the prompt's characters,
+    strip, ``parse_published``. Bench only.
 
     The published fine-tune set pad = eos, and its collator masked pad ids out of the
     loss, so that model never learned to emit eos and every call ran all 5 tokens.
@@ -221,8 +222,13 @@ def published_generate(
         )
         enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
         generated = model.generate(**enc, **kwargs)
-        new_ids = generated[0, enc["input_ids"].shape[1]:].tolist()
-        raw = tokenizer.decode(new_ids, skip_special_tokens=True).strip()
+        # Theirs: decode the whole output, then cut the prompt off by its character count. The
+        # prompt's length is taken from its own decoded text here, since the chat template's
+        # special tokens are skipped in the decoded output.
+        text = tokenizer.decode(generated[0], skip_special_tokens=True)
+        prompt_text = tokenizer.decode(enc["input_ids"][0], skip_special_tokens=True)
+        raw = text[len(prompt_text):].strip()
         prediction = parse_published(raw, labels)
-        out.append({"raw": raw, "prediction": prediction, "valid": prediction is not None, "new_tokens": len(new_ids)})
+        new_tokens = generated.shape[1] - enc["input_ids"].shape[1]
+        out.append({"raw": raw, "prediction": prediction, "valid": prediction is not None, "new_tokens": new_tokens})
     return out
