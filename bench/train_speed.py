@@ -291,7 +291,6 @@ def build_published(model_dir: Path, formatted: Path, out: Path, epochs: float, 
         packing_strategy="wrapped",
         max_length=max_length,
         completion_only_loss=False,
-        pad_token=tokenizer.eos_token,
         dataloader_num_workers=0,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list([{"sample": s} for s in samples]),
