@@ -77,6 +77,10 @@ def load_for_inference(model_dir: str | Path, base_model: str | None = None):
 # Fewer shared leading tokens than this and running them once saves less than the cache
 # bookkeeping costs: such inputs take the plain path.
 MIN_SHARED_PREFIX = 8
+# Attention kernels whose cache + padding-mask handling the equivalence tests cover (CPU).
+# FlashAttention builds its own unpadded layout from the mask and only runs on a GPU, so it
+# keeps the plain path until the same test has run there.
+PREFIX_CACHE_ATTENTION = ("sdpa", "eager")
 
 
 def _encode_prompt(tokenizer, prompt: list[Message]) -> list[int]:
@@ -173,8 +177,9 @@ def _shared_prefix_length(model, seqs: list[list[int]], spans: list[tuple[int, i
     before the first position whose logits are needed, since cached positions produce
     no logits. Excluded, and scored by the plain path instead: a single sequence,
     prompt-learning PEFT adapters (virtual tokens), models whose forward takes no cache,
-    and lengths past a sliding window or a long-RoPE switch point, where a shorter
-    prefix-only forward could see different attention windows or rotary factors.
+    attention kernels outside ``PREFIX_CACHE_ATTENTION``, and lengths past a sliding
+    window or a long-RoPE switch point, where a shorter prefix-only forward could see
+    different attention windows or rotary factors.
     """
     if len(seqs) < 2:
         return 0
@@ -185,6 +190,8 @@ def _shared_prefix_length(model, seqs: list[list[int]], spans: list[tuple[int, i
     if not ({"cache", "past_key_values"} & params):
         return 0
     config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) not in PREFIX_CACHE_ATTENTION:
+        return 0
     longest = max(len(s) for s in seqs)
     for limit in ("sliding_window", "original_max_position_embeddings"):
         value = getattr(config, limit, None)
@@ -218,7 +225,7 @@ def _next_token_logprobs(
     sequences share are run once (``_shared_prefix_length``) and only each row's remainder
     is batched; and the LM head runs only on the trailing positions that hold a
     requested span (``logits_to_keep``), not on every position: on the tiny model the
-    vocabulary projection was ~20% of the forward's FLOPs, all but one position wasted.
+    vocabulary projection was ~15% of the forward's time, all but one position wasted.
     """
     device = next(model.parameters()).device
     params = _forward_params(model)

@@ -219,3 +219,12 @@ def test_invalid_predictions_count_against_recall_only():
     assert m["accuracy"] == 2 / 3
     assert m["per_class"]["a"] == {"precision": 1.0, "recall": 0.5, "f1": 2 / 3, "support": 2}
     assert m["confusion_matrix"] == [[1, 0], [0, 1]]
+
+
+def test_untested_attention_kernels_take_the_plain_path(model_and_tokenizer, monkeypatch):
+    model, tokenizer = model_and_tokenizer
+    ids = _encode_prompts(tokenizer, [prompt_messages(q, LABELS) for q in QUESTIONS])
+    spans = [(len(p) - 1, len(p)) for p in ids]
+    assert _shared_prefix_length(model, ids, spans) > 0
+    monkeypatch.setattr(model.config, "_attn_implementation", "flash_attention_2")
+    assert _shared_prefix_length(model, ids, spans) == 0
