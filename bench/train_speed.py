@@ -15,7 +15,7 @@
 Measured per run: tokens fed to the model per epoch (padding included) and non-pad tokens,
 padding fraction, tokens/s, seconds per epoch, peak memory (CPU: peak RSS of the worker
 process, and its rise during training; GPU: torch.cuda.max_memory_allocated), and on a GPU the
-model-FLOPs utilization (see ``flops_per_step``). Each run is a fresh worker process, so peak
+model-FLOPs utilization (see ``training_flops``). Each run is a fresh worker process, so peak
 memory is its own; runs alternate ours/published and the median over --repeats is reported.
 
 CPU (always): the tiny Phi-3 (components/tiny_model.py) on synthetic rows from
@@ -77,7 +77,7 @@ BF16_PEAK_TFLOPS: list[tuple[str, float]] = [
 
 
 def published_sample(question: str, label: str, labels: list[str]) -> str:
-    """The notebooks' plain-text instruction row (paraphrased like notes/okareo.md §1.3, same shape and length)."""
+    """The notebooks' plain-text instruction row (paraphrased like notes/okareo.md §1.3: same shape, similar length)."""
     bullets = "\n".join(f"- {x}" for x in labels)
     return (
         "### Instruction:\n"
@@ -168,9 +168,9 @@ def param_counts(model) -> dict[str, int]:
     return counts
 
 
-def flops_per_step(params: dict[str, int], layers: int, hidden: int, real_tokens: int, loss_tokens: int,
+def training_flops(params: dict[str, int], layers: int, hidden: int, real_tokens: int, loss_tokens: int,
                    sequences: int, checkpointing: bool) -> dict[str, float]:
-    """Model and hardware FLOPs of the counted tokens, for LoRA on a frozen base.
+    """Model and hardware FLOPs of a training run over the counted tokens, for LoRA on a frozen base.
 
     Per token, each frozen matmul weight costs 2 FLOPs forward and 2 backward (the input
     gradient, needed to reach the adapters below); its weight gradient is never computed, so
@@ -332,11 +332,11 @@ def worker(kind: str, model_dir: Path, formatted: Path, epochs: float, result_pa
     base_config = model.get_base_model().config
     checkpointing = bool(getattr(trainer.args, "activation_checkpointing", False)
                          or getattr(trainer.args, "gradient_checkpointing", False))
-    flops = flops_per_step(counts, base_config.num_hidden_layers, base_config.hidden_size, counter.real,
+    flops = training_flops(counts, base_config.num_hidden_layers, base_config.hidden_size, counter.real,
                            counter.loss, counter.sequences, checkpointing)
     device_name = torch.cuda.get_device_name(0) if on_gpu else "cpu"
     peak = bf16_peak_tflops(device_name) if on_gpu else None
-    out = {
+    record = {
         "kind": kind,
         "device": device_name,
         "epochs": epochs,
@@ -371,7 +371,7 @@ def worker(kind: str, model_dir: Path, formatted: Path, epochs: float, result_pa
         "torch_threads": threads,
         **info,
     }
-    result_path.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+    result_path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
 # ---------------------------------------------------------------------- driver

@@ -43,14 +43,14 @@ def test_counting_collator_counts_padding_and_sequences():
     assert (counter.fed, counter.real, counter.loss, counter.sequences) == (5, 5, 3, 2)
 
 
-def test_flops_per_step_lora_accounting():
+def test_training_flops_lora_accounting():
     params = {"body": 1000, "head": 100, "lora": 10}
-    f = train_speed.flops_per_step(params, layers=2, hidden=4, real_tokens=20, loss_tokens=5, sequences=2,
+    f = train_speed.training_flops(params, layers=2, hidden=4, real_tokens=20, loss_tokens=5, sequences=2,
                                    checkpointing=False)
     attn_fwd = 2 * 2 * 4 * 10  # ctx = 20 tokens / 2 sequences
     assert f["model"] == 20 * (4 * 1000 + 6 * 10 + 3 * attn_fwd) + 5 * 4 * 100
     assert f["hardware"] == f["model"]
-    g = train_speed.flops_per_step(params, 2, 4, 20, 5, 2, checkpointing=True)
+    g = train_speed.training_flops(params, 2, 4, 20, 5, 2, checkpointing=True)
     assert g["model"] == f["model"]  # recompute is not model work ...
     assert g["hardware"] == f["model"] + 20 * (2 * 1010 + attn_fwd)  # ... but the hardware does it
 

@@ -113,9 +113,10 @@ def test_shared_prefix_path_equals_plain_path(model_and_tokenizer, padding_side,
     prompts = [prompt_messages(q, labels) for q in QUESTIONS]
     # The fast path is really taken: everything up to the user's question is shared.
     ids = _encode_prompts(tokenizer, prompts)
+    # The system turn alone, less the eos the template appends when no generation prompt follows.
     system_part = len(tokenizer.apply_chat_template(prompts[0][:1], tokenize=True, return_dict=True)["input_ids"]) - 1
     shared = _shared_prefix_length(model, ids, [(len(p) - 1, len(p)) for p in ids])
-    assert shared >= max(MIN_SHARED_PREFIX, system_part)  # -1: the template's trailing eos
+    assert shared >= max(MIN_SHARED_PREFIX, system_part)
     fast = score_labels(model, tokenizer, prompts, labels, batch_size=3, padding_side=padding_side)
     plain = score_labels(model, tokenizer, prompts, labels, batch_size=3, padding_side=padding_side, prefix_cache=False)
     _assert_close(fast, plain, labels)
