@@ -221,11 +221,19 @@ def _ours_config(model_dir: Path, epochs: float, on_gpu: bool):
 
 
 def build_ours(model_dir: Path, formatted: Path, out: Path, epochs: float, on_gpu: bool):
+    from transformers.trainer_utils import SaveStrategy
+
     from ftloop.components.finetune import build_trainer
 
     trainer, info = build_trainer(_ours_config(model_dir, epochs, on_gpu), formatted, out, progress=lambda line: None)
+    # A build_trainer that checkpoints every epoch (for resuming and best-checkpoint selection)
+    # would time checkpoint writes too; the published run saves none either.
+    checkpoints = trainer.args.save_strategy != SaveStrategy.NO
+    if checkpoints and not trainer.args.load_best_model_at_end:
+        trainer.args.save_strategy = SaveStrategy.NO
     return trainer, {"n_train_rows": info["n_train_rows"], "target_modules": info["target_modules"],
-                     "quantization": None, "max_length": trainer.args.max_length}
+                     "quantization": None, "max_length": trainer.args.max_length,
+                     "checkpoint_saving_switched_off": checkpoints}
 
 
 def build_published(model_dir: Path, formatted: Path, out: Path, epochs: float, on_gpu: bool):
