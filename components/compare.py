@@ -162,17 +162,23 @@ def render_markdown(summary: dict[str, Any]) -> str:
             for split in ("dev", "test"):
                 r = result[split]
                 lines.append(f"| {pair} | {split} | {r['fixed']} | {r['broken']} | {r['p_value']:.4f} |")
+    augmented_data = summary.get("data", {}).get("augmented") or {}
     aug = _augmentation(summary)
-    if aug:
-        lines += [
-            "",
-            "## Augmentation",
-            "",
-            f"- errors mined: {aug['errors_mined']} (train/dev only; test is never mined)",
-            f"- rephrasings generated: {aug['generated']}, added: {aug['added']}, removed: {aug['removed']}",
-            f"- most common confusions (true->predicted): {', '.join(f'{k} x{v}' for k, v in list(aug['confusions'].items())[:5]) or 'none'}",
-            "- the augmented model trained on rephrasings of mined dev rows, so its dev score is optimistic; compare on test.",
-        ]
+    rounds = augmented_data.get("augmentation_rounds") or ([aug] if aug else [])
+    stopped = augmented_data.get("loop_stopped")
+    if rounds or stopped:
+        lines += ["", "## Augmentation", ""]
+        for r in rounds:
+            removed = {k: v for k, v in (r.get("removed") or {}).items() if v}
+            confusions = ", ".join(f"{k} x{v}" for k, v in list(r["confusions"].items())[:5]) or "none"
+            lines.append(
+                f"- round {r.get('round', 1)}: errors mined {r['errors_mined']} (train/dev only; test is never mined), "
+                f"rephrasings generated {r['generated']}, added {r['added']}, removed {removed or 'none'}; "
+                f"top confusions (true->predicted): {confusions}"
+            )
+        if stopped:
+            lines.append(f"- loop stopped in round {stopped['round']}: {stopped['reason']}")
+        lines.append("- the augmented model trained on rephrasings of mined dev rows, so its dev score is optimistic; compare on test.")
     base = summary.get("data", {}).get("base")
     if base:
         lines += [

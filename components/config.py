@@ -48,9 +48,88 @@ class DataConfig(_Section):
         return self.articles or self.questions  # type: ignore[return-value]
 
 
+GeneratorBackend = Literal["offline", "okareo", "hf", "openai"]
+
+
 class GenerateConfig(_Section):
-    backend: Literal["offline"] = "offline"
+    backend: GeneratorBackend = "offline"
     questions_per_article: PositiveInt = 8
+
+
+class OkareoConfig(_Section):
+    """The ``okareo`` backend (official SDK) and the optional evaluation upload. The key comes from OKAREO_API_KEY only."""
+
+    base_url: str | None = Field(default=None, description="API base URL; default: the SDK's (OKAREO_BASE_URL or api.okareo.com).")
+    project: str | None = Field(default=None, description="Okareo project name or id; default: the account's default project.")
+    tone: Literal["neutral", "formal", "informal", "abbreviated_informal", "persuasive", "empathetic"] = "informal"
+    name_prefix: str = "ftloop"
+    max_retries: Annotated[int, Field(ge=0, le=10)] = 4
+    backoff_seconds: Annotated[float, Field(ge=0)] = 2.0
+    timeout_seconds: Annotated[float, Field(gt=0)] = Field(
+        default=120.0, description="Per HTTP request (the SDK itself sets none; generation calls can be slow)."
+    )
+    upload_eval: bool = Field(default=False, description="Also upload the splits as scenarios and report predictions as test runs.")
+
+
+class HFGeneratorConfig(_Section):
+    """The ``hf`` backend: an instruction-tuned causal LM sampled with transformers (meant for the L4 node)."""
+
+    name_or_path: str = "microsoft/Phi-3-mini-4k-instruct"
+    revision: str | None = None
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    batch_size: PositiveInt = 8
+    max_new_tokens: PositiveInt = 256
+    temperature: Annotated[float, Field(gt=0, le=2)] = 0.9
+    top_p: Annotated[float, Field(gt=0, le=1)] = 0.95
+    max_attempts: Annotated[int, Field(ge=1, le=10)] = 3
+
+
+class OpenAIConfig(_Section):
+    """The ``openai`` backend: any OpenAI-compatible chat-completions server (e.g. vLLM in the cluster)."""
+
+    base_url: str = "http://localhost:8000/v1"
+    model: str = "microsoft/Phi-3-mini-4k-instruct"
+    api_key_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] = Field(
+        default="OPENAI_API_KEY", description="Name of the env var holding the key (optional: unset sends no key)."
+    )
+    timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+    max_retries: Annotated[int, Field(ge=0, le=10)] = 4
+    backoff_seconds: Annotated[float, Field(ge=0)] = 1.0
+    concurrency: Annotated[int, Field(ge=1, le=64)] = 4
+    temperature: Annotated[float, Field(ge=0, le=2)] = 0.9
+    max_tokens: PositiveInt = 512
+    max_attempts: Annotated[int, Field(ge=1, le=10)] = Field(
+        default=3, description="Tries per request when the reply cannot be parsed into the asked-for list."
+    )
+    secret_name: str | None = Field(
+        default=None, description="Kubernetes secret (key 'api-key') exposed as api_key_env on the cluster; none if unset."
+    )
+
+
+class GeneratorsConfig(_Section):
+    """Per-backend settings; ``generate.backend`` and ``augment.backend`` pick which one is used."""
+
+    okareo: OkareoConfig = OkareoConfig()
+    hf: HFGeneratorConfig = HFGeneratorConfig()
+    openai: OpenAIConfig = OpenAIConfig()
+
+
+class FiltersConfig(_Section):
+    """Quality filters applied to every generated question and rephrasing (components/filters.py)."""
+
+    min_chars: PositiveInt = 8
+    max_chars: PositiveInt = 300
+    min_words: PositiveInt = 2
+    min_alpha_ratio: Annotated[float, Field(ge=0, le=1)] = 0.6
+    near_duplicate_threshold: Annotated[float, Field(gt=0, le=1)] = Field(
+        default=0.9, description="Jaccard similarity of character 4-gram shingles at or above which a row is a near-duplicate."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "FiltersConfig":
+        if self.min_chars > self.max_chars:
+            raise ValueError("min_chars must be <= max_chars")
+        return self
 
 
 class SplitConfig(_Section):
@@ -175,9 +254,19 @@ class EvalConfig(_Section):
 
 
 class AugmentConfig(_Section):
-    backend: Literal["offline"] = "offline"
+    backend: GeneratorBackend = "offline"
     rephrasings_per_error: PositiveInt = 3
-    max_per_class: PositiveInt = 50
+    max_per_class: PositiveInt = Field(default=50, description="Most rows added per class in one round.")
+    rounds: Annotated[int, Field(ge=1, le=5)] = Field(
+        default=1, description="Augment-retrain rounds, unrolled at compile time; later rounds stop early."
+    )
+    label_filter: Literal["tfidf", "model", "none"] = Field(
+        default="tfidf", description="Keep a rephrasing only if this judge gives its intended label the top score by a margin."
+    )
+    label_margin: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    min_dev_improvement: Annotated[float, Field(ge=0)] = Field(
+        default=0.0, description="Stop when the last round's dev macro-F1 gain over the round before is not above this."
+    )
 
 
 class ClusterConfig(_Section):
@@ -225,6 +314,8 @@ class RunConfig(_Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     augment: AugmentConfig = AugmentConfig()
+    generators: GeneratorsConfig = GeneratorsConfig()
+    filters: FiltersConfig = FiltersConfig()
     cluster: ClusterConfig = ClusterConfig()
 
     def to_json(self) -> str:

@@ -7,6 +7,8 @@ time (``pipelines.k8s``), never hard-coded here.
 """
 
 
+from typing import NamedTuple
+
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
 
@@ -127,19 +129,90 @@ def tfidf_baseline(run_config: str, formatted: Input[Dataset], results: Output[D
 
 
 @dsl.component(**_component)
-def augment_from_errors(run_config: str, splits: Input[Dataset], evaluation: Input[Dataset], augmented: Output[Dataset]):
-    """Rephrase misclassified train/dev rows into an augmented train split."""
+def augment_from_errors(
+    run_config: str,
+    round: int,
+    splits: Input[Dataset],
+    evaluation: Input[Dataset],
+    model: Input[Model],
+    reference_splits: Input[Dataset],
+    reference_evaluation: Input[Dataset],
+    augmented: Output[Dataset],
+) -> NamedTuple("AugmentDecision", [("decision", str), ("reason", str)]):
+    """One loop round: rephrase misclassified train/dev rows into an augmented train split, or decide to stop."""
+    from collections import namedtuple
+
     from ftloop.components.errors import exit_on_user_error
 
     with exit_on_user_error():
         from ftloop.components.augment import run_augment
         from ftloop.components.config import RunConfig
 
-        config = RunConfig.from_json(run_config)
-        a = config.augment
-        augmented.metadata.update(
-            run_augment(splits.path, evaluation.path, augmented.path, a.backend, a.rephrasings_per_error, a.max_per_class, config.seed)
+        meta = run_augment(
+            RunConfig.from_json(run_config), splits.path, evaluation.path, augmented.path, round=round,
+            reference_eval_dir=reference_evaluation.path, reference_split_dir=reference_splits.path, model_dir=model.path,
         )
+        augmented.metadata.update(meta)
+        return namedtuple("AugmentDecision", ["decision", "reason"])(meta["decision"], meta["stop_reason"])
+
+
+@dsl.component(**_component)
+def carry_forward(
+    decision: str,
+    model: Input[Model],
+    evaluation: Input[Dataset],
+    reference_model: Input[Model],
+    reference_evaluation: Input[Dataset],
+    kept_model: Output[Model],
+    kept_evaluation: Output[Dataset],
+):
+    """The loop stopped: pass the kept model and its evaluation on unchanged."""
+    from ftloop.components.errors import exit_on_user_error
+
+    with exit_on_user_error():
+        from ftloop.components.augment import carry_forward as run_carry
+
+        kept = run_carry(
+            decision, (model.path, evaluation.path), (reference_model.path, reference_evaluation.path),
+            (kept_model.path, kept_evaluation.path),
+        )
+        sources = (reference_model, reference_evaluation) if kept == "reference" else (model, evaluation)
+        for src, dst in zip(sources, (kept_model, kept_evaluation)):
+            dst.metadata.update({**src.metadata, "kept_by_loop_stop": kept})
+
+
+@dsl.component(**_component)
+def select_final_model(
+    run_config: str,
+    model: Input[Model],
+    evaluation: Input[Dataset],
+    splits: Input[Dataset],
+    reference_model: Input[Model],
+    reference_evaluation: Input[Dataset],
+    reference_splits: Input[Dataset],
+    kept_model: Output[Model],
+    kept_evaluation: Output[Dataset],
+    kept_splits: Output[Dataset],
+) -> str:
+    """After the last round: keep it only if it improved dev macro-F1 over the round before; returns which was kept."""
+    from ftloop.components.errors import exit_on_user_error
+
+    with exit_on_user_error():
+        from ftloop.components.augment import select_final
+        from ftloop.components.config import RunConfig
+
+        config = RunConfig.from_json(run_config)
+        result = select_final(
+            (model.path, evaluation.path, splits.path),
+            (reference_model.path, reference_evaluation.path, reference_splits.path),
+            (kept_model.path, kept_evaluation.path, kept_splits.path),
+            config.augment.min_dev_improvement,
+            config.augment.rounds,
+        )
+        sources = (reference_model, reference_evaluation, reference_splits) if result["kept"] == "reference" else (model, evaluation, splits)
+        for src, dst in zip(sources, (kept_model, kept_evaluation, kept_splits)):
+            dst.metadata.update({**src.metadata, "kept": result["kept"], "reason": result["reason"]})
+        return result["kept"]
 
 
 @dsl.component(**_component)
@@ -177,3 +250,26 @@ def compare_models(
             {"run_name": config.name, "seed": config.seed, "config": config.model_dump(mode="json")},
         )
         results.metadata.update({f"delta_test_{k}": v for k, v in summary["deltas"].get("test", {}).items()})
+
+
+@dsl.component(**_component)
+def upload_to_okareo(
+    run_config: str,
+    base_evaluation: Input[Dataset],
+    augmented_evaluation: Input[Dataset],
+    links: Output[Artifact],
+):
+    """Optional: the splits as Okareo scenarios and each model's predictions as Okareo test runs (key from OKAREO_API_KEY)."""
+    from ftloop.components.errors import exit_on_user_error
+
+    with exit_on_user_error():
+        from ftloop.components.config import RunConfig
+        from ftloop.components.gen_okareo import upload_evaluation
+        from ftloop.components.records import write_json
+
+        config = RunConfig.from_json(run_config)
+        result = upload_evaluation(
+            config.generators.okareo, config.name, {"base": base_evaluation.path, "augmented": augmented_evaluation.path}
+        )
+        write_json(links.path, result)
+        links.metadata.update({f"{model}_{split}": url for model, splits in result.items() for split, url in splits.items()})

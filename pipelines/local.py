@@ -42,6 +42,41 @@ def check_base_model(config: RunConfig) -> None:
         load_tokenizer(ref)  # chat template and a pad token distinct from eos
 
 
+def support_oneof_artifacts_locally() -> None:
+    """Let kfp.local resolve ``dsl.OneOf`` over artifacts, as the KFP backend does.
+
+    kfp 2.17.3's local orchestrator resolves a OneOf over *parameters* (it takes
+    the output of whichever branch ran) but refuses one over *artifacts*:
+    ``ValueError: Expected 1 artifact in ArtifactSelectorSpec. Got: 2``
+    (``kfp/local/orchestrator/orchestrator_utils.py``, ``get_dag_output_artifacts``).
+    The augmentation loop hands each round's model and evaluation on through
+    ``dsl.If``/``dsl.Else`` + ``dsl.OneOf``, so the local runner gets the same rule
+    for artifacts that it already applies to parameters. Only the local runner
+    is affected; compiled pipelines are unchanged. kfp is pinned (==2.17.3).
+    """
+    from kfp.local.orchestrator.orchestrator_utils import OrchestratorUtils
+
+    if getattr(OrchestratorUtils.get_dag_output_artifacts, "_ftloop_oneof", False):
+        return
+
+    def get_dag_output_artifacts(cls, dag_outputs_spec, io_store):
+        outputs = {}
+        for key, spec in dag_outputs_spec.artifacts.items():
+            found = []
+            for selector in spec.artifact_selectors:
+                try:
+                    found.append(io_store.get_task_output(selector.producer_subtask, selector.output_artifact_key))
+                except (KeyError, ValueError):
+                    continue  # that branch did not run
+            if len(found) != 1:
+                raise ValueError(f"dsl.OneOf output {key!r}: expected exactly one branch to produce it, got {len(found)}")
+            outputs[key] = found[0]
+        return outputs
+
+    get_dag_output_artifacts._ftloop_oneof = True  # type: ignore[attr-defined]
+    OrchestratorUtils.get_dag_output_artifacts = classmethod(get_dag_output_artifacts)
+
+
 def clear_previous_results(workdir: Path) -> None:
     """A failed run must not leave an older run's results looking current."""
     for name in RESULT_FILES:
@@ -62,10 +97,13 @@ def run_local(config: RunConfig, workdir: str | Path, progress: Callable[[str], 
         raise FtloopError(f"{workdir}: cannot create work directory: {exc.strerror or exc}") from None
     started = time.monotonic()
     clear_previous_results(workdir)
-    examples, labels = load_source(config)  # fail fast, with file and line, before any stage starts
+    # Fail fast, with file and line, before any stage starts. Only the offline generator runs here too:
+    # a model or a paid API is called once, by the pipeline's own generate step.
+    examples, labels = load_source(config, generate=config.generate.backend == "offline")
     config = ensure_tiny_model(config, workdir, [e.text for e in examples], labels, progress)
     check_base_model(config)
 
+    support_oneof_artifacts_locally()
     local.init(
         runner=local.SubprocessRunner(use_venv=False),
         pipeline_root=str(workdir / "kfp"),

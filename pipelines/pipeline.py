@@ -1,4 +1,4 @@
-"""The ftloop pipeline: generate -> split -> format -> fine-tune -> evaluate -> augment -> fine-tune -> evaluate -> compare.
+"""The ftloop pipeline: generate -> split -> format -> fine-tune -> evaluate -> N x (augment -> fine-tune -> evaluate) -> compare.
 
 The graph is built from a run config: compile-time choices (data source
 kind, cluster vs local) shape it, and the config itself is the pipeline's
@@ -12,8 +12,16 @@ from kfp import dsl
 from kfp.dsl import Artifact, Dataset, PipelineTask
 
 from ftloop.components import kfp_components as c
-from ftloop.components.config import RunConfig
-from ftloop.pipelines.k8s import backend_of, configure_cpu_task, configure_gpu_task, configure_llm_task, quiet_ml_env
+from ftloop.components.config import OpenAIConfig, RunConfig
+from ftloop.pipelines.k8s import configure_cpu_task, configure_gpu_task, configure_llm_task, quiet_ml_env
+
+
+def add_openai_secret(task: PipelineTask, openai: OpenAIConfig) -> None:
+    """The openai backend's key, if it needs one, from a Kubernetes Secret (never a pipeline parameter)."""
+    from kfp import kubernetes
+
+    if openai.secret_name:
+        kubernetes.use_secret_as_env(task, secret_name=openai.secret_name, secret_key_to_env={"api-key": openai.api_key_env})
 
 
 def build_pipeline(config: RunConfig, for_cluster: bool = False) -> Callable:
@@ -28,9 +36,17 @@ def build_pipeline(config: RunConfig, for_cluster: bool = False) -> Callable:
         quiet_ml_env(task)
         return configure_gpu_task(task, config.cluster) if for_cluster else task
 
-    def llm(task: PipelineTask, section: object) -> PipelineTask:
-        # Remote generators (e.g. okareo): no caching, retries, the API key from a Secret.
-        return configure_llm_task(task, config.cluster, backend_of(section)) if for_cluster else task
+    def generation(task: PipelineTask, name: str, backend: str, needs_gpu: bool = False) -> PipelineTask:
+        """A task that calls a generator backend (or Okareo): on a GPU for hf; on the cluster
+        uncached and retried unless offline, with the backend's API key from a Kubernetes Secret."""
+        task = gpu(task, name) if needs_gpu or backend == "hf" else cpu(task, name)
+        if for_cluster:
+            configure_llm_task(task, config.cluster, backend)  # the Okareo secret, no caching, retries
+            if backend == "openai":
+                add_openai_secret(task, config.generators.openai)
+        return task
+
+    augment_on_gpu = config.augment.label_filter == "model"
 
     @dsl.pipeline(
         name=config.name,
@@ -40,9 +56,11 @@ def build_pipeline(config: RunConfig, for_cluster: bool = False) -> Callable:
     def ftloop_pipeline(run_config: str = config.to_json(), source_uri: str = config.data.source_path) -> Artifact:
         source = dsl.importer(artifact_uri=source_uri, artifact_class=Dataset, reimport=False)
         source.set_display_name("source data")
-        examples = cpu(c.prepare_examples(run_config=run_config, source=source.output), "generate questions" if config.data.articles else "import questions")
+        examples = c.prepare_examples(run_config=run_config, source=source.output)
         if config.data.articles:
-            llm(examples, config.generate)
+            generation(examples, "generate questions", config.generate.backend)
+        else:
+            cpu(examples, "import questions")
         splits = cpu(c.split_examples(run_config=run_config, examples=examples.output), "split (grouped, stratified)")
         formatted = cpu(c.format_chat(run_config=run_config, splits=splits.output), "format chat data")
 
@@ -53,31 +71,71 @@ def build_pipeline(config: RunConfig, for_cluster: bool = False) -> Callable:
         base_model = gpu(c.finetune(run_config=run_config, formatted=formatted.output), "fine-tune base")
         base_eval = gpu(c.evaluate(run_config=run_config, model_name="base", model=base_model.output, formatted=formatted.output), "evaluate base")
 
-        augmented_splits = cpu(
-            c.augment_from_errors(run_config=run_config, splits=splits.output, evaluation=base_eval.outputs["results"]),
-            "augment from errors",
+        # Error-driven augmentation, `augment.rounds` rounds unrolled at compile time. Each round's
+        # augment task decides: "continue" trains and evaluates a new model (dsl.If); otherwise
+        # (dsl.Else) the kept model and its evaluation pass through unchanged and every later
+        # round stops at once. dsl.OneOf hands the round's result to the next round.
+        current = (base_model.output, base_eval.outputs["results"], splits.output)
+        reference = current
+        for r in range(1, config.augment.rounds + 1):
+            model, evaluation, round_splits = current
+            augment_task = c.augment_from_errors(
+                run_config=run_config, round=r, splits=round_splits, evaluation=evaluation, model=model,
+                reference_splits=reference[2], reference_evaluation=reference[1],
+            )
+            generation(augment_task, f"augment round {r}", config.augment.backend, needs_gpu=augment_on_gpu)
+            with dsl.If(augment_task.outputs["decision"] == "continue", name=f"round-{r}-continue"):
+                round_formatted = cpu(c.format_chat(run_config=run_config, splits=augment_task.outputs["augmented"]), f"format round {r} data")
+                round_model = gpu(c.finetune(run_config=run_config, formatted=round_formatted.output), f"fine-tune round {r}")
+                # Same rows as the base evaluation, so the models are compared pairwise.
+                round_eval = gpu(
+                    c.evaluate(run_config=run_config, model_name="augmented", model=round_model.output, formatted=formatted.output),
+                    f"evaluate round {r}",
+                )
+            with dsl.Else(name=f"round-{r}-stop"):
+                kept = cpu(
+                    c.carry_forward(
+                        decision=augment_task.outputs["decision"], model=model, evaluation=evaluation,
+                        reference_model=reference[0], reference_evaluation=reference[1],
+                    ),
+                    f"round {r}: loop stopped, keep model",
+                )
+            reference = current
+            current = (
+                dsl.OneOf(round_model.output, kept.outputs["kept_model"]),
+                dsl.OneOf(round_eval.outputs["results"], kept.outputs["kept_evaluation"]),
+                # On a stop the augment task itself writes the kept splits, so no OneOf is needed here.
+                augment_task.outputs["augmented"],
+            )
+        # The rule between rounds, applied once more after the last one: a last round that lowered
+        # dev macro-F1 is not the final model.
+        final = cpu(
+            c.select_final_model(
+                run_config=run_config, model=current[0], evaluation=current[1], splits=current[2],
+                reference_model=reference[0], reference_evaluation=reference[1], reference_splits=reference[2],
+            ),
+            "keep the better of the last two rounds",
         )
-        llm(augmented_splits, config.augment)
-        augmented_formatted = cpu(c.format_chat(run_config=run_config, splits=augmented_splits.output), "format augmented data")
-        augmented_model = gpu(c.finetune(run_config=run_config, formatted=augmented_formatted.output), "fine-tune augmented")
-        # Same rows as the base evaluation, so the two models are compared pairwise.
-        augmented_eval = gpu(
-            c.evaluate(run_config=run_config, model_name="augmented", model=augmented_model.output, formatted=formatted.output),
-            "evaluate augmented",
-        )
+        augmented_eval, augmented_splits = final.outputs["kept_evaluation"], final.outputs["kept_splits"]
 
         comparison = cpu(
             c.compare_models(
                 run_config=run_config,
                 base_evaluation=base_eval.outputs["results"],
-                augmented_evaluation=augmented_eval.outputs["results"],
+                augmented_evaluation=augmented_eval,
                 tfidf_evaluation=tfidf.outputs["results"],
                 zero_shot_evaluation=zero_shot.outputs["results"],
                 base_splits=splits.output,
-                augmented_splits=augmented_splits.output,
+                augmented_splits=augmented_splits,
             ),
             "compare models",
         )
+        if config.generators.okareo.upload_eval:
+            generation(
+                c.upload_to_okareo(run_config=run_config, base_evaluation=base_eval.outputs["results"], augmented_evaluation=augmented_eval),
+                "upload evaluation to Okareo",
+                "okareo",
+            )
         return comparison.outputs["results"]
 
     return ftloop_pipeline

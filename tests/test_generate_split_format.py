@@ -82,10 +82,12 @@ def test_prepare_split_format_stage_files(tmp_path):
     path = write_lines(tmp_path / "articles.jsonl", corpus_subset(["returns", "shipping", "payments"], 4))
     config = load_config(write_config(tmp_path / "run.yaml", path, generate={"questions_per_article": 3}))
     meta = run_prepare(config, str(path), tmp_path / "examples")
-    assert meta["rows"] == 36 and meta["labels"] == 3 and meta["groups"] == 12
+    # 36 generated; the filters drop duplicates across articles (counted in the metadata)
+    assert meta["rows"] + meta["filtered_total"] == 36 and meta["filtered_total"] == meta["filtered_duplicate_within_new"] + meta["filtered_near_duplicate_within_new"]
+    assert meta["labels"] == 3 and meta["groups"] == 12
     split_meta = run_split(tmp_path / "examples", tmp_path / "splits", 0.25, 0.25, config.seed)
     assert split_meta["test_group_overlap"] == 0
-    assert split_meta["train_rows"] + split_meta["dev_rows"] + split_meta["test_rows"] == 36
+    assert split_meta["train_rows"] + split_meta["dev_rows"] + split_meta["test_rows"] == meta["rows"]
     fmt_meta = run_format(tmp_path / "splits", tmp_path / "formatted")
     assert fmt_meta["labels"] == 3
     row = read_jsonl(tmp_path / "formatted" / "test.jsonl")[0]

@@ -17,7 +17,7 @@ GKE_CONFIG = REPO / "configs" / "webbizz-gke.yaml"
 # Every task that loads the language model: fine-tunes, their evaluations, the zero-shot baseline.
 GPU_TASKS = {"finetune", "finetune-2", "evaluate", "evaluate-2", "evaluate-zero-shot"}
 CPU_TASKS = {"prepare-examples", "split-examples", "format-chat", "format-chat-2", "tfidf-baseline",
-             "augment-from-errors", "compare-models"}
+             "augment-from-errors", "carry-forward", "select-final-model", "compare-models"}
 L4 = {"labels": {"cloud.google.com/gke-accelerator": "nvidia-l4"}}
 
 
@@ -31,8 +31,16 @@ def load(path):
     return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
 
 
+def all_tasks(spec):
+    """Tasks of the root DAG and of the sub-DAGs (an augmentation round's retrain sits inside dsl.If/Else)."""
+    tasks = dict(spec["root"]["dag"]["tasks"])
+    for component in spec["components"].values():
+        tasks.update(component.get("dag", {}).get("tasks", {}))
+    return {name: task for name, task in tasks.items() if not name.startswith("condition-")}
+
+
 def executor_of(spec, task):
-    return spec["root"]["dag"]["tasks"][task]["componentRef"]["name"].replace("comp-", "exec-", 1)
+    return all_tasks(spec)[task]["componentRef"]["name"].replace("comp-", "exec-", 1)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +64,7 @@ def compiled(tmp_path_factory, build_json):
 
 def test_exactly_the_model_tasks_request_one_l4(compiled):
     spec, k8s = load(compiled)
-    tasks = spec["root"]["dag"]["tasks"]
+    tasks = all_tasks(spec)
     assert set(tasks) - {"importer"} == GPU_TASKS | CPU_TASKS
     for task in GPU_TASKS | CPU_TASKS:
         executor = executor_of(spec, task)
@@ -158,7 +166,7 @@ def test_okareo_key_only_on_tasks_that_call_okareo(tmp_path, monkeypatch, sectio
     text = out.read_text()
     assert "okareo-FAKE-KEY-planted-7c1d" not in text
     spec, k8s = load(out)
-    tasks = spec["root"]["dag"]["tasks"]
+    tasks = all_tasks(spec)
     for task in GPU_TASKS | CPU_TASKS:
         secrets = k8s.get(executor_of(spec, task), {}).get("secretAsEnv")
         if task in secret_tasks:

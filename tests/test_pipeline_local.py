@@ -26,7 +26,7 @@ def run(tmp_path_factory):
         split={"train": 0.5, "dev": 0.25, "test": 0.25},
         model={"name_or_path": "builtin:tiny-phi3", "dtype": "float32"},
         train={"epochs": 2, "learning_rate": 0.002, "batch_size": 8, "max_length": 96, "logging_steps": 2},
-        augment={"rephrasings_per_error": 2},
+        augment={"rephrasings_per_error": 2, "rounds": 2},
     )
     workdir = tmp / "out"
     result = subprocess.run(
@@ -94,7 +94,7 @@ def test_no_test_group_appears_in_train_or_dev(run):
 def test_adapters_cover_all_four_phi3_linear_types(run):
     workdir, _ = run
     configs = list((workdir / "kfp").rglob("adapter_config.json"))
-    assert len(configs) == 2
+    assert len(configs) >= 2  # base, each trained round, and a kept model passed on when the loop stops
     for path in configs:
         assert set(json.loads(path.read_text())["target_modules"]) == PHI3_LINEAR
 
@@ -122,3 +122,41 @@ def test_kfp_ui_metrics_use_one_naming_scheme(run):
     summary = json.loads((workdir / "summary.json").read_text())
     assert [a["displayName"] for a in spec["annotationSpecs"]] == summary["labels"]
     assert [r["row"] for r in spec["rows"]] == summary["models"]["base"]["test"]["confusion_matrix"]
+
+
+def executor_output(run_root: Path, task: str) -> dict:
+    return json.loads((run_root / task / "executor_output.json").read_text())
+
+
+def test_two_round_loop_runs_with_dsl_if_and_stops_or_continues_consistently(run):
+    workdir, output = run
+    (run_root,) = (workdir / "kfp").iterdir()
+    decisions = [executor_output(run_root, t)["parameterValues"]["decision"] for t in ("augment-from-errors", "augment-from-errors-2")]
+    assert all(d in ("continue", "stop-keep-current", "stop-keep-reference") for d in decisions)
+    # dsl.If ran the round's fine-tune exactly when the round said "continue"; dsl.Else ran carry-forward otherwise.
+    trained = sorted(p.name for p in run_root.iterdir() if p.name.startswith("finetune"))
+    carried = sorted(p.name for p in run_root.iterdir() if p.name.startswith("carry-forward"))
+    assert len(trained) == 1 + decisions.count("continue")
+    assert len(carried) == len(decisions) - decisions.count("continue")
+    if decisions[0] != "continue":
+        assert decisions[1] == "stop-keep-current"  # once stopped, the loop stays stopped
+    summary = json.loads((workdir / "summary.json").read_text())
+    augmented_report = summary["data"]["augmented"]
+    assert [r["round"] for r in augmented_report["augmentation_rounds"]] == [1, 2][: decisions.count("continue")]
+    # after the last round the same dev rule picks the final model: the last round's, or the one before it
+    kept = executor_output(run_root, "select-final-model")["parameterValues"]["Output"]
+    assert kept in ("current", "reference")
+    assert ("loop_stopped" in augmented_report) == (decisions[-1] != "continue" or kept == "reference")
+    if kept == "reference" and decisions[-1] == "continue":
+        assert augmented_report["loop_stopped"]["round"] == 3
+    assert "augment round 1" in output
+
+
+def test_filter_counts_are_in_the_prepare_and_augmented_split_metadata(run):
+    workdir, _ = run
+    (run_root,) = (workdir / "kfp").iterdir()
+    prepared = executor_output(run_root, "prepare-examples")["artifacts"]["examples"]["artifacts"][0]["metadata"]
+    assert {"filtered_duplicate_within_new", "filtered_near_duplicate_within_new", "filtered_total"} <= set(prepared)
+    augmented = executor_output(run_root, "augment-from-errors")["artifacts"]["augmented"]["artifacts"][0]["metadata"]
+    assert {"filtered_near_duplicate_of_test", "filtered_label_inconsistent", "filtered_class_cap", "filtered_total"} <= set(augmented)
+    assert augmented["rows_generated"] == augmented["rows_added"] + augmented["filtered_total"]

@@ -1,0 +1,60 @@
+"""The augmentation loop and generator backends as compiled for a cluster: rounds, conditions, secrets."""
+
+import yaml
+from kfp import compiler
+
+from ftloop.components.config import load_config
+from ftloop.pipelines.pipeline import build_pipeline
+
+from conftest import REPO
+
+SECRET_VALUE = "sk-must-never-reach-the-yaml"
+
+
+def compile_for_cluster(tmp_path, monkeypatch, **updates):
+    monkeypatch.setenv("OKAREO_API_KEY", SECRET_VALUE)
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET_VALUE)
+    base = load_config(REPO / "configs" / "webbizz-gke.yaml")
+    config = base.model_validate({**base.model_dump(), **updates})
+    out = tmp_path / "pipeline.yaml"
+    compiler.Compiler().compile(build_pipeline(config, for_cluster=True), str(out))
+    text = out.read_text()
+    spec, platform = yaml.safe_load_all(text)
+    return text, spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def all_tasks(spec):
+    tasks = dict(spec["root"]["dag"]["tasks"])
+    for component in spec["components"].values():
+        tasks.update(component.get("dag", {}).get("tasks", {}))
+    return tasks
+
+
+def test_rounds_are_unrolled_inside_conditions_and_backends_get_their_secrets(tmp_path, monkeypatch):
+    text, spec, k8s = compile_for_cluster(
+        tmp_path, monkeypatch,
+        generate={"backend": "okareo", "questions_per_article": 5},
+        augment={"backend": "openai", "rounds": 3, "label_filter": "model"},
+        generators={"openai": {"base_url": "http://vllm.ftloop.svc:8000/v1", "secret_name": "vllm-key"},
+                    "okareo": {"upload_eval": True}},
+    )
+    assert SECRET_VALUE not in text
+    tasks = all_tasks(spec)
+    assert {"augment-from-errors", "augment-from-errors-2", "augment-from-errors-3",
+            "finetune-4", "evaluate-4", "carry-forward-3", "upload-to-okareo"} <= set(tasks)
+    # later rounds hang off the previous round's dsl.OneOf outputs, inside If/Else condition groups
+    conditions = [t for t in tasks.values() if "triggerPolicy" in t]
+    assert len(conditions) == 6 and all("continue" in t["triggerPolicy"]["condition"] for t in conditions[:1])
+    assert k8s["exec-prepare-examples"]["secretAsEnv"][0]["secretName"] == "okareo-api-key"  # cluster.okareo_secret_name
+    assert k8s["exec-prepare-examples"]["secretAsEnv"][0]["keyToEnv"] == [{"envVar": "OKAREO_API_KEY", "secretKey": "api-key"}]
+    assert k8s["exec-augment-from-errors"]["secretAsEnv"][0]["secretName"] == "vllm-key"
+    assert k8s["exec-upload-to-okareo"]["secretAsEnv"][0]["secretName"] == "okareo-api-key"
+    # the model-based label filter scores with the fine-tuned model: the augment task gets the L4
+    assert k8s["exec-augment-from-errors"]["nodeSelector"] == {"labels": {"cloud.google.com/gke-accelerator": "nvidia-l4"}}
+    assert tasks["prepare-examples"]["cachingOptions"] == {}  # remote generation is not cached
+
+
+def test_offline_backends_need_no_secret(tmp_path, monkeypatch):
+    _, spec, k8s = compile_for_cluster(tmp_path, monkeypatch)
+    assert all("secretAsEnv" not in executor for executor in k8s.values())
+    assert "upload-to-okareo" not in all_tasks(spec)
