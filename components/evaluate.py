@@ -8,6 +8,8 @@ faster than generate() (notes/finetune.md §4a).
 
 from __future__ import annotations
 
+import copy
+import inspect
 import json
 import math
 import time
@@ -86,9 +88,30 @@ def load_for_inference(model_dir: str | Path, base_model: str | None = None, mer
 
 # ------------------------------------------------------------------- scoring
 
+# Fewer shared leading tokens than this and running them once saves less than the cache
+# bookkeeping costs: such inputs take the plain path.
+MIN_SHARED_PREFIX = 8
+# Attention kernels whose cache + padding-mask handling the equivalence tests cover (CPU).
+# FlashAttention builds its own unpadded layout from the mask and only runs on a GPU, so it
+# keeps the plain path until the same test has run there.
+PREFIX_CACHE_ATTENTION = ("sdpa", "eager")
+
 
 def _encode_prompt(tokenizer, prompt: list[Message]) -> list[int]:
     return chat_token_ids(tokenizer, prompt, add_generation_prompt=True)
+
+
+def _encode_prompts(tokenizer, prompts: list[list[Message]]) -> list[list[int]]:
+    """Token ids of many prompts from one batched ``apply_chat_template`` call.
+
+    The same call and arguments as ``chat_token_ids`` (what TRL tokenizes training rows
+    with), so the ids are identical; passing the list at once lets the tokenizer encode
+    all rendered prompts in one call instead of one Python round trip per prompt.
+    """
+    if not prompts:
+        return []
+    encoded = tokenizer.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return [list(ids) for ids in encoded["input_ids"]]
 
 
 def _encode_conversation(tokenizer, messages: list[Message]) -> list[int]:
@@ -123,40 +146,139 @@ def label_token_ids(tokenizer, prompt: list[Message], labels: Sequence[str]) -> 
 def _pad_batch(seqs: list[list[int]], pad_id: int, padding_side: str, device) -> dict[str, torch.Tensor]:
     """Padded ids + mask + explicit positions, so padding never shifts a real token's position."""
     width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, seq in enumerate(seqs):
+    rows, masks = [], []
+    for seq in seqs:  # plain lists, one tensor per batch: a tensor per row cost ~10 us each
+        pad = width - len(seq)
         if padding_side == "left":
-            ids[i, width - len(seq):] = torch.tensor(seq)
-            mask[i, width - len(seq):] = 1
+            rows.append([pad_id] * pad + list(seq))
+            masks.append([0] * pad + [1] * len(seq))
         else:
-            ids[i, : len(seq)] = torch.tensor(seq)
-            mask[i, : len(seq)] = 1
+            rows.append(list(seq) + [pad_id] * pad)
+            masks.append([1] * len(seq) + [0] * pad)
+    ids = torch.tensor(rows, dtype=torch.long)
+    mask = torch.tensor(masks, dtype=torch.long)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": positions.to(device)}
 
 
+def _common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
+    """Number of leading tokens every sequence shares."""
+    first = seqs[0]
+    n = min(len(s) for s in seqs)
+    for seq in seqs[1:]:
+        k = 0
+        while k < n and seq[k] == first[k]:
+            k += 1
+        n = k
+    return n
+
+
+def _forward_params(model) -> set[str]:
+    """Keyword names the underlying transformers model's forward accepts (PEFT wrappers take **kwargs)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return set(inspect.signature(base.forward).parameters)
+
+
+def _shared_prefix_length(model, seqs: list[list[int]], spans: list[tuple[int, int]]) -> int:
+    """Leading tokens that can be run once and reused from a KV cache; 0 means use the plain path.
+
+    Every prompt starts with the same system prompt (the instruction and the label list:
+    more than half of each prompt's tokens on the tiny model), so each row's forward pass
+    recomputes identical keys and values. Causal attention makes a position's states
+    depend only on earlier tokens, so running the shared tokens once and attending to
+    their cached keys/values gives the same logits up to float rounding
+    (tests/test_evaluate.py checks this against the plain path). The shared part ends
+    before the first position whose logits are needed, since cached positions produce
+    no logits. Excluded, and scored by the plain path instead: a single sequence,
+    prompt-learning PEFT adapters (virtual tokens), models whose forward takes no cache,
+    attention kernels outside ``PREFIX_CACHE_ATTENTION``, and lengths past a sliding
+    window or a long-RoPE switch point, where a shorter prefix-only forward could see
+    different attention windows or rotary factors.
+    """
+    if len(seqs) < 2:
+        return 0
+    peft_config = getattr(model, "active_peft_config", None)
+    if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
+        return 0
+    params = _forward_params(model)
+    if not ({"cache", "past_key_values"} & params):
+        return 0
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) not in PREFIX_CACHE_ATTENTION:
+        return 0
+    longest = max(len(s) for s in seqs)
+    for limit in ("sliding_window", "original_max_position_embeddings"):
+        value = getattr(config, limit, None)
+        if isinstance(value, int) and longest > value:
+            return 0
+    shared = min(_common_prefix_length(seqs), min(a for a, _ in spans))
+    return shared if shared >= MIN_SHARED_PREFIX else 0
+
+
+def _batch_cache(prefix_cache, batch: int):
+    """A private copy of the one-row prefix cache, repeated to ``batch`` rows (the forward appends to it)."""
+    cache = copy.deepcopy(prefix_cache)
+    cache.batch_repeat_interleave(batch)
+    return cache
+
+
 @torch.no_grad()
 def _next_token_logprobs(
-    model, pad_id: int, seqs: list[list[int]], spans: list[tuple[int, int]], batch_size: int, padding_side: str
+    model,
+    pad_id: int,
+    seqs: list[list[int]],
+    spans: list[tuple[int, int]],
+    batch_size: int,
+    padding_side: str,
+    prefix_cache: bool = True,
 ) -> list[torch.Tensor]:
     """Per sequence, log-probs over the vocabulary of the token after each position in span [a, b).
 
     Sequences are batched shortest-first (less padding) and returned in input order.
+    Two savings, both exact up to float rounding: with ``prefix_cache`` the tokens all
+    sequences share are run once (``_shared_prefix_length``) and only each row's remainder
+    is batched; and the LM head runs only on the trailing positions that hold a
+    requested span (``logits_to_keep``), not on every position: on the tiny model the
+    vocabulary projection was ~15% of the forward's time, all but one position wasted.
     """
     device = next(model.parameters()).device
+    params = _forward_params(model)
+    cache_arg = "cache" if "cache" in params else "past_key_values"
+    can_trim = "logits_to_keep" in params
+    shared = _shared_prefix_length(model, seqs, spans) if prefix_cache else 0
+    prefix = None
+    if shared:
+        prefix_ids = torch.tensor([seqs[0][:shared]], device=device)
+        extra = {"logits_to_keep": 1} if can_trim else {}
+        out = model(input_ids=prefix_ids, use_cache=True, **extra)
+        prefix = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    out: list[torch.Tensor | None] = [None] * len(seqs)
+    result: list[torch.Tensor | None] = [None] * len(seqs)
     for lo in range(0, len(order), batch_size):
         idx = order[lo: lo + batch_size]
-        batch = _pad_batch([seqs[i] for i in idx], pad_id, padding_side, device)
-        logits = model(**batch, use_cache=False).logits
-        width = logits.shape[1]
-        for row, i in enumerate(idx):
-            offset = width - len(seqs[i]) if padding_side == "left" else 0
+        tails = [seqs[i][shared:] for i in idx]
+        batch = _pad_batch(tails, pad_id, padding_side, device)
+        width = batch["input_ids"].shape[1]
+        offsets = [width - len(t) if padding_side == "left" else 0 for t in tails]
+        # Column of each row's first requested position; logits are kept from the earliest on.
+        starts = [off + spans[i][0] - shared for off, i in zip(offsets, idx)]
+        first = min(starts) if can_trim else 0
+        kwargs: dict[str, Any] = {"logits_to_keep": width - first} if can_trim else {}
+        if prefix is not None:
+            ones = torch.ones((len(idx), shared), dtype=batch["attention_mask"].dtype, device=device)
+            batch["attention_mask"] = torch.cat([ones, batch["attention_mask"]], dim=1)
+            batch["position_ids"] = batch["position_ids"] + shared
+            kwargs[cache_arg] = _batch_cache(prefix, len(idx))
+            kwargs["use_cache"] = True
+        else:
+            kwargs["use_cache"] = False
+        logits = model(**batch, **kwargs).logits  # [rows, width - first, vocab]
+        for row, (i, start) in enumerate(zip(idx, starts)):
             a, b = spans[i]
-            out[i] = torch.log_softmax(logits[row, offset + a: offset + b].float(), dim=-1).cpu()
-    return out  # type: ignore[return-value]
+            lo_col = start - first
+            result[i] = torch.log_softmax(logits[row, lo_col: lo_col + b - a].float(), dim=-1).cpu()
+    return result  # type: ignore[return-value]
 
 
 def score_labels(
@@ -166,12 +288,15 @@ def score_labels(
     labels: list[str],
     batch_size: int,
     padding_side: str = "right",
+    prefix_cache: bool = True,
 ) -> list[dict[str, float]]:
     """P(label | prompt) for every prompt: label log-likelihoods, softmaxed over the labels.
 
     When every label starts with a distinct token, the first token decides and
     one forward pass per prompt suffices; otherwise each (prompt, label) pair is
-    scored by the summed log-probs of all the label's tokens.
+    scored by the summed log-probs of all the label's tokens. ``prefix_cache=False``
+    forces the plain path (every token of every row through the model), which the
+    tests compare the default, shared-prefix path against.
     """
     if not prompts:
         return []
@@ -179,12 +304,12 @@ def score_labels(
         raise ValueError("padding_side must be 'left' or 'right'")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     label_ids = label_token_ids(tokenizer, prompts[0], labels)
-    prompt_ids = [_encode_prompt(tokenizer, p) for p in prompts]
+    prompt_ids = _encode_prompts(tokenizer, prompts)
     firsts = [ids[0] for ids in label_ids]
 
     if len(set(firsts)) == len(firsts):
         spans = [(len(p) - 1, len(p)) for p in prompt_ids]
-        logps = _next_token_logprobs(model, pad_id, prompt_ids, spans, batch_size, padding_side)
+        logps = _next_token_logprobs(model, pad_id, prompt_ids, spans, batch_size, padding_side, prefix_cache)
         scores = torch.stack([lp[0, firsts] for lp in logps])
     else:
         seqs, spans, targets = [], [], []
@@ -193,7 +318,7 @@ def score_labels(
                 seqs.append(p + ids)
                 spans.append((len(p) - 1, len(p) + len(ids) - 1))
                 targets.append(ids)
-        logps = _next_token_logprobs(model, pad_id, seqs, spans, batch_size, padding_side)
+        logps = _next_token_logprobs(model, pad_id, seqs, spans, batch_size, padding_side, prefix_cache)
         flat = [lp.gather(1, torch.tensor(t).unsqueeze(1)).sum() for lp, t in zip(logps, targets)]
         scores = torch.stack(flat).view(len(prompts), len(labels))
     probs = torch.softmax(scores.double(), dim=-1)

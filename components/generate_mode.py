@@ -164,3 +164,71 @@ def per_row_generate(
 def invalid_rate(results: Sequence[dict[str, Any]]) -> float:
     """Share of outputs that named no label (0.0 for no results)."""
     return sum(not r["valid"] for r in results) / len(results) if results else 0.0
+
+
+# ------------------------------------------------------- published recipe
+
+
+PUBLISHED_MAX_NEW_TOKENS = 5
+
+
+def parse_published(text: str, labels: Sequence[str]) -> str | None:
+    """The published notebooks' parser (notes/okareo.md §1.5, Part 1): substring scan, last match wins.
+
+    The labels are checked in list order for a case-sensitive substring match with no
+    ``break``, so when the output names several labels the one listed last wins; no
+    match was their "Unknown", None here. Loose where ``parse_label`` is strict: extra
+    words pass, and a label that only appears inside a longer one (or in trailing
+    tokens after the answer) can still be picked.
+    """
+    found = None
+    for label in labels:
+        if label in text:
+            found = label
+    return found
+
+
+@torch.no_grad()
+def published_generate(
+    model,
+    tokenizer,
+    prompts: list[list[Message]],
+    labels: list[str],
+    max_new_tokens: int = PUBLISHED_MAX_NEW_TOKENS,
+) -> list[dict[str, Any]]:
+    """The published evaluation loop (notes/okareo.md §1.5): per row, greedy ``generate`` of exactly
+    ``max_new_tokens`` tokens, decode without special tokens, drop the prompt's characters,
+    strip, ``parse_published``. Bench only.
+
+    The published fine-tune set pad = eos, and its collator masked pad ids out of the
+    loss, so that model never learned to emit eos and every call ran all 5 tokens.
+    Stopping is disabled here (no eos id) to reproduce that cost on a model that did
+    learn to stop; the first tokens are unchanged (greedy, no logit processors), only
+    what follows the answer is extra. Prompts go through the chat template this project's
+    model was trained with (the published plain-text template belongs to their model).
+    """
+    device = next(model.parameters()).device
+    kwargs = {
+        "max_new_tokens": max_new_tokens,
+        "do_sample": False,
+        "num_beams": 1,
+        "eos_token_id": None,
+        "pad_token_id": _pad_id(tokenizer),
+    }
+    out = []
+    for prompt in prompts:
+        enc = tokenizer.apply_chat_template(
+            prompt, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        )
+        enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+        generated = model.generate(**enc, **kwargs)
+        # Theirs: decode the whole output, then cut the prompt off by its character count. The
+        # prompt's length is taken from its own decoded text here, since the chat template's
+        # special tokens are skipped in the decoded output.
+        text = tokenizer.decode(generated[0], skip_special_tokens=True)
+        prompt_text = tokenizer.decode(enc["input_ids"][0], skip_special_tokens=True)
+        raw = text[len(prompt_text):].strip()
+        prediction = parse_published(raw, labels)
+        new_tokens = generated.shape[1] - enc["input_ids"].shape[1]
+        out.append({"raw": raw, "prediction": prediction, "valid": prediction is not None, "new_tokens": new_tokens})
+    return out

@@ -14,7 +14,15 @@ except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys
     from ml_fixtures import LABELS, formatted_dir, tiny_model_dir, trained  # noqa: F401
 
 from ftloop.components.errors import FtloopError
-from ftloop.components.evaluate import evaluate_model, load_for_inference, score_labels
+from ftloop.components.evaluate import (
+    MIN_SHARED_PREFIX,
+    _encode_prompt,
+    _encode_prompts,
+    _shared_prefix_length,
+    evaluate_model,
+    load_for_inference,
+    score_labels,
+)
 from ftloop.components.metrics import compute_metrics
 from ftloop.components.prompts import prompt_messages
 
@@ -79,6 +87,63 @@ def test_multi_token_labels_are_scored_over_all_their_tokens(model_and_tokenizer
         assert sum(got.values()) == pytest.approx(1.0, abs=1e-9)
         for label in labels:
             assert got[label] == pytest.approx(want[label], abs=1e-5)
+
+
+def _assert_close(got, want, labels, tol=1e-5):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert list(g) == list(labels)
+        for label in labels:
+            assert g[label] == pytest.approx(w[label], abs=tol)
+
+
+def test_encode_prompts_equals_one_prompt_at_a_time(model_and_tokenizer):
+    _, tokenizer = model_and_tokenizer
+    prompts = [prompt_messages(q, LABELS) for q in QUESTIONS]
+    assert _encode_prompts(tokenizer, prompts) == [_encode_prompt(tokenizer, p) for p in prompts]
+    assert _encode_prompts(tokenizer, []) == []
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize("multi_token", [False, True])
+def test_shared_prefix_path_equals_plain_path(model_and_tokenizer, padding_side, multi_token):
+    """The KV-cached shared prefix (the default) gives the plain full-sequence scores."""
+    model, tokenizer = model_and_tokenizer
+    labels = ["shipping", "shipping delay", "returns", "return window x"] if multi_token else LABELS
+    prompts = [prompt_messages(q, labels) for q in QUESTIONS]
+    # The fast path is really taken: everything up to the user's question is shared.
+    ids = _encode_prompts(tokenizer, prompts)
+    # The system turn alone, less the eos the template appends when no generation prompt follows.
+    system_part = len(tokenizer.apply_chat_template(prompts[0][:1], tokenize=True, return_dict=True)["input_ids"]) - 1
+    shared = _shared_prefix_length(model, ids, [(len(p) - 1, len(p)) for p in ids])
+    assert shared >= max(MIN_SHARED_PREFIX, system_part)
+    fast = score_labels(model, tokenizer, prompts, labels, batch_size=3, padding_side=padding_side)
+    plain = score_labels(model, tokenizer, prompts, labels, batch_size=3, padding_side=padding_side, prefix_cache=False)
+    _assert_close(fast, plain, labels)
+    _assert_close(fast, reference_scores(model, tokenizer, prompts, labels), labels)
+
+
+def test_no_common_prefix_falls_back_to_plain_path(model_and_tokenizer):
+    """Prompts that share no prefix (different system prompts) or a single prompt take the plain path, same scores."""
+    model, tokenizer = model_and_tokenizer
+    templates = ["Intents: {labels}. Pick one.", "Which of {labels} fits?"]
+    prompts = [prompt_messages(q, LABELS, templates[i % 2]) for i, q in enumerate(QUESTIONS)]
+    ids = _encode_prompts(tokenizer, prompts)
+    assert _shared_prefix_length(model, ids, [(len(p) - 1, len(p)) for p in ids]) == 0
+    assert _shared_prefix_length(model, ids[:1], [(len(ids[0]) - 1, len(ids[0]))]) == 0
+    _assert_close(score_labels(model, tokenizer, prompts, LABELS, batch_size=4),
+                  reference_scores(model, tokenizer, prompts, LABELS), LABELS)
+    _assert_close(score_labels(model, tokenizer, prompts[:1], LABELS, batch_size=4),
+                  reference_scores(model, tokenizer, prompts[:1], LABELS), LABELS)
+
+
+def test_shared_prefix_stops_before_the_first_scored_position(model_and_tokenizer):
+    """Cached positions yield no logits, so the shared part never reaches a position whose logits are needed."""
+    model, _ = model_and_tokenizer
+    seqs = [list(range(1, 21)), list(range(1, 21)) + [30, 31]]
+    assert _shared_prefix_length(model, seqs, [(19, 20), (19, 22)]) == 19
+    assert _shared_prefix_length(model, seqs, [(10, 11), (19, 22)]) == 10
+    assert _shared_prefix_length(model, seqs, [(MIN_SHARED_PREFIX - 1, 20), (19, 22)]) == 0
 
 
 def test_score_labels_empty_input(model_and_tokenizer):
@@ -155,3 +220,12 @@ def test_invalid_predictions_count_against_recall_only():
     assert m["accuracy"] == 2 / 3
     assert m["per_class"]["a"] == {"precision": 1.0, "recall": 0.5, "f1": 2 / 3, "support": 2}
     assert m["confusion_matrix"] == [[1, 0], [0, 1]]
+
+
+def test_untested_attention_kernels_take_the_plain_path(model_and_tokenizer, monkeypatch):
+    model, tokenizer = model_and_tokenizer
+    ids = _encode_prompts(tokenizer, [prompt_messages(q, LABELS) for q in QUESTIONS])
+    spans = [(len(p) - 1, len(p)) for p in ids]
+    assert _shared_prefix_length(model, ids, spans) > 0
+    monkeypatch.setattr(model.config, "_attn_implementation", "flash_attention_2")
+    assert _shared_prefix_length(model, ids, spans) == 0

@@ -15,7 +15,9 @@ from ftloop.components.generate_mode import (
     generate_predictions,
     invalid_rate,
     parse_label,
+    parse_published,
     per_row_generate,
+    published_generate,
     stop_token_ids,
 )
 from ftloop.components.prompts import prompt_messages
@@ -188,3 +190,38 @@ def test_padding_side_restored_when_generate_fails(tiny_model_dir, prompts):
     with pytest.raises(RuntimeError, match="boom"):
         generate_predictions(Broken(), tokenizer, prompts[:2], LABELS, batch_size=2)
     assert tokenizer.padding_side == "right"
+
+
+# ------------------------------------------------------- published recipe
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("shipping", "shipping"),
+    ("shipping\n", "shipping"),
+    ("the answer is shipping!", "shipping"),  # extra words pass
+    ("returns or shipping", "shipping"),  # several labels: the one listed last wins
+    ("shipping or returns", "shipping"),  # ... whatever order the text names them in
+    ("returnsx", "returns"),  # substring, no word boundary
+    ("Returns", None),  # case-sensitive
+    ("", None),
+])
+def test_parse_published_is_a_last_match_substring_scan(text, expected):
+    assert parse_published(text, LABELS) == expected
+
+
+def test_published_generate_always_runs_the_full_budget(model_and_tokenizer, prompts):
+    """Like the published model (never learned to stop), every call decodes exactly max_new_tokens tokens."""
+    model, tokenizer = model_and_tokenizer
+    out = published_generate(model, tokenizer, prompts, LABELS)
+    assert len(out) == len(prompts)
+    assert all(r["new_tokens"] == 5 for r in out)
+    for r in out:
+        assert "<|end|>" not in r["raw"] and r["raw"] == r["raw"].strip()  # special tokens skipped, stripped
+        assert r["prediction"] == parse_published(r["raw"], LABELS)
+        assert r["valid"] == (r["prediction"] is not None)
+    # Greedy and unconstrained: the first tokens are the strict loop's answer; only a label
+    # word in the tokens decoded past the answer (last match wins) could change a prediction.
+    strict = per_row_generate(model, tokenizer, prompts, LABELS)
+    same = sum(a["prediction"] == b["prediction"] for a, b in zip(out, strict) if b["valid"])
+    assert same >= 0.9 * sum(b["valid"] for b in strict)
+    assert len(published_generate(model, tokenizer, prompts[:2], LABELS, max_new_tokens=2)[0]["raw"]) > 0
