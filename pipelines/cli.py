@@ -30,12 +30,12 @@ def _print_results(summary: dict, workdir: Path) -> None:
     print(f"took {summary['timings']['total_seconds']} s")
 
 
-def _run(config_path: Path, workdir: Path) -> int:
+def _run(config_path: Path, workdir: Path, use_cache: bool = True) -> int:
     from ftloop.components.config import load_config
     from ftloop.pipelines.local import run_local
 
     config = load_config(config_path)
-    summary = run_local(config, workdir, progress=_progress)
+    summary = run_local(config, workdir, progress=_progress, use_cache=use_cache)
     _print_results(summary, workdir.resolve())
     return 0
 
@@ -49,7 +49,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     if not args.local:
         raise FtloopError("only local runs are supported by 'ftloop run'; pass --local (cluster runs: compile, then submit)")
-    return _run(Path(args.config), Path(args.workdir))
+    return _run(Path(args.config), Path(args.workdir), use_cache=not args.no_cache)
 
 
 def _images(args: argparse.Namespace) -> dict[str, str]:
@@ -162,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--local", action="store_true", help="run on this machine with KFP's local runner")
     run.add_argument("--config", required=True, help="run config YAML")
     run.add_argument("--workdir", default="ftloop-run", help="where results go (default: ./ftloop-run)")
+    run.add_argument("--no-cache", action="store_true",
+                     help="rerun the deterministic data stages instead of reusing them from WORKDIR/kfp/.kfp_cache")
     run.set_defaults(func=cmd_run)
 
     comp = sub.add_parser("compile", help="compile the pipeline for a config into KFP YAML")

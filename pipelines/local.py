@@ -11,7 +11,7 @@ from typing import Callable
 
 from ftloop.components.config import TINY_MODEL_REF, RunConfig
 from ftloop.components.errors import FtloopError
-from ftloop.components.records import write_json
+from ftloop.components.records import content_hash, write_json
 from ftloop.components.sources import load_source
 
 RESULT_FILES = ("summary.json", "report.md", "report.html")
@@ -84,8 +84,20 @@ def clear_previous_results(workdir: Path) -> None:
     shutil.rmtree(workdir / "predictions", ignore_errors=True)
 
 
-def run_local(config: RunConfig, workdir: str | Path, progress: Callable[[str], None] = print) -> dict:
-    """Validate inputs, run every stage through kfp.local, and write WORKDIR/summary.json last."""
+def source_fingerprint(config: RunConfig) -> str | None:
+    """Content hash of a local source file, so the data stages' cache follows the file, not its path."""
+    path = Path(config.data.source_path)
+    return content_hash([path]) if path.is_file() else None
+
+
+def run_local(
+    config: RunConfig, workdir: str | Path, progress: Callable[[str], None] = print, use_cache: bool = True
+) -> dict:
+    """Validate inputs, run every stage through kfp.local, and write WORKDIR/summary.json last.
+
+    With ``use_cache`` the deterministic data stages (prepare with the offline generator,
+    split, format) are reused from WORKDIR/kfp/.kfp_cache when their inputs are unchanged.
+    """
     from kfp import local
 
     from ftloop.pipelines.pipeline import build_pipeline
@@ -108,12 +120,14 @@ def run_local(config: RunConfig, workdir: str | Path, progress: Callable[[str], 
         runner=local.SubprocessRunner(use_venv=False),
         pipeline_root=str(workdir / "kfp"),
         raise_on_error=False,
+        enable_caching=use_cache,
     )
-    progress(f"pipeline: running {config.name} with kfp.local (artifacts under {workdir / 'kfp'})")
+    cache_note = "data stages cached" if use_cache else "no cache"
+    progress(f"pipeline: running {config.name} with kfp.local (artifacts under {workdir / 'kfp'}; {cache_note})")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
         warnings.filterwarnings("ignore", message=".*image.*", category=RuntimeWarning)
-        task = build_pipeline(config)()
+        task = build_pipeline(config, source_sha256=source_fingerprint(config))()
     bundle = task.outputs.get("Output")  # empty when a stage failed
     if bundle is None or not Path(bundle.path).exists():
         raise FtloopError("pipeline failed: a stage did not finish (its error is in the log above); no results were written")

@@ -24,15 +24,28 @@ def add_openai_secret(task: PipelineTask, openai: OpenAIConfig) -> None:
         kubernetes.use_secret_as_env(task, secret_name=openai.secret_name, secret_key_to_env={"api-key": openai.api_key_env})
 
 
-def build_pipeline(config: RunConfig, for_cluster: bool = False) -> Callable:
-    """Return the ``@dsl.pipeline`` for this config (cluster settings only when compiling for a cluster)."""
+def build_pipeline(config: RunConfig, for_cluster: bool = False, source_sha256: str | None = None) -> Callable:
+    """Return the ``@dsl.pipeline`` for this config (cluster settings only when compiling for a cluster).
+
+    ``source_sha256`` (local runs) keys the cache of the deterministic data stages to the
+    source file's content, not just its path, so an edited file is never served from cache.
+    """
+
+    def deterministic(task: PipelineTask, cacheable: bool = True) -> PipelineTask:
+        # Locally only the data stages whose output is a pure function of their inputs are cached;
+        # training, evaluation and LLM calls always run. (On the cluster k8s.py decides.)
+        if not for_cluster:
+            task.set_caching_options(cacheable, cache_key=f"source-sha256:{source_sha256}" if cacheable and source_sha256 else None)
+        return task
 
     def cpu(task: PipelineTask, name: str) -> PipelineTask:
         task.set_display_name(name)
+        deterministic(task, cacheable=False)  # the data stages opt back in below
         return configure_cpu_task(task, config.cluster) if for_cluster else task
 
     def gpu(task: PipelineTask, name: str) -> PipelineTask:
         task.set_display_name(name)
+        deterministic(task, cacheable=False)
         quiet_ml_env(task)
         return configure_gpu_task(task, config.cluster) if for_cluster else task
 
@@ -61,10 +74,12 @@ def build_pipeline(config: RunConfig, for_cluster: bool = False) -> Callable:
             generation(examples, "generate questions", config.generate.backend)
         else:
             cpu(examples, "import questions")
-        splits = cpu(c.split_examples(run_config=run_config, examples=examples.output), "split (grouped, stratified)")
-        formatted = cpu(c.format_chat(run_config=run_config, splits=splits.output), "format chat data")
+        deterministic(examples, cacheable=not config.data.articles or config.generate.backend == "offline")
+        splits = deterministic(cpu(c.split_examples(run_config=run_config, examples=examples.output), "split (grouped, stratified)"))
+        formatted = deterministic(cpu(c.format_chat(run_config=run_config, splits=splits.output), "format chat data"))
 
-        # Baselines on the same rows: what a fine-tune has to beat.
+        # Baselines on the same rows: what a fine-tune has to beat. (TF-IDF is deterministic but not
+        # cached locally: kfp.local 2.17 treats its Metrics output, which has no file, as a cache miss.)
         tfidf = cpu(c.tfidf_baseline(run_config=run_config, formatted=formatted.output), "baseline: TF-IDF + logistic regression")
         zero_shot = gpu(c.evaluate_zero_shot(run_config=run_config, formatted=formatted.output), "baseline: zero-shot base model")
 
