@@ -109,7 +109,7 @@ def test_progress_shows_stages_and_training(run):
 
 def test_kfp_ui_metrics_use_one_naming_scheme(run):
     workdir, _ = run
-    (run_root,) = (workdir / "kfp").iterdir()
+    (run_root,) = [p for p in (workdir / "kfp").iterdir() if not p.name.startswith(".")]  # .kfp_cache aside
     names = {}
     for task in ("evaluate", "evaluate-2", "tfidf-baseline", "evaluate-zero-shot"):
         output = json.loads((run_root / task / "executor_output.json").read_text())
@@ -130,7 +130,7 @@ def executor_output(run_root: Path, task: str) -> dict:
 
 def test_two_round_loop_runs_with_dsl_if_and_stops_or_continues_consistently(run):
     workdir, output = run
-    (run_root,) = (workdir / "kfp").iterdir()
+    (run_root,) = [p for p in (workdir / "kfp").iterdir() if not p.name.startswith(".")]  # .kfp_cache aside
     decisions = [executor_output(run_root, t)["parameterValues"]["decision"] for t in ("augment-from-errors", "augment-from-errors-2")]
     assert all(d in ("continue", "stop-keep-current", "stop-keep-reference") for d in decisions)
     # dsl.If ran the round's fine-tune exactly when the round said "continue"; dsl.Else ran carry-forward otherwise.
@@ -154,7 +154,7 @@ def test_two_round_loop_runs_with_dsl_if_and_stops_or_continues_consistently(run
 
 def test_filter_counts_are_in_the_prepare_and_augmented_split_metadata(run):
     workdir, _ = run
-    (run_root,) = (workdir / "kfp").iterdir()
+    (run_root,) = [p for p in (workdir / "kfp").iterdir() if not p.name.startswith(".")]  # .kfp_cache aside
     prepared = executor_output(run_root, "prepare-examples")["artifacts"]["examples"]["artifacts"][0]["metadata"]
     assert {"filtered_duplicate_within_new", "filtered_near_duplicate_within_new", "filtered_total"} <= set(prepared)
     augmented = executor_output(run_root, "augment-from-errors")["artifacts"]["augmented"]["artifacts"][0]["metadata"]
