@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
-from ftloop.components.errors import InputFileError
+from ftloop.components.errors import FtloopError, InputFileError
 
 Origin = Literal["generated", "rephrased", "imported"]
 SPLITS = ("train", "dev", "test")
@@ -84,12 +84,20 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 def _atomic_temp(path: Path) -> tuple[int, str]:
     """A temp file beside ``path`` with the permissions a plain open() would give (mkstemp uses 0600)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise _write_error(path, exc) from None
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
     return fd, tmp
+
+
+def _write_error(path: Path, exc: OSError) -> FtloopError:
+    """Disk full, permission denied, read-only file system: a condition of the output location the user can fix."""
+    return FtloopError(f"{path}: cannot write: {exc.strerror or exc}")
 
 
 def read_json(path: str | Path) -> Any:
@@ -116,8 +124,10 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
                 out.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
                 count += 1
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise _write_error(path, exc) from None
         raise
     return count
 
@@ -130,8 +140,10 @@ def write_text(path: str | Path, text: str) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             out.write(text)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise _write_error(path, exc) from None
         raise
 
 

@@ -103,3 +103,65 @@ def test_unwritable_checkpoint_directory_is_a_clear_error(tmp_path, monkeypatch)
         monkeypatch.undo()
         locked.chmod(0o755)
     assert str(err.value) == f"train.checkpoint_uri: cannot create {locked}/abc: Permission denied"
+
+
+def _prepared(tmp_path: Path) -> Path:
+    from conftest import corpus_subset, write_config, write_lines
+
+    from ftloop.components.config import load_config
+    from ftloop.components.sources import run_prepare
+
+    path = write_lines(tmp_path / "articles.jsonl", corpus_subset(["returns", "shipping", "payments"], 4))
+    config = load_config(write_config(tmp_path / "run.yaml", path, generate={"questions_per_article": 3}))
+    run_prepare(config, str(path), tmp_path / "examples")
+    return tmp_path / "examples"
+
+
+def test_disk_full_on_the_output_location_is_a_clear_error_and_leaves_no_file(tmp_path, monkeypatch):
+    import errno
+    import io
+
+    import ftloop.components.records as records
+    from ftloop.components.split import run_split
+
+    examples = _prepared(tmp_path)
+    real_fdopen = records.os.fdopen
+
+    class FullDisk(io.TextIOWrapper):
+        def write(self, text):  # the first buffered flush hits a full disk
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def fdopen(fd, *args, **kwargs):
+        real_fdopen(fd).close()
+        return FullDisk(io.BytesIO(), encoding="utf-8")
+
+    monkeypatch.setattr(records.os, "fdopen", fdopen)
+    out = tmp_path / "splits"
+    out.mkdir()
+    with pytest.raises(FtloopError) as err:
+        run_split(examples, out, 0.25, 0.25, 1)
+    assert str(err.value) == f"{out / 'train.jsonl'}: cannot write: No space left on device"
+    assert list(out.iterdir()) == []  # no half-written file, no leftover temp file
+
+
+def test_permission_denied_on_the_output_location_is_a_clear_error(tmp_path, monkeypatch):
+    import tempfile
+
+    from ftloop.components.split import run_split
+
+    examples = _prepared(tmp_path)
+    out = tmp_path / "splits"
+    out.mkdir()
+    out.chmod(0o555)
+    if os.access(out, os.W_OK):  # root ignores the mode: make the temp file fail the way the OS would
+        def denied(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(tempfile, "mkstemp", denied)
+    try:
+        with pytest.raises(FtloopError) as err:
+            run_split(examples, out, 0.25, 0.25, 1)
+    finally:
+        monkeypatch.undo()
+        out.chmod(0o755)
+    assert str(err.value) == f"{out / 'train.jsonl'}: cannot write: Permission denied"
