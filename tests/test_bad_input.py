@@ -28,8 +28,7 @@ _TINY: dict[str, Path] = {}
 
 def test_the_corpus_covers_every_input_kind():
     kinds = {name.split("-", 1)[0] for name in CASES}
-    assert len(CASES) >= 30 and kinds >= {"articles", "questions", "config", "model"}
-    # generator responses are covered where the backends are: tests/test_generators*.py
+    assert len(CASES) >= 30 and kinds >= {"articles", "questions", "config", "model", "generator"}
 
 
 def _tiny_model(tmp_path_factory) -> Path:
@@ -64,7 +63,7 @@ def _stage(case: str, tmp_path: Path, tmp_path_factory) -> tuple[Path, dict]:
     return root / case, spec
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", [c for c in CASES if not c.startswith("generator-")])
 def test_bad_input_is_a_clear_error(case, tmp_path, tmp_path_factory, capsys):
     case_dir, spec = _stage(case, tmp_path, tmp_path_factory)
     workdir = tmp_path / "out"
@@ -76,6 +75,30 @@ def test_bad_input_is_a_clear_error(case, tmp_path, tmp_path_factory, capsys):
     assert "Traceback" not in err
     # nothing that looks like a finished (or even started) run
     assert not (workdir / "summary.json").exists() and not (workdir / "kfp").exists()
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.startswith("generator-")])
+def test_bad_generator_response_fails_the_stage_with_a_clear_error(case, tmp_path, tmp_path_factory, capfd):
+    """The generator runs inside the pipeline's generate task: that task prints one error line, the run fails."""
+    from fake_servers import FakeOpenAI
+
+    case_dir, spec = _stage(case, tmp_path, tmp_path_factory)
+    workdir = tmp_path / "out"
+    with FakeOpenAI() as server:
+        server.faults = [("raw", reply.encode()) for reply in spec["generator"]["replies"]] * 50
+        config = case_dir / "config.yaml"
+        config.write_text(config.read_text().replace("GENERATOR_URL", server.url))
+        code = main(["run", "--local", "--config", str(config), "--workdir", str(workdir)])
+        assert server.requests, "the generator was never called"
+    out, err = capfd.readouterr()
+    assert code == 2
+    assert err.rstrip().endswith("ftloop: error: pipeline failed: a stage did not finish (its error is in the log above); "
+                                 "no results were written")
+    task_errors = [line.strip() for line in (out + err).splitlines() if line.strip().startswith("ftloop: error:")
+                   and "pipeline failed" not in line]
+    assert task_errors and all(re.search(spec["expect"], line) for line in task_errors), (spec["description"], task_errors)
+    assert "Traceback" not in out + err
+    assert not (workdir / "summary.json").exists()
 
 
 @pytest.mark.parametrize("case", ["articles-line-not-json", "config-unknown-nested-key", "model-pickle-weights"])
