@@ -117,3 +117,43 @@ def test_config_parser_accepts_or_names_the_key(raw):
 def test_config_parser_survives_arbitrary_text(text):
     path = _write(".yaml", text.encode("utf-8", "surrogatepass"))
     _expect_clean(lambda: load_config(path), path)
+
+
+# ------------------------------------------------------- generation-output parsers
+
+from ftloop.components.generate import MalformedOutput, parse_list  # noqa: E402
+from ftloop.components.generate_mode import parse_label  # noqa: E402
+
+replies = st.one_of(
+    st.text(max_size=120),
+    st.lists(st.text(max_size=20) | json_scalars, max_size=5).map(json.dumps),
+    st.lists(st.text(alphabet=string.ascii_letters + " ?", min_size=1, max_size=20), min_size=1, max_size=5).map(
+        lambda items: "\n".join(f"{i + 1}. {t}" for i, t in enumerate(items))),
+    st.tuples(st.text(max_size=20), st.lists(st.text(max_size=15), max_size=3)).map(
+        lambda p: f"{p[0]}\n```json\n{json.dumps(p[1])}\n```"),
+)
+
+
+@FUZZ
+@given(replies, st.integers(1, 6))
+def test_generated_list_parser_returns_clean_strings_or_raises_malformed(reply, n):
+    try:
+        items = parse_list(reply, n)
+    except MalformedOutput:
+        return
+    assert 1 <= len(items) <= n
+    assert all(isinstance(item, str) and item.strip() == item and item for item in items)
+
+
+LABELS = ["returns", "shipping", "payments"]
+
+
+@FUZZ
+@given(st.text(max_size=40), st.sampled_from(LABELS))
+def test_label_parser_is_strict(noise, label):
+    parsed = parse_label(noise, LABELS)
+    assert parsed is None or parsed in LABELS
+    # the exact label with whitespace and end tokens around it always parses; with other words it never does
+    assert parse_label(f"  {label}<|end|>\n", LABELS) == label
+    if noise.strip() and noise.strip() not in LABELS and not set(noise.strip()) <= set("<|end|>"):
+        assert parse_label(f"{label} {noise}", LABELS) in (None, label) and parse_label(f"{noise.strip()}x{label}", LABELS) is None
