@@ -31,7 +31,7 @@ def build_pipeline(config: RunConfig, for_cluster: bool = False, source_sha256: 
     source file's content, not just its path, so an edited file is never served from cache.
     """
 
-    def deterministic(task: PipelineTask, cacheable: bool = True) -> PipelineTask:
+    def cache_locally(task: PipelineTask, cacheable: bool = True) -> PipelineTask:
         # Locally only the data stages whose output is a pure function of their inputs are cached;
         # training, evaluation and LLM calls always run. (On the cluster k8s.py decides.)
         if not for_cluster:
@@ -40,12 +40,12 @@ def build_pipeline(config: RunConfig, for_cluster: bool = False, source_sha256: 
 
     def cpu(task: PipelineTask, name: str) -> PipelineTask:
         task.set_display_name(name)
-        deterministic(task, cacheable=False)  # the data stages opt back in below
+        cache_locally(task, cacheable=False)  # the data stages opt back in below
         return configure_cpu_task(task, config.cluster) if for_cluster else task
 
     def gpu(task: PipelineTask, name: str) -> PipelineTask:
         task.set_display_name(name)
-        deterministic(task, cacheable=False)
+        cache_locally(task, cacheable=False)
         quiet_ml_env(task)
         return configure_gpu_task(task, config.cluster) if for_cluster else task
 
@@ -74,9 +74,9 @@ def build_pipeline(config: RunConfig, for_cluster: bool = False, source_sha256: 
             generation(examples, "generate questions", config.generate.backend)
         else:
             cpu(examples, "import questions")
-        deterministic(examples, cacheable=not config.data.articles or config.generate.backend == "offline")
-        splits = deterministic(cpu(c.split_examples(run_config=run_config, examples=examples.output), "split (grouped, stratified)"))
-        formatted = deterministic(cpu(c.format_chat(run_config=run_config, splits=splits.output), "format chat data"))
+        cache_locally(examples, cacheable=not config.data.articles or config.generate.backend == "offline")
+        splits = cache_locally(cpu(c.split_examples(run_config=run_config, examples=examples.output), "split (grouped, stratified)"))
+        formatted = cache_locally(cpu(c.format_chat(run_config=run_config, splits=splits.output), "format chat data"))
 
         # Baselines on the same rows: what a fine-tune has to beat. (TF-IDF is deterministic but not
         # cached locally: kfp.local 2.17 treats its Metrics output, which has no file, as a cache miss.)
