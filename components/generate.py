@@ -310,7 +310,7 @@ def parse_list(reply: str, n: int) -> list[str]:
                 raise MalformedOutput("the JSON array holds no strings")
             if items:
                 return items[:n]
-    items = [m.group(1) for line in text.splitlines() if (m := _NUMBERED.match(line))]
+    items = [m.group(1).strip() for line in text.splitlines() if (m := _NUMBERED.match(line)) and m.group(1).strip()]
     if items:
         return items[:n]
     raise MalformedOutput("expected a JSON array of strings or numbered lines")

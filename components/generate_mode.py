@@ -148,17 +148,20 @@ def per_row_generate(
     max_new_tokens: int = 8,
 ) -> list[dict[str, Any]]:
     """The published loop: one prompt at a time, no padding, greedy ``generate``, parse. Bench only."""
-    device = next(model.parameters()).device
     kwargs = _generate_kwargs(tokenizer, max_new_tokens)
     out = []
     for prompt in prompts:
-        enc = tokenizer.apply_chat_template(
-            prompt, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-        )
-        enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-        generated = model.generate(**enc, **kwargs)
+        enc, generated = _generate_one(model, tokenizer, prompt, kwargs)
         out.append(_result(tokenizer, generated[0, enc["input_ids"].shape[1]:].tolist(), kwargs["eos_token_id"], labels))
     return out
+
+
+def _generate_one(model, tokenizer, prompt: list[Message], kwargs: dict[str, Any]):
+    """One unpadded prompt through ``generate``: (encoded prompt, generated ids incl. the prompt)."""
+    device = next(model.parameters()).device
+    enc = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+    return enc, model.generate(**enc, **kwargs)
 
 
 def invalid_rate(results: Sequence[dict[str, Any]]) -> float:
@@ -207,7 +210,6 @@ def published_generate(
     what follows the answer is extra. Prompts go through the chat template this project's
     model was trained with (the published plain-text template belongs to their model).
     """
-    device = next(model.parameters()).device
     kwargs = {
         "max_new_tokens": max_new_tokens,
         "do_sample": False,
@@ -217,11 +219,7 @@ def published_generate(
     }
     out = []
     for prompt in prompts:
-        enc = tokenizer.apply_chat_template(
-            prompt, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-        )
-        enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-        generated = model.generate(**enc, **kwargs)
+        enc, generated = _generate_one(model, tokenizer, prompt, kwargs)
         # Theirs: decode the whole output, then cut the prompt off by its character count. The
         # prompt's length is taken from its own decoded text here, since the chat template's
         # special tokens are skipped in the decoded output.
