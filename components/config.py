@@ -203,6 +203,12 @@ class TrainConfig(_Section):
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     gradient_checkpointing: bool = False
+    share_prompt_prefix: bool = Field(
+        default=True,
+        description="Run the prompt tokens all rows of a batch share (the system turn) once per batch, not once "
+        "per row: the same loss and gradients from about half the tokens. Applies to padded batches on SDPA or "
+        "eager attention without gradient checkpointing; elsewhere every row runs whole.",
+    )
     max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
     logging_steps: PositiveInt = 10
     # Dev-set evaluation during training: the best checkpoint by this metric is kept,

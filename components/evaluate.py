@@ -9,7 +9,6 @@ faster than generate() (notes/finetune.md §4a).
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import math
 import time
@@ -32,6 +31,13 @@ from ftloop.components.finetune import (
     read_split,
 )
 from ftloop.components.metrics import write_predictions
+from ftloop.components.prefix_cache import (
+    MIN_SHARED_PREFIX,
+    cache_argument,
+    common_prefix_length,
+    forward_params,
+    supports_prefix_cache,
+)
 from ftloop.components.records import SPLITS
 
 Message = dict[str, str]
@@ -87,15 +93,6 @@ def load_for_inference(model_dir: str | Path, base_model: str | None = None, mer
 
 
 # ------------------------------------------------------------------- scoring
-
-# Fewer shared leading tokens than this and running them once saves less than the cache
-# bookkeeping costs: such inputs take the plain path.
-MIN_SHARED_PREFIX = 8
-# Attention kernels whose cache + padding-mask handling the equivalence tests cover (CPU).
-# FlashAttention builds its own unpadded layout from the mask and only runs on a GPU, so it
-# keeps the plain path until the same test has run there.
-PREFIX_CACHE_ATTENTION = ("sdpa", "eager")
-
 
 def _encode_prompt(tokenizer, prompt: list[Message]) -> list[int]:
     return chat_token_ids(tokenizer, prompt, add_generation_prompt=True)
@@ -161,57 +158,15 @@ def _pad_batch(seqs: list[list[int]], pad_id: int, padding_side: str, device) ->
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": positions.to(device)}
 
 
-def _common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
-    """Number of leading tokens every sequence shares."""
-    first = seqs[0]
-    n = min(len(s) for s in seqs)
-    for seq in seqs[1:]:
-        k = 0
-        while k < n and seq[k] == first[k]:
-            k += 1
-        n = k
-    return n
-
-
-def _forward_params(model) -> set[str]:
-    """Keyword names the underlying transformers model's forward accepts (PEFT wrappers take **kwargs)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return set(inspect.signature(base.forward).parameters)
-
-
 def _shared_prefix_length(model, seqs: list[list[int]], spans: list[tuple[int, int]]) -> int:
-    """Leading tokens that can be run once and reused from a KV cache; 0 means use the plain path.
+    """Leading tokens that can be run once and reused from a KV cache (``prefix_cache``); 0 means the plain path.
 
-    Every prompt starts with the same system prompt (the instruction and the label list:
-    more than half of each prompt's tokens on the tiny model), so each row's forward pass
-    recomputes identical keys and values. Causal attention makes a position's states
-    depend only on earlier tokens, so running the shared tokens once and attending to
-    their cached keys/values gives the same logits up to float rounding
-    (tests/test_evaluate.py checks this against the plain path). The shared part ends
-    before the first position whose logits are needed, since cached positions produce
-    no logits. Excluded, and scored by the plain path instead: a single sequence,
-    prompt-learning PEFT adapters (virtual tokens), models whose forward takes no cache,
-    attention kernels outside ``PREFIX_CACHE_ATTENTION``, and lengths past a sliding
-    window or a long-RoPE switch point, where a shorter prefix-only forward could see
-    different attention windows or rotary factors.
+    The shared part ends before the first position whose logits are needed, since
+    cached positions produce no logits.
     """
-    if len(seqs) < 2:
+    if len(seqs) < 2 or not supports_prefix_cache(model, max(len(s) for s in seqs)):
         return 0
-    peft_config = getattr(model, "active_peft_config", None)
-    if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
-        return 0
-    params = _forward_params(model)
-    if not ({"cache", "past_key_values"} & params):
-        return 0
-    config = getattr(model, "config", None)
-    if getattr(config, "_attn_implementation", None) not in PREFIX_CACHE_ATTENTION:
-        return 0
-    longest = max(len(s) for s in seqs)
-    for limit in ("sliding_window", "original_max_position_embeddings"):
-        value = getattr(config, limit, None)
-        if isinstance(value, int) and longest > value:
-            return 0
-    shared = min(_common_prefix_length(seqs), min(a for a, _ in spans))
+    shared = min(common_prefix_length(seqs), min(a for a, _ in spans))
     return shared if shared >= MIN_SHARED_PREFIX else 0
 
 
@@ -242,8 +197,8 @@ def _next_token_logprobs(
     vocabulary projection was ~15% of the forward's time, all but one position wasted.
     """
     device = next(model.parameters()).device
-    params = _forward_params(model)
-    cache_arg = "cache" if "cache" in params else "past_key_values"
+    params = forward_params(model)
+    cache_arg = cache_argument(model)
     can_trim = "logits_to_keep" in params
     shared = _shared_prefix_length(model, seqs, spans) if prefix_cache else 0
     prefix = None

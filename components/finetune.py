@@ -3,8 +3,9 @@
 One recipe for laptop and cluster: TRL's SFTTrainer on conversational
 prompt/completion rows (so the loss covers only the answer and its end tokens),
 all-linear LoRA resolved to the architecture's concrete module names, no
-quantization. Only the hardware-dependent knobs (bf16, attention kernel,
-device) switch automatically.
+quantization, and the prompt prefix every row shares run once per batch
+(components/prefix_cache.py). Only the hardware-dependent knobs (bf16, attention
+kernel, device) switch automatically.
 """
 
 from __future__ import annotations
@@ -427,6 +428,7 @@ def build_trainer(
     from transformers import AutoConfig, EarlyStoppingCallback, PrinterCallback, set_seed
     from trl import SFTConfig, SFTTrainer
 
+    from ftloop.components.prefix_cache import SharedPrefixCollator, shared_prefix_trainer, supports_prefix_cache
     from ftloop.components.preflight import describe, detect_device, meta_model, preflight
 
     formatted_dir, output_dir = Path(formatted_dir), Path(output_dir)
@@ -515,6 +517,14 @@ def build_trainer(
         all_callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
         if train.early_stopping_metric == "dev_macro_f1":
             trainer_cls = _dev_scoring_trainer(SFTTrainer, labels, dev_rows, config.eval.batch_size)
+    share_prefix = (
+        train.share_prompt_prefix
+        and not padding_free
+        and not train.gradient_checkpointing  # recomputed forwards would append to the cache twice
+        and supports_prefix_cache(model, longest)
+    )
+    if share_prefix:
+        trainer_cls = shared_prefix_trainer(trainer_cls)
     with peft_deprecation_silenced():
         trainer = trainer_cls(
             model=model,
@@ -526,6 +536,8 @@ def build_trainer(
             callbacks=all_callbacks,
         )
     trainer.remove_callback(PrinterCallback)  # it would print every raw log dict
+    if share_prefix:
+        trainer.data_collator = SharedPrefixCollator(trainer.data_collator)
     info = {
         "labels": labels,
         "n_train_rows": len(rows),
@@ -533,6 +545,7 @@ def build_trainer(
         "target_modules": targets,
         "preflight": report,
         "padding_free": padding_free,
+        "shared_prefix": share_prefix,
     }
     return trainer, info
 
@@ -544,6 +557,18 @@ def _peak_memory() -> dict[str, int]:
     if torch.cuda.is_available():
         out["peak_gpu_memory_bytes"] = int(torch.cuda.max_memory_allocated())
     return out
+
+
+def _shared_prefix_stats(trainer) -> dict[str, Any] | None:
+    """How much of the prompt the batches shared (None: every row ran whole)."""
+    collator = trainer.data_collator
+    if not hasattr(collator, "shared_tokens"):
+        return None
+    return {
+        "batches": collator.batches,
+        "shared_batches": collator.shared_batches,
+        "tokens_not_recomputed": collator.shared_tokens,
+    }
 
 
 def _dev_history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -633,6 +658,7 @@ def finetune(
         "device": device_description(),
         "preflight": info["preflight"],
         "padding_free": info["padding_free"],
+        "shared_prefix": _shared_prefix_stats(trainer),
         "bf16": bool(trainer.args.bf16),
         "attn_implementation": trainer.model.get_base_model().config._attn_implementation,
         "trainable_params": int(trainable),

@@ -15,7 +15,6 @@ except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys
 
 from ftloop.components.errors import FtloopError
 from ftloop.components.evaluate import (
-    MIN_SHARED_PREFIX,
     _encode_prompt,
     _encode_prompts,
     _shared_prefix_length,
@@ -24,6 +23,7 @@ from ftloop.components.evaluate import (
     score_labels,
 )
 from ftloop.components.metrics import compute_metrics
+from ftloop.components.prefix_cache import MIN_SHARED_PREFIX
 from ftloop.components.prompts import prompt_messages
 
 QUESTIONS = [

@@ -14,6 +14,7 @@ except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys
 
 from ftloop.components.errors import FtloopError
 from ftloop.components.finetune import build_trainer, resolve_target_modules
+from ftloop.components.prefix_cache import unshare
 
 PHI3_MODULES = ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
 
@@ -84,7 +85,7 @@ def test_only_completion_tokens_carry_loss_and_they_end_with_stop_tokens(trainer
         assert completion == [label_id, end, *newline, eos]
 
     # the collator pads with the pad token, which must not mask the real eos labels
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    batch = unshare(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
     real = batch["attention_mask"].bool()
     assert (batch["labels"][~real] == -100).all()
     assert int((batch["labels"] == eos).sum()) == 4
