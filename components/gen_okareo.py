@@ -14,8 +14,10 @@ scenario for a reused name, which is then the same data, never stale data.
 
 The key comes from ``OKAREO_API_KEY`` only (never a config field or pipeline
 parameter). 429 and 5xx answers, timeouts (``timeout_seconds`` per request:
-the SDK sets none) and network errors are retried with exponential backoff;
-other errors fail at once with the server's message.
+the SDK sets none), network errors and success answers whose body is not the
+API's reply (an HTML page from a proxy, a cut-off or wrong-shaped JSON) are
+retried with exponential backoff; other errors fail at once with the server's
+message. No message carries the key.
 A generation that yields zero rows (the SDK warns and returns no scenario id)
 gives zero rows, counted in ``stats``.
 """
@@ -56,6 +58,34 @@ def _digest(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()[:12]
 
 
+def _reply_being_parsed(exc: BaseException) -> Any:
+    """The httpx reply the SDK was reading when it raised ``exc``; None when it raised anywhere else.
+
+    The generated client reads every reply in a ``_parse_response`` function. A body it cannot read
+    surfaces there as JSONDecodeError, KeyError, TypeError or ValueError, the same types the SDK uses
+    for a 4xx answer or a bad argument; only where it was raised tells a garbled reply (worth retrying)
+    from a refusal (not worth retrying).
+    """
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == "_parse_response" and str(frame.f_globals.get("__name__", "")).startswith(
+            "okareo_api_client."
+        ):
+            return frame.f_locals.get("response")
+        tb = tb.tb_next
+    return None
+
+
+def _malformed(reply: Any, status: int, body: bytes, why: str) -> str:
+    """The retry problem for a success answer that is not the API's reply, naming the endpoint that gave it."""
+    try:
+        where = f" from {reply.request.method} {reply.request.url.path}"
+    except (AttributeError, RuntimeError):  # no reply object, or one without its request
+        where = ""
+    return f"malformed reply{where}: HTTP {status} with {why}: {body[:80]!r}"
+
+
 class OkareoSession:
     """An SDK client with retries; connects on first use."""
 
@@ -75,19 +105,38 @@ class OkareoSession:
             try:
                 return fn(*args, **kwargs)
             except UnexpectedStatus as exc:
-                if exc.status_code != 429 and exc.status_code < 500:
-                    raise GeneratorError(f"okareo {what}: HTTP {exc.status_code}: {exc.content[:200]!r}") from None
-                problem = f"HTTP {exc.status_code}"
+                if 200 <= exc.status_code < 300:  # a success status this endpoint never answers with: not Okareo's reply
+                    reply = _reply_being_parsed(exc)
+                    problem = _malformed(reply, exc.status_code, exc.content, "an unexpected success status")
+                elif exc.status_code != 429 and exc.status_code < 500:
+                    raise GeneratorError(f"okareo {what}: HTTP {exc.status_code}: {self._clean(exc.content[:200])}") from None
+                else:
+                    problem = f"HTTP {exc.status_code}"
             except httpx.TransportError as exc:  # timeouts, refused connections, broken reads
                 problem = f"{type(exc).__name__}: {exc}"
-            except (TypeError, ValueError) as exc:  # the SDK's way of reporting 4xx ErrorResponse bodies
-                raise GeneratorError(f"okareo {what}: {exc}") from None
-            except (KeyError, AttributeError) as exc:  # a body the SDK cannot parse
-                problem = f"malformed response ({type(exc).__name__}: {exc})"
+            except (TypeError, ValueError, KeyError, AttributeError) as exc:
+                reply = _reply_being_parsed(exc)
+                if reply is None and isinstance(exc, (TypeError, ValueError)):
+                    # the SDK's way of reporting 4xx ErrorResponse bodies, or a local check (e.g. an unknown project)
+                    raise GeneratorError(f"okareo {what}: {self._clean(exc)}") from None
+                if reply is not None and not reply.is_success:  # a refusal whose body the SDK cannot read
+                    raise GeneratorError(f"okareo {what}: HTTP {reply.status_code}: {self._clean(reply.content[:200])}") from None
+                if reply is not None:  # a success status with a body that is not JSON or not the documented shape
+                    why = f"a body not in the expected shape ({type(exc).__name__}: {exc})"
+                    if isinstance(exc, (json.JSONDecodeError, UnicodeDecodeError)):
+                        why = "a body that is not JSON"
+                    problem = _malformed(reply, reply.status_code, reply.content, why)
+                else:
+                    problem = f"malformed response ({type(exc).__name__}: {exc})"
             if attempt < self.cfg.max_retries:
                 self.stats["retries"] += 1
                 self._sleep(min(MAX_BACKOFF_SECONDS, self.cfg.backoff_seconds * 2**attempt))
-        raise GeneratorError(f"okareo {what}: gave up after {self.cfg.max_retries + 1} tries: {problem}")
+        raise GeneratorError(f"okareo {what}: gave up after {self.cfg.max_retries + 1} tries: {self._clean(problem)}")
+
+    def _clean(self, detail: Any) -> str:
+        """A detail for an error message: one line, without the key (a proxy's debug page may echo headers)."""
+        text = repr(detail) if isinstance(detail, bytes) else str(detail)
+        return " ".join(text.replace(self._key, "<OKAREO_API_KEY>").split())
 
     @property
     def client(self):

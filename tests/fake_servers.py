@@ -86,6 +86,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(value, {"detail": [f"scripted {value}"]}, headers={"Retry-After": "0"} if value == 429 else None)
         elif kind == "raw":
             self._send(200, None, raw=value)
+        elif kind == "reply":  # (status, raw body): e.g. a proxy's HTML page under the status the route uses
+            status, raw = value
+            self._send(status, None, raw=raw)
         return True
 
 

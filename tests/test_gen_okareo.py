@@ -1,5 +1,6 @@
 """The okareo backend and evaluation upload through the official SDK, against a local fake Okareo API."""
 
+import re
 import subprocess
 import sys
 
@@ -8,7 +9,7 @@ import pytest
 from ftloop.components.config import RunConfig
 from ftloop.components.errors import ConfigError
 from ftloop.components.gen_okareo import upload_evaluation
-from ftloop.components.generate import GeneratorError, make_generator
+from ftloop.components.generate import Checkpoint, GeneratorError, make_generator
 from ftloop.components.records import Article, Example, write_jsonl
 
 from fake_servers import FakeOkareo
@@ -85,6 +86,53 @@ def test_persistent_server_errors_end_in_a_clear_error(server):
     server.faults = [None] + [("status", 502)] * 3
     with pytest.raises(GeneratorError, match=r"okareo create scenario .*gave up after 3 tries: HTTP 502"):
         make_generator("okareo", okareo_config(server)).questions(ARTICLES, 1)
+
+
+PROXY_PAGE = b"<html><body>Gateway sign-in</body></html>"
+
+
+@pytest.mark.parametrize("request_index, fault", [
+    (1, ("raw", PROXY_PAGE)),                      # POST scenario_sets: HTML under 200, a status the SDK does not expect
+    (2, ("reply", (201, PROXY_PAGE))),             # POST scenario_sets_generate: HTML under the route's own 201
+    (3, ("raw", PROXY_PAGE)),                      # GET scenario_data_points: HTML under the route's own 200
+    (1, ("reply", (201, b'"created"'))),           # JSON, but not a scenario set
+    (3, ("raw", b'{"rows": 2}')),                  # JSON, but not a list of rows
+], ids=["html-unexpected-2xx", "html-generate", "html-fetch", "wrong-shape-create", "wrong-shape-fetch"])
+def test_a_malformed_success_reply_is_retried_like_a_5xx(server, request_index, fault):
+    server.faults = [None] * request_index + [fault]
+    gen = make_generator("okareo", okareo_config(server))
+    rows = gen.questions(ARTICLES, 1)
+    assert [r.parent_id for r in rows] == ["a1", "a2"]
+    assert gen.stats["retries"] == 1
+    assert len(server.requests) == 5  # the garbled request was sent again, nothing else
+
+
+def test_a_reply_that_stays_malformed_ends_in_a_clear_error_and_keeps_completed_work(server, tmp_path):
+    """The okareo backend checkpoints each whole request (seed upload, generate, fetch): a request that fails
+    saves nothing, so the next attempt repeats only that one and reuses those that completed."""
+    done = make_generator("okareo", okareo_config(server), checkpoint_dir=tmp_path).questions(ARTICLES[:1], 1)
+    server.requests.clear()
+    # connect, upload, generate fine; every fetch of the rows gets a proxy page that echoes the request headers
+    server.faults = [None] * 3 + [("raw", b"<html>\n<p>api-key: ok-secret-key</p>\n</html>")] * 3
+    with pytest.raises(GeneratorError) as failure:
+        make_generator("okareo", okareo_config(server), checkpoint_dir=tmp_path).questions(ARTICLES[1:], 1)
+    message = str(failure.value)
+    assert re.fullmatch(r"okareo fetch rows of '[\w-]+': gave up after 3 tries: malformed reply from "
+                        r"GET /v0/scenario_data_points/[\w-]+: HTTP 200 with a body that is not JSON: .*", message)
+    assert "ok-secret-key" not in message and "\n" not in message
+    assert paths(server).count(("GET", "scenario_data_points")) == 3
+    assert len(Checkpoint(tmp_path / "okareo-requests.jsonl")) == 1  # the failed request saved nothing
+    server.requests.clear()
+    again = make_generator("okareo", okareo_config(server), checkpoint_dir=tmp_path)
+    assert again.questions(ARTICLES[:1], 1) == done and server.requests == []  # completed work is reused
+    assert [r.parent_id for r in again.questions(ARTICLES[1:], 1)] == ["a2"]  # the failed request runs again
+
+
+def test_a_refusal_with_an_unreadable_body_fails_at_once_with_its_status(server):
+    server.faults = [None, ("reply", (401, PROXY_PAGE))]
+    with pytest.raises(GeneratorError, match=r"okareo create scenario '[\w-]+': HTTP 401: b'<html><body>Gateway"):
+        make_generator("okareo", okareo_config(server)).questions(ARTICLES, 1)
+    assert len(server.requests) == 2
 
 
 def test_client_errors_are_not_retried(server):
