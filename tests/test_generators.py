@@ -1,5 +1,8 @@
 """The generator interface and its prompted backends: openai against a local server, hf with the tiny model."""
 
+import threading
+import time
+
 import pytest
 
 from ftloop.components.config import RunConfig
@@ -135,6 +138,29 @@ def test_openai_gives_up_after_retries_and_the_next_attempt_reuses_completed_wor
     assert len(server.requests) - calls_before == 1  # only the unfinished request is sent again
     assert [r.parent_id for r in rows] == ["a1", "a1", "a2", "a2"]
     assert len(Checkpoint(tmp_path / "openai-requests.jsonl")) == 2
+
+
+@pytest.mark.parametrize("concurrency", [1, 3])
+def test_openai_never_has_more_than_concurrency_requests_in_flight(concurrency):
+    """`concurrency` protects a shared inference server: the bound is reached and never exceeded."""
+    lock = threading.Lock()
+    in_flight = {"now": 0, "max": 0}
+
+    def slow_reply(body: dict) -> str:  # held long enough that requests sent together overlap on the server
+        with lock:
+            in_flight["now"] += 1
+            in_flight["max"] = max(in_flight["max"], in_flight["now"])
+        time.sleep(0.25)
+        with lock:
+            in_flight["now"] -= 1
+        return FakeOpenAI.reply(body)
+
+    articles = [Article(f"a{i}", f"Article {i} explains refunds and delivery.", "returns", f"Title {i}") for i in range(7)]
+    with FakeOpenAI() as server:
+        server.reply = slow_reply
+        rows = make_generator("openai", openai_config(server, concurrency=concurrency)).questions(articles, 1)
+    assert len(rows) == len(server.requests) == 7  # more requests than twice the bound, so an unbounded pool shows
+    assert in_flight["max"] == concurrency
 
 
 def test_openai_auth_failure_is_not_retried_and_names_the_env_var(monkeypatch):
