@@ -101,6 +101,47 @@ def test_run_augment_adds_filtered_conditioned_rephrasings_to_train_only(tmp_pat
     assert meta["test_group_overlap"] == 0 and meta["filtered_total"] == 0
 
 
+class CannedRephraser:
+    """A generator stub: each parent's rephrasings are given texts, so a test can aim them at other splits."""
+
+    def __init__(self, texts: dict[str, list[str]]):
+        self.texts = texts
+        self.stats: dict = {}
+
+    def rephrase(self, parents, n, hint=None, round=None):
+        return [Example(f"{p.id}-r{round}.{i}", text, p.label, p.group, "rephrased", parent_id=p.id, round=round)
+                for p in parents for i, text in enumerate(self.texts.get(p.id, []), 1)]
+
+
+def test_rephrasings_that_copy_a_test_question_never_reach_train(tmp_path, monkeypatch):
+    test_question = "Where is the parcel I ordered last week, can I track it?"
+    splits = {
+        "train": [ex(1, "returns", text="can I get my money back for these shoes"),
+                  ex(2, "shipping", text="courier delivery time to my address")],
+        "dev": [ex(3, "returns", text="how long until the refund shows up on my card")],
+        "test": [ex(4, "shipping", text=test_question)],
+    }
+    write_splits(splits, ["returns", "shipping"], tmp_path / "splits")
+    preds = [{"id": e.id, "label": e.label, "prediction": "shipping"} for e in (splits["train"][0], splits["dev"][0])]
+    write_jsonl(tmp_path / "eval" / "predictions" / "train.jsonl", preds[:1])
+    write_jsonl(tmp_path / "eval" / "predictions" / "dev.jsonl", preds[1:])
+    write_json(tmp_path / "eval" / "metrics.json", {"dev": {"macro_f1": 0.5}})
+    stub = CannedRephraser({
+        "e1": ["where is the parcel I ordered last week - can I track it",  # the test question, punctuation aside
+               "is it possible to return these shoes for a full refund"],
+        "e3": ["Where is the parcel I ordered last week, can I track it now?"],  # a near-copy of it
+    })
+    monkeypatch.setattr("ftloop.components.augment.make_generator", lambda *args, **kwargs: stub)
+    meta = run_augment(cfg(label_filter="none"), tmp_path / "splits", tmp_path / "eval", tmp_path / "out",
+                       progress=lambda _: None)
+    assert meta["rows_generated"] == 3 and meta["rows_added"] == 1
+    assert meta["filtered_duplicate_of_test"] == 1 and meta["filtered_near_duplicate_of_test"] == 1
+    train = read_splits(tmp_path / "out")[0]["train"]
+    assert [e.text for e in train[2:]] == ["is it possible to return these shoes for a full refund"]
+    removed = json.loads((tmp_path / "out" / "report.json").read_text())["augmentation"]["removed"]
+    assert (removed["duplicate_of_test"], removed["near_duplicate_of_test"]) == (1, 1)
+
+
 def test_tfidf_label_filter_and_class_cap_are_counted(tmp_path):
     write_round_inputs(tmp_path)
     meta = run_augment(cfg(label_filter="tfidf", label_margin=0.2, max_per_class=1), tmp_path / "splits",
