@@ -1,5 +1,7 @@
 """The augmentation loop and generator backends as compiled for a cluster: rounds, conditions, secrets."""
 
+import re
+
 import yaml
 from kfp import compiler
 
@@ -30,6 +32,27 @@ def all_tasks(spec):
     return tasks
 
 
+def assert_rounds_are_conditional(spec, rounds):
+    """Round k: If(round k's decision == "continue") retrains and evaluates, Else carries forward; round k+1
+    (or, after the last, the final selection) reads that If/Else group's dsl.OneOf outputs."""
+    root, components = spec["root"]["dag"]["tasks"], spec["components"]
+    augments = ["augment-from-errors"] + [f"augment-from-errors-{k}" for k in range(2, rounds + 1)]
+    for augment, consumer in zip(augments, augments[1:] + ["select-final-model"]):
+        channel = f"pipelinechannel--{augment}-decision"
+        groups = [name for name, t in root.items() if name.startswith("condition-branches")
+                  and t["inputs"]["parameters"].get(channel, {}).get("taskOutputParameter", {}).get("producerTask") == augment]
+        assert len(groups) == 1, f"{augment}: {groups}"
+        runs = {}  # condition -> the tasks it runs, without the -N suffixes of later rounds
+        for branch in components[root[groups[0]]["componentRef"]["name"]]["dag"]["tasks"].values():
+            inside = components[branch["componentRef"]["name"]]["dag"]["tasks"]
+            runs[branch["triggerPolicy"]["condition"]] = {re.sub(r"-\d+$", "", name) for name in inside}
+        continues = f"inputs.parameter_values['{channel}'] == 'continue'"
+        assert runs == {continues: {"format-chat", "finetune", "evaluate"}, f"!({continues})": {"carry-forward"}}, augment
+        artifacts = root[consumer]["inputs"]["artifacts"]
+        reads = {artifacts[key]["taskOutputArtifact"]["producerTask"] for key in ("model", "evaluation")}
+        assert reads == {groups[0]}, f"{consumer} reads {reads}, not round {augment}'s outcome"
+
+
 def test_rounds_are_unrolled_inside_conditions_and_backends_get_their_secrets(tmp_path, monkeypatch):
     text, spec, k8s = compile_for_cluster(
         tmp_path, monkeypatch,
@@ -43,8 +66,8 @@ def test_rounds_are_unrolled_inside_conditions_and_backends_get_their_secrets(tm
     assert {"augment-from-errors", "augment-from-errors-2", "augment-from-errors-3",
             "finetune-4", "evaluate-4", "carry-forward-3", "upload-to-okareo"} <= set(tasks)
     # later rounds hang off the previous round's dsl.OneOf outputs, inside If/Else condition groups
-    conditions = [t for t in tasks.values() if "triggerPolicy" in t]
-    assert len(conditions) == 6 and all("continue" in t["triggerPolicy"]["condition"] for t in conditions[:1])
+    assert len([t for t in tasks.values() if "triggerPolicy" in t]) == 6  # an If and an Else per round, no others
+    assert_rounds_are_conditional(spec, rounds=3)
     assert k8s["exec-prepare-examples"]["secretAsEnv"][0]["secretName"] == "okareo-api-key"  # cluster.okareo_secret_name
     assert k8s["exec-prepare-examples"]["secretAsEnv"][0]["keyToEnv"] == [{"envVar": "OKAREO_API_KEY", "secretKey": "api-key"}]
     assert k8s["exec-augment-from-errors"]["secretAsEnv"][0]["secretName"] == "vllm-key"
