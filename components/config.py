@@ -255,6 +255,10 @@ class EvalConfig(_Section):
     mode: Literal["label_scoring", "generate"] = "label_scoring"
     # Score with the merged export (train.export_merged) instead of base + adapter.
     use_merged: bool = False
+    # Base + adapter: fold the adapter into the base weights in memory before scoring
+    # (same scores up to float rounding, one matmul per layer instead of three); false keeps
+    # it applied as separate LoRA layers. An nf4 base always keeps it applied.
+    merge_adapter: bool = True
     batch_size: PositiveInt = 32
     max_new_tokens: PositiveInt = 8
 

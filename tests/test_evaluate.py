@@ -229,3 +229,16 @@ def test_untested_attention_kernels_take_the_plain_path(model_and_tokenizer, mon
     assert _shared_prefix_length(model, ids, spans) > 0
     monkeypatch.setattr(model.config, "_attn_implementation", "flash_attention_2")
     assert _shared_prefix_length(model, ids, spans) == 0
+
+
+def test_merging_the_adapter_in_memory_scores_like_applying_it(trained, model_and_tokenizer):
+    """evaluate's default folds W + BA once; the scores are those of base + LoRA layers."""
+    from peft import PeftModel
+
+    merged, tokenizer = model_and_tokenizer
+    applied, _ = load_for_inference(trained["dir"], merge_adapter=False)
+    assert isinstance(applied, PeftModel) and not isinstance(merged, PeftModel)
+    assert not any("lora_" in name for name, _ in merged.named_parameters())
+    prompts = [prompt_messages(q, LABELS) for q in QUESTIONS]
+    _assert_close(score_labels(merged, tokenizer, prompts, LABELS, batch_size=4),
+                  score_labels(applied, tokenizer, prompts, LABELS, batch_size=4), LABELS)
