@@ -23,6 +23,7 @@ from ftloop.components.finetune import (
     MODEL_META,
     Progress,
     chat_token_ids,
+    check_adapter_dir,
     cpu_threads_for,
     load_base_model,
     peft_deprecation_silenced,
@@ -38,6 +39,7 @@ from ftloop.components.prefix_cache import (
     forward_params,
     supports_prefix_cache,
 )
+from ftloop.components.prompt_tokens import encode_prompts
 from ftloop.components.records import SPLITS
 
 Message = dict[str, str]
@@ -85,6 +87,7 @@ def load_for_inference(
                 )
             model = load_base_model(str(model_dir / MERGED_DIR), None, meta.get("merged", {}).get("dtype", base.get("dtype", "auto")))
         else:
+            check_adapter_dir(model_dir)  # before loading: PEFT would fall back to a pickled adapter_model.bin
             model = load_base_model(
                 base_model or base["name_or_path"], base.get("revision"), base.get("dtype", "auto"),
                 base.get("quantization", "none"),
@@ -106,16 +109,13 @@ def _encode_prompt(tokenizer, prompt: list[Message]) -> list[int]:
 
 
 def _encode_prompts(tokenizer, prompts: list[list[Message]]) -> list[list[int]]:
-    """Token ids of many prompts from one batched ``apply_chat_template`` call.
+    """Token ids of many prompts, identical to ``chat_token_ids`` (what TRL tokenizes training rows with).
 
-    The same call and arguments as ``chat_token_ids`` (what TRL tokenizes training rows
-    with), so the ids are identical; passing the list at once lets the tokenizer encode
-    all rendered prompts in one call instead of one Python round trip per prompt.
+    Prompts that differ only in the question are spliced around one tokenization of the
+    shared parts (components/prompt_tokens.py, ~3x faster); others take one batched
+    ``apply_chat_template`` call.
     """
-    if not prompts:
-        return []
-    encoded = tokenizer.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True, return_dict=True)
-    return [list(ids) for ids in encoded["input_ids"]]
+    return encode_prompts(tokenizer, prompts)
 
 
 def _encode_conversation(tokenizer, messages: list[Message]) -> list[int]:

@@ -99,8 +99,10 @@ def _assert_close(got, want, labels, tol=1e-5):
 
 def test_encode_prompts_equals_one_prompt_at_a_time(model_and_tokenizer):
     _, tokenizer = model_and_tokenizer
-    prompts = [prompt_messages(q, LABELS) for q in QUESTIONS]
-    assert _encode_prompts(tokenizer, prompts) == [_encode_prompt(tokenizer, p) for p in prompts]
+    for questions in (QUESTIONS, [q + suffix for q in QUESTIONS for suffix in ("", " ", " returns?")]):
+        # 7 prompts take the batched apply_chat_template call; 21 are spliced (components/prompt_tokens.py)
+        prompts = [prompt_messages(q, LABELS) for q in questions]
+        assert _encode_prompts(tokenizer, prompts) == [_encode_prompt(tokenizer, p) for p in prompts]
     assert _encode_prompts(tokenizer, []) == []
 
 
