@@ -224,7 +224,9 @@ def bench_gpu(args, tiny_dir: Path, log, device: str = "cuda", config=None) -> d
     dtype = torch.bfloat16
     torch.manual_seed(args.seed)
     with torch.device(device):
-        model = Phi3ForCausalLM._from_config(config, dtype=dtype, attn_implementation=attn_implementation(dtype))
+        # SDPA, as the evaluate stage loads it: label scoring's shared-prefix cache is tested there
+        model = Phi3ForCausalLM._from_config(config, dtype=dtype,
+                                             attn_implementation=attn_implementation(dtype, prefer_flash=False))
     model.eval()
     model.generation_config = GenerationConfig(
         eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id

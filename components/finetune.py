@@ -49,10 +49,17 @@ def resolve_dtype(spec: str) -> torch.dtype:
     raise FtloopError(f"model.dtype: unsupported value {spec!r}")
 
 
-def attn_implementation(dtype: torch.dtype) -> str:
-    """FlashAttention-2 only where it can run (CUDA, half precision, package installed); SDPA elsewhere."""
+def attn_implementation(dtype: torch.dtype, prefer_flash: bool = True) -> str:
+    """FlashAttention-2 where it is wanted and can run (CUDA, half precision, package installed); SDPA elsewhere.
+
+    Training and label scoring that run the shared prompt prefix once (components/prefix_cache.py)
+    ask for SDPA: the prefix halves the tokens, while FlashAttention's padding-free batches only
+    save the padding (a few percent after length grouping), and the cache path's equivalence
+    tests cover SDPA and eager attention.
+    """
     if (
-        torch.cuda.is_available()
+        prefer_flash
+        and torch.cuda.is_available()
         and dtype in (torch.bfloat16, torch.float16)
         and importlib.util.find_spec("flash_attn") is not None
     ):
@@ -188,8 +195,13 @@ def quantization_config(quantization: str):
     )
 
 
-def load_base_model(name_or_path: str, revision: str | None, dtype_spec: str, quantization: str = "none") -> torch.nn.Module:
-    """Load the causal LM exactly as a hub model would be loaded: safetensors only, no remote code."""
+def load_base_model(
+    name_or_path: str, revision: str | None, dtype_spec: str, quantization: str = "none", prefer_flash: bool = False
+) -> torch.nn.Module:
+    """Load the causal LM exactly as a hub model would be loaded: safetensors only, no remote code.
+
+    ``prefer_flash``: FlashAttention-2 where available (``attn_implementation``), else SDPA.
+    """
     from transformers import AutoModelForCausalLM
 
     check_model_ref(name_or_path)
@@ -201,7 +213,7 @@ def load_base_model(name_or_path: str, revision: str | None, dtype_spec: str, qu
             name_or_path,
             revision=None if _is_local(name_or_path) else revision,
             dtype=dtype,
-            attn_implementation=attn_implementation(dtype),
+            attn_implementation=attn_implementation(dtype, prefer_flash),
             trust_remote_code=False,
             use_safetensors=True,
             **extra,
@@ -463,7 +475,12 @@ def build_trainer(
     sized = config.model_copy(update={"train": train.model_copy(update={"max_length": longest})})
     report = preflight(sized, model_config, targets, detect_device(), dtype)
     progress(describe(report))
-    model = load_base_model(name, config.model.revision, config.model.dtype, config.model.quantization)
+    # Sharing the prompt prefix needs padded batches on SDPA; without it (switched off, or under
+    # gradient checkpointing) FlashAttention-2's padding-free batches are the next best thing.
+    try_sharing = train.share_prompt_prefix and not train.gradient_checkpointing
+    model = load_base_model(
+        name, config.model.revision, config.model.dtype, config.model.quantization, prefer_flash=not try_sharing
+    )
 
     # With FlashAttention the batch is flattened without pad tokens (TRL's padding-free mode);
     # TRL then wants max_length=None, which the length filter above makes safe. Otherwise
@@ -517,12 +534,8 @@ def build_trainer(
         all_callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
         if train.early_stopping_metric == "dev_macro_f1":
             trainer_cls = _dev_scoring_trainer(SFTTrainer, labels, dev_rows, config.eval.batch_size)
-    share_prefix = (
-        train.share_prompt_prefix
-        and not padding_free
-        and not train.gradient_checkpointing  # recomputed forwards would append to the cache twice
-        and supports_prefix_cache(model, longest)
-    )
+    # (gradient checkpointing's recomputed forwards would append to the cache twice)
+    share_prefix = try_sharing and not padding_free and supports_prefix_cache(model, longest)
     if share_prefix:
         trainer_cls = shared_prefix_trainer(trainer_cls)
     with peft_deprecation_silenced():

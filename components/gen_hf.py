@@ -32,7 +32,7 @@ class HFGenerator(PromptedGenerator):
             from ftloop.components.finetune import load_base_model, load_tokenizer, quiet_progress_bars
 
             with quiet_progress_bars():
-                model = load_base_model(self.cfg.name_or_path, self.cfg.revision, self.cfg.dtype)
+                model = load_base_model(self.cfg.name_or_path, self.cfg.revision, self.cfg.dtype, prefer_flash=True)
                 tokenizer = load_tokenizer(self.cfg.name_or_path, self.cfg.revision)
             if torch.cuda.is_available():
                 model.to("cuda")

@@ -158,3 +158,29 @@ def test_the_model_metadata_records_what_was_shared(trained):
     stats = trained["meta"]["shared_prefix"]
     assert stats["shared_batches"] > 0 and stats["tokens_not_recomputed"] > 0
     assert stats["shared_batches"] <= stats["batches"]
+
+
+def test_flash_attention_is_asked_for_only_where_the_prefix_is_not_shared(tmp_path, tiny_model_dir, formatted_dir,
+                                                                          monkeypatch):
+    from ftloop.components import finetune
+
+    asked: list[bool] = []
+    real = finetune.attn_implementation
+    monkeypatch.setattr(finetune, "attn_implementation",
+                        lambda dtype, prefer_flash=True: asked.append(prefer_flash) or real(dtype, prefer_flash))
+    _trainer(tmp_path / "a", tiny_model_dir, formatted_dir)
+    _trainer(tmp_path / "b", tiny_model_dir, formatted_dir, share_prompt_prefix=False)
+    _trainer(tmp_path / "c", tiny_model_dir, formatted_dir, gradient_checkpointing=True)
+    assert asked == [False, True, True]
+
+
+def test_attention_choice_on_a_gpu_with_flash_attn_installed(monkeypatch):
+    import importlib.util
+
+    from ftloop.components import finetune
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "flash_attn" else None)
+    assert finetune.attn_implementation(torch.bfloat16) == "flash_attention_2"
+    assert finetune.attn_implementation(torch.bfloat16, prefer_flash=False) == "sdpa"
+    assert finetune.attn_implementation(torch.float32) == "sdpa"  # FlashAttention runs in half precision only
