@@ -57,6 +57,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # tests/ is not a package; ml_fixtures holds the synthetic data
 
 TOKEN_RATIO_TARGET = 1 / 3
+# Token counts depend on the tokenizer, and Phi-3's cannot be downloaded here. Its 32k
+# vocabulary keeps common English words whole (~1.2 tokens per word on these questions,
+# bench/README.md); the tiny demo model's 512-token BPE splits them into ~2.2. A BPE trained
+# on this corpus with room for 4096 entries stops merging at whole words (~1.1 per word), the
+# closer stand-in for counting tokens, so the benchmark's model uses it.
+STAND_IN_VOCAB = 4096
 EPOCH_SPEEDUP_TARGET = 2.0
 MFU_TARGET = 0.40
 
@@ -103,12 +109,17 @@ class CountingCollator:
         self.fed = self.real = self.loss = self.sequences = self.batches = 0
 
     def __call__(self, features):
+        from ftloop.components.prefix_cache import SHARED_PREFIX_KEY
+
         batch = self.inner(features)
         ids = batch["input_ids"]
-        self.fed += ids.numel()
+        # A shared-prefix batch runs its shared tokens once, then each row's rest
+        # (components/prefix_cache.py); its mask still spans the shared columns.
+        shared = batch[SHARED_PREFIX_KEY].shape[1] if SHARED_PREFIX_KEY in batch else 0
+        self.fed += ids.numel() + shared
         self.batches += 1
         if "attention_mask" in batch:  # padded batch: rows are sequences, mask marks real tokens
-            self.real += int(batch["attention_mask"].sum())
+            self.real += int(batch["attention_mask"][:, shared:].sum()) + shared
             self.sequences += ids.shape[0]
         else:  # padding-free: one flattened row, a sequence starts wherever the position resets to 0
             self.real += ids.numel()
@@ -233,7 +244,7 @@ def build_ours(model_dir: Path, formatted: Path, out: Path, epochs: float, on_gp
         trainer.args.save_strategy = SaveStrategy.NO
     return trainer, {"n_train_rows": info["n_train_rows"], "target_modules": info["target_modules"],
                      "quantization": None, "max_length": trainer.args.max_length,
-                     "checkpoint_saving_switched_off": checkpoints}
+                     "shared_prefix": info["shared_prefix"], "checkpoint_saving_switched_off": checkpoints}
 
 
 def build_published(model_dir: Path, formatted: Path, out: Path, epochs: float, on_gpu: bool):
@@ -267,7 +278,7 @@ def build_published(model_dir: Path, formatted: Path, out: Path, epochs: float, 
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
         kwargs["device_map"] = {"": 0}
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), use_safetensors=True, **kwargs)
     model.config.pretraining_tp = 1
     if quantize:
         model = prepare_model_for_kbit_training(model)
@@ -305,7 +316,7 @@ def build_published(model_dir: Path, formatted: Path, out: Path, epochs: float, 
                          processing_class=tokenizer, peft_config=peft_config)
     targets = sorted({n.rsplit(".", 1)[-1] for n, m in trainer.model.named_modules() if hasattr(m, "base_layer")})
     return trainer, {"n_train_rows": len(rows), "target_modules": targets,
-                     "quantization": "nf4" if quantize else None, "max_length": max_length}
+                     "quantization": "nf4" if quantize else None, "max_length": max_length, "shared_prefix": False}
 
 
 def worker(kind: str, model_dir: Path, formatted: Path, epochs: float, result_path: Path) -> None:
@@ -409,6 +420,20 @@ def prepare_data(workdir: Path, rows_per_label: int, seed: int) -> tuple[Path, l
     return formatted, texts
 
 
+def tokenizer_granularity(model_dir: Path, formatted: Path) -> dict[str, Any]:
+    """How finely the stand-in tokenizer splits the train questions, to compare with Phi-3's."""
+    from transformers import AutoTokenizer
+
+    from ftloop.components.records import read_jsonl
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    texts = [r["text"] for r in read_jsonl(formatted / "train.jsonl")]
+    tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    words = sum(len(t.split()) for t in texts)
+    return {"vocab": len(tokenizer), "tokens_per_question_word": tokens / words,
+            "tokens_per_question": tokens / len(texts)}
+
+
 def compare(runs: dict[str, list[dict]]) -> dict[str, Any]:
     """Medians per kind and the ratios the targets are about."""
     keys = ("seconds_per_epoch", "tokens_fed_per_s", "tokens_real_per_s", "peak_rss_mb",
@@ -420,7 +445,8 @@ def compare(runs: dict[str, list[dict]]) -> dict[str, Any]:
             **{k: first[k] for k in ("tokens_fed_per_epoch", "tokens_real_per_epoch", "tokens_in_loss_per_epoch",
                                      "sequences_per_epoch", "padding_fraction", "steps", "max_length",
                                      "target_modules", "quantization", "gradient_checkpointing", "params",
-                                     "device", "torch_threads", "save_strategy", "attn_implementation")},
+                                     "device", "torch_threads", "save_strategy", "attn_implementation",
+                                     "shared_prefix")},
             **{k: statistics.median(r[k] for r in results) for k in keys},
             "seconds_per_epoch_all": [r["seconds_per_epoch"] for r in results],
             "train_loss": [r["train_loss"] for r in results],
@@ -471,7 +497,8 @@ def print_section(title: str, s: dict[str, Any]) -> None:
         k = s[kind]
         print(f"{kind}: LoRA on {', '.join(k['target_modules'])}, {k['params']['trainable']:,} trainable params, "
               f"max_length {k['max_length']}, grad checkpointing {k['gradient_checkpointing']}, "
-              f"quantization {k['quantization']}, {k['attn_implementation']}, {k['torch_threads']} threads")
+              f"quantization {k['quantization']}, {k['attn_implementation']}, shared prompt prefix "
+              f"{k['shared_prefix']}, {k['torch_threads']} threads")
 
 
 def targets(s: dict[str, Any], gpu: bool) -> dict[str, bool]:
@@ -512,6 +539,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=float, default=3, help="epochs per run, the same for both recipes")
     p.add_argument("--repeats", type=int, default=5, help="runs per recipe, alternating; medians are reported")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vocab-size", type=int, default=STAND_IN_VOCAB,
+                   help="BPE vocabulary of the stand-in tokenizer (the tiny demo model uses 512)")
     p.add_argument("--json", metavar="OUT", help="write all results as JSON to OUT")
     p.add_argument("--gpu-rows-per-label", type=int, default=250)
     p.add_argument("--gpu-epochs", type=float, default=1)
@@ -553,7 +582,10 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(args.workdir) if args.workdir else Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         formatted, texts = prepare_data(workdir / "cpu", args.rows_per_label, args.seed)
-        tiny = build_tiny_model(workdir / "cpu" / "tiny", texts, LABELS, seed=args.seed)
+        tiny = build_tiny_model(workdir / "cpu" / "tiny", texts, LABELS, seed=args.seed, vocab_size=args.vocab_size)
+        res["tokenizer"] = tokenizer_granularity(tiny, formatted)
+        print(f"stand-in tokenizer: {res['tokenizer']['vocab']} tokens, "
+              f"{res['tokenizer']['tokens_per_question_word']:.2f} tokens per question word", flush=True)
         runs: dict[str, list[dict]] = {"ours": [], "published": []}
         for i in range(args.repeats):
             for kind in ("ours", "published") if i % 2 == 0 else ("published", "ours"):

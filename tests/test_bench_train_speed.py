@@ -43,6 +43,27 @@ def test_counting_collator_counts_padding_and_sequences():
     assert (counter.fed, counter.real, counter.loss, counter.sequences) == (5, 5, 3, 2)
 
 
+def test_counting_collator_counts_a_shared_prefix_once():
+    """A shared-prefix batch (components/prefix_cache.py) runs its 2 shared tokens once, then 2 rows of 3."""
+    from ftloop.components.prefix_cache import SHARED_PREFIX_KEY
+
+    def shared(features):
+        return {SHARED_PREFIX_KEY: torch.tensor([[1, 2]]),
+                "input_ids": torch.tensor([[5, 6, 7], [5, 0, 0]]),
+                "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]),
+                "labels": torch.tensor([[-100, 6, 7], [-100, 6, -100]])}
+
+    counter = train_speed.CountingCollator(shared)
+    counter([])
+    assert (counter.fed, counter.real, counter.loss, counter.sequences) == (2 + 6, 2 + 4, 3, 2)
+
+
+def test_tokenizer_granularity_counts_question_tokens_per_word(tiny_model_dir, formatted_dir):
+    g = train_speed.tokenizer_granularity(tiny_model_dir, formatted_dir)
+    assert g["vocab"] > 0 and g["tokens_per_question"] > 0
+    assert g["tokens_per_question_word"] >= 1.0  # a BPE never packs two words into one token here
+
+
 def test_training_flops_lora_accounting():
     params = {"body": 1000, "head": 100, "lora": 10}
     f = train_speed.training_flops(params, layers=2, hidden=4, real_tokens=20, loss_tokens=5, sequences=2,
