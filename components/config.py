@@ -13,7 +13,8 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ftloop.components.errors import ConfigError
+from ftloop.components.errors import ConfigError, InputFileError
+from ftloop.components.records import decode_text
 
 TINY_MODEL_REF = "builtin:tiny-phi3"
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -71,6 +72,45 @@ class OkareoConfig(_Section):
     upload_eval: bool = Field(default=False, description="Also upload the splits as scenarios and report predictions as test runs.")
 
 
+# The July 2024 re-release of Phi-3-mini-4k-instruct (notes/finetune.md §6.3).
+DEFAULT_BASE_MODEL = "microsoft/Phi-3-mini-4k-instruct"
+DEFAULT_BASE_REVISION = "0a67737cc96d2554230f90338b163bc6380a2a85"
+# Hugging Face repo ids, as huggingface_hub's validate_repo_id checks them: 'name' or 'org/name'.
+_HUB_ID = re.compile(r"(\b[\w\-.]+\b/)?\b[\w\-.]{1,96}\b")
+
+
+def is_hub_id(ref: str) -> bool:
+    """``name`` or ``org/name`` by the hub's naming rules (letters, digits, ``-_.``; no ``--`` or ``..``)."""
+    return bool(_HUB_ID.fullmatch(ref)) and "--" not in ref and ".." not in ref and not ref.endswith(".git")
+
+
+def is_pinned(revision: str | None) -> bool:
+    return bool(revision and re.fullmatch(r"[0-9a-f]{40}", revision))
+
+
+def check_model_ref_value(ref: str, revision: str | None, section: str) -> None:
+    """Refuse a model reference that cannot be loaded reproducibly (a ValueError for the validators).
+
+    A local directory is an absolute path or starts with '.' (load_config resolves
+    relative ones); anything else is a hub id, and a hub id without a commit can change
+    under a scheduled run (Phi-3-mini's chat template did in July 2024).
+    """
+    if ref.startswith(("builtin:", "/", ".")):
+        return
+    if not is_hub_id(ref):
+        raise ValueError(f"name_or_path: {ref!r} is neither a local directory nor a valid hub id ('name' or 'org/name')")
+    if not is_pinned(revision):
+        raise ValueError(f"name_or_path: {ref!r} is not a local directory; as a hub id it needs {section}.revision pinned "
+                         f"to a 40-character commit hash, got {revision!r}")
+
+
+def _pin_default_model(data):
+    """The default model is pinned for you."""
+    if isinstance(data, dict) and data.get("name_or_path", DEFAULT_BASE_MODEL) == DEFAULT_BASE_MODEL:
+        data = {"revision": DEFAULT_BASE_REVISION, **data}
+    return data
+
+
 class HFGeneratorConfig(_Section):
     """The ``hf`` backend: an instruction-tuned causal LM sampled with transformers (meant for the L4 node)."""
 
@@ -82,6 +122,16 @@ class HFGeneratorConfig(_Section):
     temperature: Annotated[float, Field(gt=0, le=2)] = 0.9
     top_p: Annotated[float, Field(gt=0, le=1)] = 0.95
     max_attempts: Annotated[int, Field(ge=1, le=10)] = 3
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_model_is_pinned(cls, data):
+        return _pin_default_model(data)
+
+    @model_validator(mode="after")
+    def _hub_models_are_pinned(self) -> "HFGeneratorConfig":
+        check_model_ref_value(self.name_or_path, self.revision, "generators.hf")
+        return self
 
 
 class OpenAIConfig(_Section):
@@ -152,11 +202,6 @@ class FormatConfig(_Section):
     )
 
 
-# The July 2024 re-release of Phi-3-mini-4k-instruct (notes/finetune.md §6.3).
-DEFAULT_BASE_MODEL = "microsoft/Phi-3-mini-4k-instruct"
-DEFAULT_BASE_REVISION = "0a67737cc96d2554230f90338b163bc6380a2a85"
-
-
 class ModelConfig(_Section):
     name_or_path: str = DEFAULT_BASE_MODEL
     revision: str | None = Field(
@@ -170,19 +215,11 @@ class ModelConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _default_model_is_pinned(cls, data):
-        if isinstance(data, dict) and data.get("name_or_path", DEFAULT_BASE_MODEL) == DEFAULT_BASE_MODEL:
-            data = {"revision": DEFAULT_BASE_REVISION, **data}
-        return data
+        return _pin_default_model(data)
 
     @model_validator(mode="after")
     def _hub_models_are_pinned(self) -> "ModelConfig":
-        # A hub id without a commit can change under a scheduled run (Phi-3-mini's template did in July 2024).
-        ref = self.name_or_path
-        is_hub_id = not ref.startswith(("builtin:", "/", ".")) and "://" not in ref and ref.count("/") == 1
-        if is_hub_id and not (self.revision and re.fullmatch(r"[0-9a-f]{40}", self.revision)):
-            raise ValueError(
-                f"revision: hub model {ref!r} must be pinned to a 40-character commit hash, got {self.revision!r}"
-            )
+        check_model_ref_value(self.name_or_path, self.revision, "model")
         return self
 
 
@@ -372,15 +409,31 @@ def _format_errors(path: str, exc: ValidationError, tree: yaml.Node | None) -> s
     return "\n".join(lines)
 
 
+def _is_relative_model_dir(base: Path, ref: str) -> bool:
+    """A path ('./x', '/x') or a bare name that is a directory next to the config, not a hub id."""
+    if ref.startswith((".", "/")):
+        return True
+    if not ref.strip() or ref.startswith("builtin:") or "://" in ref:
+        return False
+    try:
+        return (base / ref).is_dir()
+    except OSError:
+        return False
+
+
 def load_config(path: str | Path) -> RunConfig:
     """Parse and validate a run config YAML; data paths become absolute."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read config: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from None
+    try:
+        text = decode_text(path, data)  # a byte-order mark is dropped; a non-UTF-8 byte is named with its line
+    except InputFileError as exc:
+        raise ConfigError(str(exc)) from None
     try:
         tree = yaml.compose(text)
         raw = yaml.safe_load(text)
@@ -397,11 +450,12 @@ def load_config(path: str | Path) -> RunConfig:
             value = data.get(key)
             if isinstance(value, str) and "://" not in value:
                 data[key] = str((base / value).resolve())
-    model = raw.get("model")
-    if isinstance(model, dict):
-        ref = model.get("name_or_path")
-        if isinstance(ref, str) and ref.startswith((".", "/")):
-            model["name_or_path"] = str((base / ref).resolve())
+    generators = raw.get("generators")
+    for model in (raw.get("model"), generators.get("hf") if isinstance(generators, dict) else None):
+        if isinstance(model, dict):
+            ref = model.get("name_or_path")
+            if isinstance(ref, str) and _is_relative_model_dir(base, ref):
+                model["name_or_path"] = str((base / ref).resolve())
     train = raw.get("train")
     if isinstance(train, dict):
         ref = train.get("checkpoint_uri")

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from ftloop.components.config import RunConfig
+from ftloop.components.config import RunConfig, is_hub_id
 from ftloop.components.errors import FtloopError
 from ftloop.components.records import content_hash, read_json, read_jsonl, write_json
 
@@ -135,7 +135,9 @@ def _is_local(name_or_path: str) -> bool:
     return Path(name_or_path).is_dir()
 
 
-def check_model_ref(name_or_path: str) -> None:
+def check_model_ref(name_or_path: str, key: str = "model.name_or_path") -> None:
+    """Fail in seconds on a reference that cannot load: a placeholder, a missing or broken
+    directory, or a value that is not a hub id either (instead of retrying the hub for a minute)."""
     if name_or_path.startswith("builtin:"):
         raise FtloopError(
             f"model.name_or_path {name_or_path!r} is a placeholder: build the tiny model first "
@@ -144,7 +146,9 @@ def check_model_ref(name_or_path: str) -> None:
     if _is_local(name_or_path):
         check_model_dir(Path(name_or_path))
     elif name_or_path.startswith(("/", ".")):
-        raise FtloopError(f"model.name_or_path: {name_or_path}: no such model directory")
+        raise FtloopError(f"{key}: {name_or_path}: no such model directory")
+    elif not is_hub_id(name_or_path):
+        raise FtloopError(f"{key}: {name_or_path!r} is neither a local directory nor a valid hub id ('name' or 'org/name')")
 
 
 SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
@@ -174,6 +178,23 @@ def check_model_dir(path: Path) -> None:
         raise FtloopError(f"{path}: no model weights: expected {' or '.join(SAFETENSORS_WEIGHTS)}")
     if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         raise FtloopError(f"{path}: no tokenizer files (tokenizer.json or tokenizer_config.json)")
+
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def check_adapter_dir(path: Path) -> None:
+    """A LoRA adapter directory holds safetensors weights; checked before PeftModel.from_pretrained,
+    which would otherwise fall back to a pickled adapter_model.bin (loading pickle can run code)."""
+    path = Path(path)
+    if not (path / "adapter_config.json").is_file():
+        raise FtloopError(f"{path}: not an adapter directory: adapter_config.json is missing")
+    if not (path / ADAPTER_WEIGHTS).is_file():
+        pickled = [name for name in ("adapter_model.bin", "adapter_model.pt") if (path / name).is_file()]
+        if pickled:
+            raise FtloopError(f"{path}: adapter weights are only in {pickled[0]} (pickle); ftloop loads safetensors only. "
+                              "Convert them with save_pretrained(safe_serialization=True)")
+        raise FtloopError(f"{path}: no adapter weights: expected {ADAPTER_WEIGHTS}")
 
 
 def quantization_config(quantization: str):

@@ -78,7 +78,7 @@ class OpenAIGenerator(PromptedGenerator):
             with urllib.request.urlopen(request, timeout=self.cfg.timeout_seconds) as response:
                 raw = response.read()
         except urllib.error.HTTPError as exc:
-            detail = exc.read()[:200].decode("utf-8", "replace")
+            detail = self._redact(exc.read().decode("utf-8", "replace"))[:200]  # a server may echo the key back
             if exc.code in RETRYABLE_STATUS:
                 err = TransientError(f"HTTP {exc.code}: {detail}")
                 retry_after = exc.headers.get("Retry-After") if exc.headers else None
@@ -92,4 +92,8 @@ class OpenAIGenerator(PromptedGenerator):
         try:
             return json.loads(raw)["choices"][0]["message"]["content"] or ""
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, IndexError, TypeError):
-            raise TransientError(f"malformed chat completion: {raw[:120]!r}") from None
+            raise TransientError(f"malformed chat completion: {self._redact(repr(raw))[:123]}") from None
+
+    def _redact(self, text: str) -> str:
+        """Error messages end up in task logs: never with the key in them."""
+        return text.replace(self._key, f"<{self.cfg.api_key_env}>") if self._key else text

@@ -23,8 +23,9 @@ def export_merged(output_dir: Path, meta: dict[str, Any], progress) -> dict[str,
     import torch
     from peft import PeftModel
 
-    from ftloop.components.finetune import load_base_model, peft_deprecation_silenced, quiet_progress_bars
+    from ftloop.components.finetune import check_adapter_dir, load_base_model, peft_deprecation_silenced, quiet_progress_bars
 
+    check_adapter_dir(output_dir)  # before loading: PEFT would fall back to a pickled adapter_model.bin
     base = meta["base_model"]
     dtype = "bfloat16" if base.get("quantization") == "nf4" else base["dtype"]
     target = output_dir / MERGED_DIR

@@ -6,8 +6,10 @@ problems, because users hand-edit these files.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -54,31 +56,48 @@ class Example:
 # ---------------------------------------------------------------- JSONL I/O
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Read a JSONL file of objects; errors name the file and line."""
-    path = Path(path)
-    rows: list[dict[str, Any]] = []
+def decode_text(path: str | Path, data: bytes) -> str:
+    """UTF-8 text, without the byte-order mark Excel and Notepad put first; a bad byte is named with its line."""
+    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
-        handle = path.open(encoding="utf-8")
+        return data[start:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        at = start + exc.start
+        before = data[:at].replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        line = before.count(b"\n") + 1
+        column = len(before) - before.rfind(b"\n")
+        raise InputFileError(
+            str(path), f"not UTF-8 text: byte 0x{data[at]:02x} at column {column}; save the file as UTF-8", line
+        ) from None
+
+
+def read_text(path: str | Path) -> str:
+    """A user's text file (see ``decode_text``); errors name the file."""
+    try:
+        data = Path(path).read_bytes()
     except FileNotFoundError:
         raise InputFileError(str(path), "file not found") from None
     except OSError as exc:
         raise InputFileError(str(path), f"cannot read: {exc.strerror or exc}") from None
-    with handle:
+    return decode_text(path, data)
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read a JSONL file of objects; errors name the file and line."""
+    path = Path(path)
+    rows: list[dict[str, Any]] = []
+    # Universal newlines, as open() reads text: line numbers count the lines an editor shows.
+    for lineno, line in enumerate(io.StringIO(read_text(path), newline=None), start=1):
+        if not line.strip():
+            continue
         try:
-            for lineno, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise InputFileError(str(path), f"malformed JSON: {exc.msg} (column {exc.colno})", lineno) from None
-                if not isinstance(row, dict):
-                    raise InputFileError(str(path), f"expected a JSON object, got {type(row).__name__}", lineno)
-                row["__line__"] = lineno
-                rows.append(row)
-        except UnicodeDecodeError:
-            raise InputFileError(str(path), "not UTF-8 text") from None
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputFileError(str(path), f"malformed JSON: {exc.msg} (column {exc.colno})", lineno) from None
+        if not isinstance(row, dict):
+            raise InputFileError(str(path), f"expected a JSON object, got {type(row).__name__}", lineno)
+        row["__line__"] = lineno
+        rows.append(row)
     return rows
 
 
@@ -258,32 +277,53 @@ def load_questions(path: str | Path, labels: list[str] | None = None) -> list[Ex
     return [Example(**{**e.to_dict(), "meta": {}}) for e in examples]
 
 
+def _csv_error(path: str, exc: csv.Error, start: int, end: int) -> InputFileError:
+    """Name the row where a broken quote starts, not where the parser noticed it (often the end of the file)."""
+    reason = str(exc)
+    if reason == "unexpected end of data":
+        return InputFileError(path, "unterminated quoted field: the quote opened in this row is never closed; "
+                                    'close it (write a quote inside a field as "")', start)
+    if reason.endswith("expected after '\"'"):
+        if end > start:
+            return InputFileError(path, f"unterminated quoted field: the quote opened in this row runs on to line {end}, "
+                                        'where text follows its closing quote; close it (write a quote inside a field as "")',
+                                  start)
+        return InputFileError(path, 'text after a closing quote; quote the whole field and write a quote inside it as ""', start)
+    return InputFileError(path, f"malformed CSV: {reason}", start)
+
+
 def _read_csv(path: str) -> list[dict[str, Any]]:
-    try:
-        with open(path, encoding="utf-8", newline="") as handle:
-            reader = csv.DictReader(handle)
-            if reader.fieldnames is None:
-                raise InputFileError(path, "no header row; expected columns text,label[,id][,group]", 1)
-            header = [h.strip() for h in reader.fieldnames]
+    # strict: a quote that is never closed, or text after a closing quote, is an error at the row that
+    # starts it, instead of the rest of the file silently becoming one field.
+    reader = csv.reader(io.StringIO(read_text(path), newline=""), strict=True)
+    header: list[str] | None = None
+    rows = []
+    while True:
+        start = reader.line_num + 1  # a quoted field may span lines: rows are named by their first line
+        try:
+            record = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            raise _csv_error(path, exc, start, reader.line_num) from None
+        if not record:
+            continue  # a blank line
+        if header is None:
+            header = [h.strip() for h in record]
             missing = {"text", "label"} - set(header)
             if missing:
-                raise InputFileError(path, f"header lacks required column(s) {sorted(missing)}", 1)
-            rows = []
-            for row in reader:
-                if None in row:
-                    raise InputFileError(path, "more fields than the header has", reader.line_num)
-                clean = {k.strip(): v for k, v in row.items() if v is not None}
-                if not any(v.strip() for v in clean.values()):
-                    continue
-                clean["__line__"] = reader.line_num
-                rows.append(clean)
-            return rows
-    except FileNotFoundError:
-        raise InputFileError(path, "file not found") from None
-    except UnicodeDecodeError:
-        raise InputFileError(path, "not UTF-8 text") from None
-    except csv.Error as exc:
-        raise InputFileError(path, f"malformed CSV: {exc}") from None
+                raise InputFileError(path, f"header lacks required column(s) {sorted(missing)}", start)
+            continue
+        if len(record) > len(header):
+            raise InputFileError(path, "more fields than the header has", start)
+        clean: dict[str, Any] = dict(zip(header, record))
+        if not any(v.strip() for v in clean.values()):
+            continue
+        clean["__line__"] = start
+        rows.append(clean)
+    if header is None:
+        raise InputFileError(path, "no header row; expected columns text,label[,id][,group]", 1)
+    return rows
 
 
 def load_examples(path: str | Path) -> list[Example]:

@@ -47,6 +47,10 @@ def prepare_source(
     """
     data = config.data
     path = path or data.source_path
+    if "://" in path:  # on the cluster the importer hands the stage a local copy
+        key = "data.articles" if data.articles is not None else "data.questions"
+        raise InputFileError(path, f"remote URIs are for cluster runs (ftloop submit); a local run reads a local file: "
+                                   f"download it and set {key} to its path")
     counts: dict[str, int] = {}
     if data.articles is not None:
         articles = load_articles(path, data.labels)

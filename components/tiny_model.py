@@ -10,7 +10,11 @@ seconds. Its tokenizer is trained on the fly on the project's own texts.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +22,7 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast, set_seed
 
+from ftloop.components.errors import FtloopError
 from ftloop.components.finetune import quiet_progress_bars
 from ftloop.components.prompts import system_instruction
 
@@ -88,16 +93,53 @@ def _train_tokenizer(corpus: list[str], labels: list[str], vocab_size: int) -> P
     return tokenizer
 
 
+MARKER = "ftloop_tiny_model.json"
+# Bump when the build changes what it writes for the same inputs, so older models are rebuilt.
+BUILD_VERSION = 1
+REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", MARKER)
+
+
+def tiny_model_fingerprint(texts: list[str], labels: list[str], seed: int, dims: dict[str, int]) -> str:
+    """What decides the built model: its texts (the tokenizer's corpus), labels, seed and size."""
+    corpus = hashlib.sha256()
+    for text in texts:
+        corpus.update(text.encode("utf-8") + b"\0")
+    identity = {"build": BUILD_VERSION, "seed": seed, "labels": list(labels), "size": dims, "corpus": corpus.hexdigest()}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def reusable_tiny_model(output_dir: str | Path, texts: list[str], labels: list[str], seed: int = 0, **size: Any) -> bool:
+    """True if ``output_dir`` holds a completely written tiny model built from exactly these inputs."""
+    output_dir = Path(output_dir)
+    if not all((output_dir / name).is_file() for name in REQUIRED_FILES):
+        return False
+    try:
+        recorded = json.loads((output_dir / MARKER).read_text(encoding="utf-8")).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return recorded == tiny_model_fingerprint(texts, labels, seed, {**DEFAULT_SIZE, **size})
+
+
+def _write_error(directory: Path, exc: BaseException) -> FtloopError:
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[0]
+    return FtloopError(f"{directory}: cannot write the tiny model: {reason}")
+
+
 def build_tiny_model(
     output_dir: str | Path,
     texts: list[str],
     labels: list[str],
     seed: int = 0,
+    replace: bool = False,
     **size: Any,
 ) -> Path:
     """Write a loadable tiny Phi-3 (weights, tokenizer, generation config) to ``output_dir``.
 
     ``size`` overrides keys of ``DEFAULT_SIZE``. Same inputs and seed give the same model.
+    The model is built in a temporary directory beside ``output_dir`` and renamed into
+    place when complete, so a full disk or a crash never leaves a directory that looks like
+    a model. An existing ``output_dir`` must be empty or an earlier tiny model (any
+    directory with ``replace``, for a path the caller owns).
     """
     unknown = set(size) - set(DEFAULT_SIZE)
     if unknown:
@@ -106,8 +148,41 @@ def build_tiny_model(
         raise ValueError("labels must not be empty")
     dims = {**DEFAULT_SIZE, **size}
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FtloopError(f"{output_dir}: exists and is not a directory; choose a directory for the tiny model")
+    if output_dir.is_dir() and not replace and any(output_dir.iterdir()) and not (output_dir / MARKER).is_file():
+        raise FtloopError(f"{output_dir}: directory is not empty and holds no tiny model; choose a new or empty directory")
+    try:
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        building = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.building-"))
+    except OSError as exc:
+        raise _write_error(output_dir.parent, exc) from None
+    try:
+        _build(building, texts, labels, seed, dims)
+        _move_into_place(building, output_dir)
+    except BaseException as exc:
+        shutil.rmtree(building, ignore_errors=True)
+        if isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError":  # safetensors' own I/O error
+            raise _write_error(output_dir, exc) from None
+        raise
+    return output_dir
 
+
+def _move_into_place(building: Path, output_dir: Path) -> None:
+    """Swap the finished build in for whatever was at ``output_dir`` (nothing, empty, an older model)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(building, 0o777 & ~umask)  # mkdtemp makes it 0700
+    if not output_dir.exists():
+        building.rename(output_dir)
+        return
+    old = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.old-"))
+    output_dir.rename(old / "model")
+    building.rename(output_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _build(output_dir: Path, texts: list[str], labels: list[str], seed: int, dims: dict[str, int]) -> None:
     # The system instruction starts every training row, so weight it like that: its words
     # become whole tokens instead of eating most of each sequence as characters.
     instruction = system_instruction(sorted(labels))
@@ -149,8 +224,8 @@ def build_tiny_model(
     with quiet_progress_bars():
         model.save_pretrained(output_dir)  # safetensors is the only format transformers 5 writes
         tokenizer.save_pretrained(output_dir)
-    (output_dir / "ftloop_tiny_model.json").write_text(
-        json.dumps({"seed": seed, "size": dims, "labels": list(labels), "n_texts": len(texts)}, indent=2) + "\n",
-        encoding="utf-8",
-    )
-    return output_dir
+    # Written last: with the fingerprint it marks a complete model built from these inputs.
+    meta = {"seed": seed, "size": dims, "labels": list(labels), "n_texts": len(texts),
+            "fingerprint": tiny_model_fingerprint(texts, labels, seed, dims)}
+    with open(output_dir / MARKER, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(meta, indent=2) + "\n")

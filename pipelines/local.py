@@ -21,14 +21,15 @@ def ensure_tiny_model(config: RunConfig, workdir: Path, texts: list[str], labels
     """Replace ``builtin:tiny-phi3`` by a model directory built offline from this run's data."""
     if config.model.name_or_path != TINY_MODEL_REF:
         return config
-    from ftloop.components.tiny_model import build_tiny_model
+    from ftloop.components.tiny_model import build_tiny_model, reusable_tiny_model
 
     model_dir = workdir / "models" / "tiny-phi3"
-    if (model_dir / "config.json").exists():
+    # Reused only if it was completely written from this data, these labels and this seed.
+    if reusable_tiny_model(model_dir, texts, labels, seed=config.seed):
         progress(f"tiny model: reusing {model_dir}")
     else:
         progress(f"tiny model: building a random-init Phi-3-architecture model in {model_dir}")
-        build_tiny_model(model_dir, texts, labels, seed=config.seed)
+        build_tiny_model(model_dir, texts, labels, seed=config.seed, replace=True)
     return config.with_model_path(str(model_dir))
 
 
@@ -40,6 +41,8 @@ def check_base_model(config: RunConfig) -> None:
     check_model_ref(ref)
     if Path(ref).is_dir():
         load_tokenizer(ref)  # chat template and a pad token distinct from eos
+    if "hf" in (config.generate.backend if config.data.articles else None, config.augment.backend):
+        check_model_ref(config.generators.hf.name_or_path, key="generators.hf.name_or_path")
 
 
 def support_oneof_artifacts_locally() -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import http.client
+import re
 import threading
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 from urllib.parse import urlsplit
@@ -12,6 +14,16 @@ from urllib.parse import urlsplit
 FaultPolicy = Callable[[str, str], int | None]
 
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)  # a client that gave up on a faulted call is expected
 
 
 class FaultyProxy:
@@ -58,7 +70,7 @@ class FaultyProxy:
 
             do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _handle
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _QuietServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -85,3 +97,42 @@ def fail_first(n: int, status: int, matches: Callable[[str, str], bool] = lambda
         return None
 
     return policy
+
+
+def request_kind(method: str, path: str) -> str:
+    """Which GCS JSON API call a request is: upload, list, download, metadata (exists), delete, bucket or other."""
+    route = path.split("?", 1)[0]
+    if method == "POST" and route.startswith("/upload/"):
+        return "upload"
+    if method == "DELETE":
+        return "delete"
+    if method == "GET" and (route.startswith("/download/") or "alt=media" in path):
+        return "download"
+    if method == "GET" and re.fullmatch(r"/storage/v1/b/[^/]+/o/?", route):
+        return "list"
+    if method == "GET" and "/o/" in route:
+        return "metadata"
+    if method == "GET" and re.fullmatch(r"/storage/v1/b/[^/]+", route):
+        return "bucket"
+    return "other"
+
+
+class FailEachKind:
+    """A policy that fails the first ``n`` requests of every kind (``request_kind``) with ``status``.
+
+    ``injected`` counts the faults per kind, so a test can check that every kind of call
+    really met a transient error, not just the first request of the run.
+    """
+
+    def __init__(self, n: int, status: int, kind_of: Callable[[str, str], str] = request_kind):
+        self.n, self.status, self.kind_of = n, status, kind_of
+        self.injected: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def __call__(self, method: str, path: str) -> int | None:
+        kind = self.kind_of(method, path)
+        with self._lock:
+            if self.injected[kind] < self.n:
+                self.injected[kind] += 1
+                return self.status
+        return None

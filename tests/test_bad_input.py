@@ -111,3 +111,34 @@ def test_bad_input_exit_code_from_the_real_command(case, tmp_path, tmp_path_fact
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr + result.stdout
     assert re.search(spec["expect"], result.stderr)
+
+
+def test_a_utf8_byte_order_mark_is_not_an_error(tmp_path):
+    """Excel's "CSV UTF-8" and Notepad write a byte-order mark first: articles, questions and the config still load."""
+    import codecs
+    import csv
+    import io
+
+    from ftloop.components.config import load_config
+    from ftloop.components.records import read_jsonl
+    from ftloop.components.sources import load_source
+
+    bom = codecs.BOM_UTF8
+    shared = BAD / "_shared"
+    questions = [{k: v for k, v in r.items() if k != "__line__"} for r in read_jsonl(shared / "questions.jsonl")]
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=["text", "label"], lineterminator="\r\n")  # as Excel writes it
+    writer.writeheader()
+    writer.writerows(questions)
+    (tmp_path / "questions.csv").write_bytes(bom + table.getvalue().encode("utf-8"))
+    (tmp_path / "questions.jsonl").write_bytes(bom + (shared / "questions.jsonl").read_bytes())
+    (tmp_path / "articles.jsonl").write_bytes(bom + (shared / "articles.jsonl").read_bytes())
+    n_articles = len(read_jsonl(shared / "articles.jsonl"))
+    for key, name, rows in (("articles", "articles.jsonl", n_articles), ("questions", "questions.csv", len(questions)),
+                            ("questions", "questions.jsonl", len(questions))):
+        config = tmp_path / f"{name}.yaml"
+        config.write_bytes(bom + f"name: bom\nseed: 1\ndata:\n  {key}: {name}\n".encode("utf-8"))
+        examples, labels = load_source(load_config(config), generate=False)
+        assert len(examples) == rows, name
+        assert not any("\ufeff" in e.text or "\ufeff" in e.id for e in examples), name
+        assert labels == sorted({q["label"] for q in questions}), name

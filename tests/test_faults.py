@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from faulty_proxy import FaultyProxy, fail_first
+from faulty_proxy import FailEachKind, FaultyProxy, request_kind
 
 from ftloop.components.errors import FtloopError
 
@@ -30,13 +30,13 @@ def _checkpoint(tmp_path: Path) -> Path:
 
 
 def test_transient_gcs_errors_are_retried(tmp_path, gcs, monkeypatch):
+    """Every kind of call the checkpoint store makes meets a 503 first and succeeds on retry."""
     from google.cloud import storage
 
     from ftloop.components.checkpoints import GcsStore
 
     storage.Client().create_bucket("ckpt")
-    # every kind of call fails twice first: uploads (POST), listings and downloads (GET), deletes
-    policy = fail_first(2, 503)
+    policy = FailEachKind(1, 503)
     with FaultyProxy(gcs, policy) as proxy:
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
         store = GcsStore("gs://ckpt/run", client=storage.Client())
@@ -46,8 +46,15 @@ def test_transient_gcs_errors_are_retried(tmp_path, gcs, monkeypatch):
         assert (tmp_path / "back" / "adapter_model.safetensors").read_bytes() == (
             tmp_path / "checkpoint-3" / "adapter_model.safetensors"
         ).read_bytes()
-    injected = [entry for entry in proxy.log if entry[2] == 503]
-    assert len(injected) == 2 and proxy.log[2][2] == 200  # the first call succeeded on its third try
+        store.delete("checkpoint-3")
+        assert store.complete() == []
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs)
+    assert list(storage.Client().list_blobs("ckpt")) == []  # the delete really went through
+    kinds = ("upload", "list", "download", "metadata", "delete")
+    assert {kind: policy.injected[kind] for kind in kinds} == dict.fromkeys(kinds, 1)
+    for kind in kinds:  # each fault was followed by a successful call of the same kind
+        statuses = [status for method, path, status in proxy.log if request_kind(method, path) == kind]
+        assert statuses[0] == 503 and 200 <= statuses[1] < 300, (kind, statuses)
 
 
 def test_a_checkpoint_whose_upload_fails_is_never_offered_for_resume(tmp_path, gcs, monkeypatch):
@@ -165,3 +172,74 @@ def test_permission_denied_on_the_output_location_is_a_clear_error(tmp_path, mon
         monkeypatch.undo()
         out.chmod(0o755)
     assert str(err.value) == f"{out / 'train.jsonl'}: cannot write: Permission denied"
+
+
+# ------------------------------------------- the local tiny model: built atomically, reused only if it matches
+
+TINY_TEXTS = ["where is my parcel", "how do I get a refund", "my card was charged twice", "the parcel is lost"]
+TINY_LABELS = ["payments", "returns", "shipping"]
+
+
+def _ensure_tiny(workdir: Path, seed: int = 7, labels: list[str] = TINY_LABELS, texts: list[str] = TINY_TEXTS):
+    """What `ftloop run --local` does with builtin:tiny-phi3: (model dir, progress messages)."""
+    from ftloop.components.config import RunConfig
+    from ftloop.pipelines.local import ensure_tiny_model
+
+    config = RunConfig.model_validate({"seed": seed, "data": {"questions": "q.jsonl"}, "model": {"name_or_path": "builtin:tiny-phi3"}})
+    messages: list[str] = []
+    resolved = ensure_tiny_model(config, workdir, texts, labels, messages.append)
+    return Path(resolved.model.name_or_path), messages
+
+
+def test_disk_full_while_building_the_tiny_model_leaves_nothing_that_looks_like_a_model(tmp_path, monkeypatch):
+    import errno
+
+    from transformers import Phi3ForCausalLM
+
+    from ftloop.components.finetune import check_model_dir
+
+    def full_disk(self, directory, *args, **kwargs):
+        (Path(directory) / "config.json").write_text("{}")  # what got out before the disk filled up
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Phi3ForCausalLM, "save_pretrained", full_disk)
+    model_dir = tmp_path / "models" / "tiny-phi3"
+    with pytest.raises(FtloopError) as err:
+        _ensure_tiny(tmp_path)
+    assert str(err.value) == f"{model_dir}: cannot write the tiny model: No space left on device"
+    assert list((tmp_path / "models").iterdir()) == []  # no partial model, no temporary directory
+    monkeypatch.undo()
+    path, messages = _ensure_tiny(tmp_path)  # the next run builds it instead of "reusing" a model without weights
+    assert messages == [f"tiny model: building a random-init Phi-3-architecture model in {model_dir}"]
+    check_model_dir(path)
+
+
+def test_a_half_written_tiny_model_is_rebuilt_not_reused(tmp_path):
+    """What an interrupted build by an older ftloop left behind: config.json only."""
+    from ftloop.components.finetune import check_model_dir
+
+    model_dir = tmp_path / "models" / "tiny-phi3"
+    model_dir.mkdir(parents=True)
+    (model_dir / "config.json").write_text('{"model_type": "phi3"}')
+    path, messages = _ensure_tiny(tmp_path)
+    assert messages[0].startswith("tiny model: building")
+    check_model_dir(path)
+
+
+def test_the_tiny_model_is_reused_only_for_the_same_seed_labels_and_texts(tmp_path):
+    import json
+
+    path, messages = _ensure_tiny(tmp_path)
+    assert messages[0].startswith("tiny model: building")
+    weights = (path / "model.safetensors").read_bytes()
+    assert _ensure_tiny(tmp_path)[1] == [f"tiny model: reusing {path}"]
+    for change in ({"seed": 8}, {"labels": TINY_LABELS[:2]}, {"texts": TINY_TEXTS + ["a brand new question"]}):
+        args = {"seed": 7, "labels": TINY_LABELS, "texts": TINY_TEXTS, **change}
+        path, messages = _ensure_tiny(tmp_path, **args)
+        assert messages[0].startswith("tiny model: building"), change
+        meta = json.loads((path / "ftloop_tiny_model.json").read_text())
+        assert (meta["seed"], meta["labels"], meta["n_texts"]) == (args["seed"], args["labels"], len(args["texts"])), change
+    path, messages = _ensure_tiny(tmp_path)  # back to the first inputs: rebuilt, and identical to the first build
+    assert messages[0].startswith("tiny model: building")
+    assert (path / "model.safetensors").read_bytes() == weights
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["tiny-phi3"]  # no temporary directories left

@@ -4,6 +4,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from kfp import compiler
 from conftest import corpus_subset, write_config, write_lines
 
 from ftloop.components.config import load_config
-from ftloop.pipelines.pipeline import build_pipeline
+from ftloop.pipelines.pipeline import build_pipeline, local_data_cache_key
 
 CACHED = {"prepare-examples", "split-examples", "format-chat"}
 
@@ -30,24 +31,74 @@ def _config(tmp: Path) -> Path:
     )
 
 
-def test_only_the_deterministic_data_stages_are_cached_locally(tmp_path):
-    config = load_config(_config(tmp_path))
-    out = tmp_path / "local.yaml"
-    compiler.Compiler().compile(build_pipeline(config, source_sha256="f" * 64), str(out))
-    spec = next(yaml.safe_load_all(out.read_text()))
+def _cache_keys(config, source_sha256: str = "f" * 64) -> dict[str, tuple[bool, str | None]]:
+    """(enableCache, cacheKey) of every task of the local pipeline, as compiled."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "local.yaml"
+        compiler.Compiler().compile(build_pipeline(config, source_sha256=source_sha256), str(out))
+        spec = next(yaml.safe_load_all(out.read_text()))
     tasks = dict(spec["root"]["dag"]["tasks"])
     for component in spec["components"].values():
         tasks.update(component.get("dag", {}).get("tasks", {}))
-    for name, task in tasks.items():
-        if name == "importer":
-            continue
-        options = task.get("cachingOptions", {})
-        base = name.rsplit("-", 1)[0] if name.rsplit("-", 1)[-1].isdigit() else name
+    return {name: (bool(task.get("cachingOptions", {}).get("enableCache")), task.get("cachingOptions", {}).get("cacheKey"))
+            for name, task in tasks.items() if name != "importer"}
+
+
+def test_only_the_deterministic_data_stages_are_cached_locally(tmp_path):
+    import ftloop
+
+    config = load_config(_config(tmp_path))
+    for name, (enabled, key) in _cache_keys(config).items():
         if name in CACHED:
-            assert options.get("enableCache") is True, name
-            assert options.get("cacheKey") == "source-sha256:" + "f" * 64, name  # an edited file misses the cache
+            assert enabled, name
+            # kfp.local hashes only the component name and this key, so the key names everything the
+            # stage depends on: the source file's content, the run config and the ftloop version.
+            assert key == local_data_cache_key(config, "f" * 64), name
+            assert f"source-sha256:{'f' * 64}" in key and f"ftloop-{ftloop.__version__}-" in key
+            assert hashlib.sha256(config.to_json().encode()).hexdigest() in key
         else:
-            assert not options.get("enableCache"), f"{name} ({base}) must always run"
+            assert not enabled, f"{name} must always run"
+
+
+@pytest.mark.parametrize("change", [
+    {"seed": 99},
+    {"split": {"train": 0.6, "dev": 0.2, "test": 0.2}},
+    {"generate": {"questions_per_article": 3}},
+    {"data": {"labels": ["payments", "returns", "shipping"]}},
+    {"format": {"system_prompt": "Classify: {labels}"}},
+    {"filters": {"min_words": 3}},
+])
+def test_a_changed_run_config_misses_the_local_data_cache(tmp_path, change):
+    """Rerunning into the same work dir with another seed, split, ... must recompute prepare, split and format."""
+    from kfp.local.cache import LocalCache
+
+    path = _config(tmp_path)
+    before = load_config(path)
+    raw = yaml.safe_load(path.read_text())
+    for section, value in change.items():
+        raw[section] = {**raw[section], **value} if isinstance(value, dict) and section in raw else value
+    path.write_text(yaml.safe_dump(raw))
+    after = load_config(path)
+    assert after != before
+    keys_before, keys_after = _cache_keys(before), _cache_keys(after)
+    assert _cache_keys(load_config(path)) == keys_after  # the same config and file give the same key
+    for name in CACHED:
+        assert keys_before[name] != keys_after[name], name
+        # what kfp.local itself stores the result under (the arguments do not count, only this key)
+        cache = LocalCache(str(tmp_path / ".kfp_cache"))
+        stored = [cache.compute_key(name, "img", [], {"run_config": "same"}, custom_cache_key=keys[name][1])
+                  for keys in (keys_before, keys_after)]
+        assert stored[0] != stored[1], name
+
+
+def test_another_source_file_or_ftloop_version_misses_the_local_data_cache(tmp_path, monkeypatch):
+    import ftloop
+
+    config = load_config(_config(tmp_path))
+    key = local_data_cache_key(config, "a" * 64)
+    assert local_data_cache_key(config, "b" * 64) != key
+    monkeypatch.setattr(ftloop, "__version__", "999.0.0")
+    assert local_data_cache_key(config, "a" * 64) != key
 
 
 def _run(config: Path, workdir: Path, *extra: str) -> str:

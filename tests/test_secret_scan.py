@@ -1,8 +1,9 @@
-"""A planted API key must appear nowhere: not in logs, artifacts, summary.json, the compiled YAML or error messages.
+"""Planted API keys must appear nowhere: not in logs, artifacts, summary.json, the compiled YAML or error messages.
 
-The whole local pipeline runs with Okareo as generator, rephraser and evaluation
-sink (a local fake of its API, so the key is really sent and really accepted),
-then every byte it left behind is searched for the key.
+The whole local pipeline runs with Okareo as generator and evaluation sink and the
+openai backend (the key named by ``generators.openai.api_key_env``) as rephraser,
+each against a local fake of its API, so both keys are really sent and accepted;
+then every byte the run left behind is searched for either key.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, corpus_subset, write_config, write_lines
-from fake_servers import FakeOkareo
+from fake_servers import FakeOkareo, FakeOpenAI
 
 PLANTED = "okareo-PLANTED-7f3a9c1e5b"
+OPENAI_PLANTED = "openai-PLANTED-2d8e4b6a9c"
+OPENAI_KEY_ENV = "FTLOOP_TEST_LLM_KEY"
 
 
 def _files_containing(root: Path, needle: bytes) -> list[str]:
@@ -28,7 +31,12 @@ def _files_containing(root: Path, needle: bytes) -> list[str]:
     return hits
 
 
-def _okareo_config(tmp: Path, url: str) -> Path:
+def _openai_settings(url: str) -> dict:
+    return {"base_url": f"{url}/v1", "model": "served-model", "api_key_env": OPENAI_KEY_ENV, "backoff_seconds": 0.0,
+            "max_retries": 1, "secret_name": "llm-api-key"}
+
+
+def _okareo_config(tmp: Path, url: str, openai_url: str) -> Path:
     articles = write_lines(tmp / "articles.jsonl", corpus_subset(["returns", "shipping", "payments"], 4))
     return write_config(
         tmp / "run.yaml", articles,
@@ -36,17 +44,18 @@ def _okareo_config(tmp: Path, url: str) -> Path:
         split={"train": 0.5, "dev": 0.25, "test": 0.25},
         model={"name_or_path": "builtin:tiny-phi3", "dtype": "float32"},
         train={"epochs": 1, "learning_rate": 0.002, "batch_size": 8, "max_length": 128, "early_stopping_metric": "none"},
-        augment={"backend": "okareo", "rephrasings_per_error": 2, "rounds": 1},
-        generators={"okareo": {"base_url": url, "backoff_seconds": 0.0, "max_retries": 1, "upload_eval": True}},
+        augment={"backend": "openai", "rephrasings_per_error": 2, "rounds": 1},
+        generators={"okareo": {"base_url": url, "backoff_seconds": 0.0, "max_retries": 1, "upload_eval": True},
+                    "openai": _openai_settings(openai_url)},
     )
 
 
 @pytest.mark.slow
 def test_planted_key_is_used_but_never_written_anywhere(tmp_path):
-    env = {**os.environ, "OKAREO_API_KEY": PLANTED, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OKAREO_API_KEY": PLANTED, OPENAI_KEY_ENV: OPENAI_PLANTED, "HF_HUB_OFFLINE": "1"}
     workdir = tmp_path / "out"
-    with FakeOkareo() as fake:
-        config = _okareo_config(tmp_path, fake.url)
+    with FakeOkareo() as fake, FakeOpenAI() as llm:
+        config = _okareo_config(tmp_path, fake.url, llm.url)
         run = subprocess.run(
             [sys.executable, "-m", "ftloop.pipelines.cli", "run", "--local", "--config", str(config), "--workdir", str(workdir)],
             capture_output=True, text=True, env=env, timeout=900,
@@ -55,6 +64,8 @@ def test_planted_key_is_used_but_never_written_anywhere(tmp_path):
         # the key was really in use: every Okareo call carried it, and predictions were uploaded
         assert fake.requests and {r["api_key"] for r in fake.requests} == {PLANTED}
         assert fake.test_runs
+        # the openai key too: the rephrasing round sent it on every request (1 epoch leaves train/dev errors to mine)
+        assert llm.requests and {r["auth"] for r in llm.requests} == {f"Bearer {OPENAI_PLANTED}"}
 
         # a failing call: the error message must not echo the key either
         fake.faults = [("status", 500)] * 50
@@ -68,10 +79,11 @@ def test_planted_key_is_used_but_never_written_anywhere(tmp_path):
     assert any("500" in line for line in errors), errors  # it failed on the Okareo calls, as planned
 
     assert (workdir / "summary.json").is_file()
-    for output in (run.stdout, run.stderr, failed.stdout, failed.stderr):
-        assert PLANTED not in output
-    assert _files_containing(workdir, PLANTED.encode()) == []  # artifacts, executor outputs, cache, reports
-    assert _files_containing(tmp_path / "failed", PLANTED.encode()) == []
+    for key in (PLANTED, OPENAI_PLANTED):
+        for output in (run.stdout, run.stderr, failed.stdout, failed.stderr):
+            assert key not in output
+        assert _files_containing(workdir, key.encode()) == []  # artifacts, executor outputs, cache, reports
+        assert _files_containing(tmp_path / "failed", key.encode()) == []
 
     # and the pipeline compiled for the cluster carries a Secret reference, never the value
     import yaml
@@ -91,7 +103,39 @@ def test_planted_key_is_used_but_never_written_anywhere(tmp_path):
     assert result.returncode == 0, result.stderr
     text = compiled.read_text()
     assert PLANTED not in text + result.stdout + result.stderr
+    assert OPENAI_PLANTED not in text + result.stdout + result.stderr
     assert "OKAREO_API_KEY" in text and "okareo-api-key" in text  # secret-as-env by name
+    assert OPENAI_KEY_ENV in text and "llm-api-key" in text
+
+
+def test_the_openai_key_never_reaches_a_prepare_stage_output_or_its_errors(tmp_path, monkeypatch, capfd):
+    """Fast check of the openai backend alone: the generate stage sends the key, writes it nowhere,
+    and a server that echoes it back in a refusal does not get it into the error message."""
+    import json
+
+    from ftloop.components.config import load_config
+    from ftloop.components.errors import FtloopError
+    from ftloop.components.sources import run_prepare
+
+    monkeypatch.setenv(OPENAI_KEY_ENV, OPENAI_PLANTED)
+    articles = write_lines(tmp_path / "articles.jsonl", corpus_subset(["returns", "shipping", "payments"], 3))
+    with FakeOpenAI() as llm:
+        config = load_config(write_config(tmp_path / "run.yaml", articles,
+                                          generate={"backend": "openai", "questions_per_article": 2},
+                                          generators={"openai": _openai_settings(llm.url)}))
+        meta = run_prepare(config, str(articles), tmp_path / "examples")
+        assert meta["rows"] > 0 and {r["auth"] for r in llm.requests} == {f"Bearer {OPENAI_PLANTED}"}
+
+        echo = json.dumps({"error": {"message": f"Incorrect API key provided: Bearer {OPENAI_PLANTED}"}}).encode()
+        llm.faults = [("reply", (401, echo))] * 50
+        with pytest.raises(FtloopError) as err:
+            run_prepare(config, str(articles), tmp_path / "refused")
+    message = str(err.value)
+    assert "HTTP 401" in message and f"<{OPENAI_KEY_ENV}>" in message  # the server's answer, key masked
+    out, errout = capfd.readouterr()
+    for text in (message, out, errout):
+        assert OPENAI_PLANTED not in text
+    assert _files_containing(tmp_path, OPENAI_PLANTED.encode()) == []  # examples, checkpoints, config
 
 
 def test_the_repository_holds_no_key_like_strings():
