@@ -16,12 +16,11 @@ from kfp import compiler
 
 from ftloop.components.config import ClusterConfig, RunConfig
 from ftloop.components.errors import FtloopError
-from ftloop.pipelines.pipeline import build_pipeline
+from ftloop.pipelines.pipeline import REMOTE_SCHEMES, build_pipeline
 
 # skaffold artifact names (skaffold.yaml build.artifacts[].image) -> image role.
 SKAFFOLD_ARTIFACTS = {"ftloop-cpu": "cpu", "ftloop-gpu": "gpu"}
 ROLES = ("cpu", "gpu")
-REMOTE_SCHEMES = ("gs://", "s3://", "minio://")
 
 
 def load_skaffold_builds(path: str | Path) -> dict[str, str]:
@@ -92,11 +91,34 @@ def check_cluster_config(config: RunConfig) -> None:
         raise FtloopError(f"cluster.pipeline_root: '{root}' is not an object-store URI; use gs://BUCKET/PATH")
 
 
-def compile_pipeline(config: RunConfig, output: str | Path, images: dict[str, str] | None = None) -> Path:
-    """Write the cluster pipeline for ``config`` (images overridden by ``images``) to ``output``."""
+def remote_source(config: RunConfig, override: str | None = None) -> str | None:
+    """The object-store URI a cluster run reads its data from (``override`` first), or None for a local path."""
+    if override is not None and not override.startswith(REMOTE_SCHEMES):
+        raise FtloopError(f"--source-uri '{override}': expected an object-store URI such as gs://BUCKET/articles.jsonl")
+    uri = override or config.data.source_path
+    return uri if uri.startswith(REMOTE_SCHEMES) else None
+
+
+def with_source(config: RunConfig, uri: str) -> RunConfig:
+    """The config with its data path (articles or questions, whichever it has) replaced by ``uri``."""
+    key = "articles" if config.data.articles else "questions"
+    return config.model_copy(update={"data": config.data.model_copy(update={key: uri})})
+
+
+def compile_pipeline(config: RunConfig, output: str | Path, images: dict[str, str] | None = None,
+                     source_uri: str | None = None) -> Path:
+    """Write the cluster pipeline for ``config`` (images overridden by ``images``) to ``output``.
+
+    A gs:// source (``source_uri`` or the config's data path) becomes the default of the
+    ``source_uri`` parameter; a local data path leaves the parameter without a default, so
+    the compiled pipeline never points at a file on the machine that compiled it.
+    """
     output = Path(output)
     check_cluster_config(config)
     config = with_images(config, images)
+    uri = remote_source(config, source_uri)
+    if uri is not None:
+        config = with_source(config, uri)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         compiler.Compiler().compile(build_pipeline(config, for_cluster=True), str(output))

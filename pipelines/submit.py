@@ -2,15 +2,22 @@
 
 Authentication (``--auth``):
 
+* ``none``: no token; ``--host`` is a port-forward or an open endpoint.
+* ``kubeconfig``: through the Kubernetes API server's service proxy to the KFP API service
+  (``ml-pipeline:http`` in ``--kfp-namespace``), as the kubeconfig user (token, exec plugin such as
+  gke-gcloud-auth-plugin, or client certificate). ftloop builds the proxy URL itself: kfp.Client's own
+  kubeconfig fallback loses it on the first request (kubeflow/pipelines#8313).
 * ``in-cluster``: the projected service-account token at ``KF_PIPELINES_SA_TOKEN_PATH``
   (default ``/var/run/secrets/kubeflow/pipelines/token``, audience ``pipelines.kubeflow.org``);
   host defaults to the in-cluster API service. This is what the GitOps hook Job uses.
-* ``iap``: an OIDC ID token for the IAP OAuth client id, fetched with google-auth from the
-  application default credentials (a service account or Workload Identity).
-* ``none``: no token; with ``--host`` a port-forward or an open endpoint, without it the
-  current kubeconfig context (kfp.Client's own API-server proxy).
+* ``iap``: an OIDC ID token for the IAP OAuth client id, from the application default credentials:
+  a service account (key file, Workload Identity, metadata server) or impersonated ADC
+  (``gcloud auth application-default login --impersonate-service-account``).
 
-Every failure a user can cause (bad host, server down, HTTP error, bad cron) is an
+``--namespace`` is the user (profile) namespace that owns experiments and runs; ``--kfp-namespace``
+is where KFP itself runs (``kubeflow``), used only to locate the API service.
+
+Every failure a user can cause (bad host, server down, HTTP error, bad cron, bad kubeconfig) is an
 ``FtloopError``: one line, exit 2, no traceback. Secrets never become run parameters.
 """
 
@@ -18,21 +25,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 from ftloop.components.config import RunConfig
 from ftloop.components.errors import FtloopError
-from ftloop.pipelines.compile import REMOTE_SCHEMES, compile_pipeline, with_images
+from ftloop.pipelines.compile import compile_pipeline, remote_source, with_images, with_source
 
-IN_CLUSTER_HOST = "http://ml-pipeline.kubeflow.svc.cluster.local:8888"
+KFP_SYSTEM_NAMESPACE = "kubeflow"
+KFP_SERVICE = "ml-pipeline"  # the KFP API service; port "http" is 8888
+KFP_API_PORT = 8888
 DEFAULT_TOKEN_PATH = "/var/run/secrets/kubeflow/pipelines/token"
-AUTH_MODES = ("none", "in-cluster", "iap")
+AUTH_MODES = ("none", "kubeconfig", "in-cluster", "iap")
 
 
 @dataclass(frozen=True)
@@ -40,12 +51,24 @@ class Target:
     """Where and as whom to submit."""
 
     host: str | None
-    namespace: str
+    namespace: str  # user/profile namespace of the experiment and its runs
     experiment: str
     auth: str = "none"
     iap_client_id: str | None = None
     token_path: str | None = None
     service_account: str | None = None
+    kfp_namespace: str = KFP_SYSTEM_NAMESPACE  # where the KFP API service runs
+    kubeconfig: str | None = None
+    kube_context: str | None = None
+
+
+def in_cluster_host(kfp_namespace: str) -> str:
+    return f"http://{KFP_SERVICE}.{kfp_namespace}.svc.cluster.local:{KFP_API_PORT}"
+
+
+def kube_proxy_host(server: str, kfp_namespace: str) -> str:
+    """The API-server service-proxy URL of the KFP API service; kfp appends ``/apis/v2beta1/...``."""
+    return f"{server.rstrip('/')}/api/v1/namespaces/{kfp_namespace}/services/{KFP_SERVICE}:http/proxy"
 
 
 def _check_host(host: str) -> None:
@@ -54,15 +77,113 @@ def _check_host(host: str) -> None:
         raise FtloopError(f"--host '{host}': expected an http(s) URL such as https://kfp.example.com or http://localhost:8080")
 
 
-def _iap_token(client_id: str) -> str:
+@dataclass(frozen=True)
+class KubeCredentials:
+    """What kfp.Client needs from a kubeconfig context to reach KFP through the API server."""
+
+    host: str
+    token: str | None
+    ssl_ca_cert: str | None
+    client_cert: tuple[str, str] | None
+    verify_ssl: bool
+
+
+@contextmanager
+def _captured_errors(records: list[str]):
+    """The kubernetes client logs (and swallows) exec-plugin failures; keep them for our one-line error."""
+
+    class _Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage().strip().replace("\n", " "))
+
+    root = logging.getLogger()
+    handler = _Keep(level=logging.ERROR)
+    root.addHandler(handler)
     try:
+        yield
+    finally:
+        root.removeHandler(handler)
+
+
+def kube_credentials(kubeconfig: str | None, context: str | None, kfp_namespace: str) -> KubeCredentials:
+    """Load a kubeconfig context (exec plugins included) into a kubernetes Configuration, then point at KFP's proxy."""
+    import yaml
+    from kubernetes import client as k8s_client
+    from kubernetes import config as k8s_config
+
+    paths = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+    where = f"--kubeconfig {paths}" if kubeconfig else f"kubeconfig {paths}"
+    if not any(Path(p).expanduser().is_file() for p in paths.split(os.pathsep) if p):
+        raise FtloopError(f"{where}: file not found (run 'gcloud container clusters get-credentials CLUSTER --region REGION', or pass --kubeconfig)")
+    configuration = k8s_client.Configuration()
+    configuration.host = ""
+    errors: list[str] = []
+    try:
+        with _captured_errors(errors):
+            merged = k8s_config.kube_config.KubeConfigMerger(paths).config  # the files as kubectl merges them
+            names = [str(node.value.get("name")) for node in merged.value.get("contexts") or []]
+            name = context or merged.value.get("current-context")
+            if context is not None and context not in names:
+                raise FtloopError(f"{where}: no context '{context}' (contexts: {', '.join(names) or 'none'})")
+            k8s_config.load_kube_config(config_file=paths, context=context, client_configuration=configuration, persist_config=False)
+    except k8s_config.ConfigException as exc:
+        raise FtloopError(f"{where}: {str(exc).strip()}") from None
+    except yaml.YAMLError as exc:
+        raise FtloopError(f"{where}: not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
+    except (KeyError, ValueError, TypeError, AttributeError, OSError) as exc:
+        # The kubernetes client raises these for a file that is YAML but not a kubeconfig.
+        raise FtloopError(f"{where}: not a usable kubeconfig: {exc}") from None
+    label = f"{where}, context '{name}'"
+    if not configuration.host:
+        raise FtloopError(f"{label}: its cluster has no server URL")
+    header = configuration.api_key.get("authorization")
+    if header and not header.startswith("Bearer "):
+        raise FtloopError(f"{label}: the user authenticates with a username and password; use a token, an exec plugin or a client certificate")
+    token = header[len("Bearer "):] if header else None
+    client_cert = (configuration.cert_file, configuration.key_file) if configuration.cert_file and configuration.key_file else None
+    if not token and client_cert is None:
+        detail = f" ({errors[0]})" if errors else ""
+        raise FtloopError(f"{label}: gave no credentials{detail}; check that 'kubectl get ns' works with it")
+    return KubeCredentials(
+        host=kube_proxy_host(configuration.host, kfp_namespace), token=token,
+        ssl_ca_cert=configuration.ssl_ca_cert, client_cert=client_cert, verify_ssl=bool(configuration.verify_ssl),
+    )
+
+
+def _iap_token(client_id: str) -> str:
+    """An ID token with audience ``client_id`` from the application default credentials.
+
+    ``fetch_id_token`` alone reads only a service-account key named by GOOGLE_APPLICATION_CREDENTIALS
+    or the metadata server; impersonated ADC (gcloud ... --impersonate-service-account) goes through
+    the IAM credentials API here.
+    """
+    try:
+        import google.auth
         import google.auth.exceptions
+        import google.auth.impersonated_credentials
         import google.auth.transport.requests
+        import google.oauth2.credentials
         import google.oauth2.id_token
     except ImportError:
         raise FtloopError("--auth iap needs google-auth (pip install google-auth)") from None
+    request = google.auth.transport.requests.Request()
     try:
-        return google.oauth2.id_token.fetch_id_token(google.auth.transport.requests.Request(), client_id)
+        try:
+            credentials, _ = google.auth.default()
+        except google.auth.exceptions.DefaultCredentialsError:
+            credentials = None  # no ADC file: fetch_id_token still tries the metadata server
+        if isinstance(credentials, google.auth.impersonated_credentials.Credentials):
+            id_credentials = google.auth.impersonated_credentials.IDTokenCredentials(
+                credentials, target_audience=client_id, include_email=True
+            )
+            id_credentials.refresh(request)
+            return id_credentials.token
+        if isinstance(credentials, google.oauth2.credentials.Credentials):
+            raise FtloopError(
+                "--auth iap: the application default credentials are user credentials, which cannot get an ID token "
+                "for IAP; run 'gcloud auth application-default login --impersonate-service-account SA_EMAIL' or use a service account"
+            )
+        return google.oauth2.id_token.fetch_id_token(request, client_id)
     except google.auth.exceptions.GoogleAuthError as exc:
         raise FtloopError(f"--auth iap: cannot get an ID token for client id '{client_id}': {exc}") from None
 
@@ -72,17 +193,40 @@ def make_client(target: Target):
     import kfp
     from kfp.client.set_volume_credentials import ServiceAccountTokenVolumeCredentials
 
+    client_cert: tuple[str, str] | None = None
+
     class _Client(kfp.Client):
         # kfp.Client.__init__ may call get_kfp_healthz, which retries 5 times 5 s apart on any
         # HTTP error; one attempt is enough to tell a wrong host from a working one.
         def get_kfp_healthz(self, sleep_duration: int = 5):
             return self._healthz_api.healthz_service_get_healthz()
 
+        # kfp.Client takes no client certificate; set it before the API client opens connections.
+        def _load_config(self, *args, **kwargs):
+            config = super()._load_config(*args, **kwargs)
+            if client_cert is not None:
+                config.cert_file, config.key_file = client_cert
+            return config
+
     if target.auth not in AUTH_MODES:
         raise FtloopError(f"--auth '{target.auth}': expected one of {', '.join(AUTH_MODES)}")
+    if (target.kubeconfig or target.kube_context) and target.auth != "kubeconfig":
+        raise FtloopError(f"--kubeconfig/--context apply to --auth kubeconfig only, not --auth {target.auth}")
+    # kfp.Client's namespace is the user namespace here: every host is explicit, so kfp never
+    # derives a service address from it.
     kwargs: dict = {"host": target.host, "namespace": target.namespace}
-    if target.auth == "in-cluster":
-        kwargs["host"] = target.host or IN_CLUSTER_HOST
+    if target.auth == "none":
+        if not target.host:
+            raise FtloopError("--auth none needs --host (a port-forward such as http://localhost:8080, $KF_PIPELINES_ENDPOINT "
+                              "or cluster.kfp_host); to go through your kubeconfig use --auth kubeconfig")
+    elif target.auth == "kubeconfig":
+        if target.host:
+            raise FtloopError("--auth kubeconfig reaches KFP through the Kubernetes API server's service proxy; drop --host")
+        kube = kube_credentials(target.kubeconfig, target.kube_context, target.kfp_namespace)
+        kwargs.update(host=kube.host, existing_token=kube.token, ssl_ca_cert=kube.ssl_ca_cert, verify_ssl=kube.verify_ssl)
+        client_cert = kube.client_cert
+    elif target.auth == "in-cluster":
+        kwargs["host"] = target.host or in_cluster_host(target.kfp_namespace)
         path = target.token_path or os.environ.get("KF_PIPELINES_SA_TOKEN_PATH", DEFAULT_TOKEN_PATH)
         if not Path(path).is_file():
             raise FtloopError(f"--auth in-cluster: no service-account token at {path} (mount a projected token with audience pipelines.kubeflow.org)")
@@ -93,11 +237,10 @@ def make_client(target: Target):
         if not target.host:
             raise FtloopError("--auth iap needs --host (the IAP-protected KFP URL)")
         kwargs["existing_token"] = _iap_token(target.iap_client_id)
-    if kwargs["host"]:
-        _check_host(kwargs["host"])
+    _check_host(kwargs["host"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        client = _call(lambda: _Client(**kwargs), kwargs["host"] or "the kubeconfig cluster")
+        client = _call(lambda: _Client(**kwargs), kwargs["host"])
     _call(client.get_kfp_healthz, client._existing_config.host)
     return client
 
@@ -121,8 +264,9 @@ def _call(fn, where: str):
 
 
 def source_uri_for(config: RunConfig, override: str | None) -> str:
-    uri = override or config.data.source_path
-    if not uri.startswith(REMOTE_SCHEMES):
+    uri = remote_source(config, override)
+    if uri is None:
+        uri = config.data.source_path
         key = "data.articles" if config.data.articles else "data.questions"
         raise FtloopError(
             f"{key}: '{uri}' is a local path; a cluster run reads its data from object storage "
@@ -132,9 +276,10 @@ def source_uri_for(config: RunConfig, override: str | None) -> str:
 
 
 def _prepare(config: RunConfig, images: dict[str, str] | None, source_uri: str | None, workdir: str) -> tuple[RunConfig, Path, dict]:
-    config = with_images(config, images)
+    uri = source_uri_for(config, source_uri)
+    config = with_source(with_images(config, images), uri)  # run_config names the data the run reads
     package = compile_pipeline(config, Path(workdir) / "pipeline.yaml")
-    arguments = {"run_config": config.to_json(), "source_uri": source_uri_for(config, source_uri)}
+    arguments = {"run_config": config.to_json(), "source_uri": uri}
     return config, package, arguments
 
 

@@ -103,18 +103,72 @@ def test_image_flags_override_build_json(tmp_path, build_json):
     assert executors[executor_of(spec, "split-examples")]["container"]["image"].startswith("us-docker.pkg.dev/p/ftloop/ftloop-cpu:9f1c2ab@")
 
 
-def test_no_secret_anywhere_in_the_compiled_yaml(compiled):
-    text = compiled.read_text()
-    assert "okareo-FAKE-KEY-planted-7c1d" not in text
-    assert "OKAREO_API_KEY" not in text  # offline backends: no task even references the secret
+def test_no_secret_anywhere_in_the_compiled_yaml(tmp_path):
+    """Okareo generates the questions and the rephrasings, so those tasks need the key: by reference only."""
+    planted = "okareo-FAKE-KEY-planted-7c1d"
+    raw = yaml.safe_load(GKE_CONFIG.read_text())
+    raw["data"]["articles"] = str((GKE_CONFIG.parent / raw["data"]["articles"]).resolve())
+    raw["generate"]["backend"] = raw["augment"]["backend"] = "okareo"
+    config = tmp_path / "okareo.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "p.yaml"
+    result = run_cli("compile", "--config", str(config), "--output", str(out), env={"OKAREO_API_KEY": planted})
+    assert result.returncode == 0, result.stderr
+    text = out.read_text()
+    assert planted not in text + result.stdout + result.stderr
+    spec, k8s = load(out)
+    with_secret = {task for task in GPU_TASKS | CPU_TASKS if "secretAsEnv" in k8s.get(executor_of(spec, task), {})}
+    assert with_secret == {"prepare-examples", "augment-from-errors"}
+    for task in with_secret:
+        [ref] = k8s[executor_of(spec, task)]["secretAsEnv"]
+        assert (ref["secretName"], ref["keyToEnv"]) == ("okareo-api-key", [{"secretKey": "api-key", "envVar": "OKAREO_API_KEY"}])
+    assert text.count("OKAREO_API_KEY") == 2  # the two references, nothing else
+
+
+def test_offline_backends_reference_no_secret(compiled):
+    assert "OKAREO_API_KEY" not in compiled.read_text()
 
 
 def test_gcs_pipeline_root_and_importer(compiled):
     spec, _ = load(compiled)
-    assert spec["defaultPipelineRoot"] == "gs://ftloop-artifacts/pipeline-root"
+    assert spec["defaultPipelineRoot"] == load_config(GKE_CONFIG).cluster.pipeline_root
+    assert spec["defaultPipelineRoot"].startswith("gs://")
     importer = spec["deploymentSpec"]["executors"]["exec-importer"]["importer"]
     assert importer["artifactUri"] == {"runtimeParameter": "uri"}
     assert spec["root"]["dag"]["tasks"]["importer"]["inputs"]["parameters"]["uri"] == {"componentInputParameter": "source_uri"}
+
+
+def test_a_local_data_path_never_becomes_the_source_default(compiled):
+    """webbizz-gke.yaml's data path is local: source_uri is required at run time, not a path on this machine."""
+    spec, _ = load(compiled)
+    source = spec["root"]["inputDefinitions"]["parameters"]["source_uri"]
+    assert "defaultValue" not in source and source.get("isOptional") is not True
+
+
+def test_compile_source_uri_flag_sets_the_default(tmp_path):
+    out = tmp_path / "p.yaml"
+    uri = "gs://ftloop-data/webbizz/articles.jsonl"
+    result = run_cli("compile", "--config", str(GKE_CONFIG), "--output", str(out), "--source-uri", uri)
+    assert result.returncode == 0, result.stderr
+    assert "note:" not in result.stdout
+    spec, _ = load(out)
+    parameters = spec["root"]["inputDefinitions"]["parameters"]
+    assert parameters["source_uri"]["defaultValue"] == uri
+    assert json.loads(parameters["run_config"]["defaultValue"])["data"]["articles"] == uri
+    assert "/data/webbizz/articles.jsonl" not in out.read_text().replace(uri, "")
+
+
+def test_compile_without_a_gs_source_says_source_uri_is_required(tmp_path):
+    result = run_cli("compile", "--config", str(GKE_CONFIG), "--output", str(tmp_path / "p.yaml"))
+    assert result.returncode == 0, result.stderr
+    assert "is a local path, so source_uri has no default" in result.stdout
+
+
+def test_compile_refuses_a_local_source_uri(tmp_path):
+    result = run_cli("compile", "--config", str(GKE_CONFIG), "--output", str(tmp_path / "p.yaml"), "--source-uri", "articles.jsonl")
+    assert result.returncode == 2
+    assert "--source-uri 'articles.jsonl': expected an object-store URI" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "p.yaml").exists()
 
 
 def cluster_variant(tmp_path, **cluster):
@@ -147,9 +201,61 @@ def test_spot_and_model_cache_only_on_gpu_tasks(tmp_path):
             assert "HF_HOME" not in env
 
 
-def okareo(section):
-    # The okareo backend is being added to the config elsewhere; build the section without validation.
-    return section.model_construct(**{**section.model_dump(), "backend": "okareo"})
+def with_backends(**backends):
+    config = load_config(GKE_CONFIG)
+    return config.model_copy(update={name: type(getattr(config, name)).model_validate(
+        {**getattr(config, name).model_dump(), "backend": backend}) for name, backend in backends.items()})
+
+
+def model_cache_volume(k8s_executor, env):
+    return (k8s_executor.get("pvcMount"), env.get("HF_HOME"), env.get("HF_HUB_OFFLINE"),
+            k8s_executor.get("podMetadata", {}).get("annotations"))
+
+
+CACHE = ([{"mountPath": "/cache/hf", "constant": "ftloop-model-cache",
+           "pvcNameParameter": {"runtimeValue": {"constant": "ftloop-model-cache"}}}],
+         "/cache/hf", "1", {"gke-gcsfuse/volumes": "true"})
+
+
+@pytest.mark.parametrize("backends, also_on_gpu", [
+    ({}, set()),
+    ({"generate": "hf"}, {"prepare-examples"}),
+    ({"augment": "hf"}, {"augment-from-errors"}),
+    ({"generate": "hf", "augment": "hf"}, {"prepare-examples", "augment-from-errors"}),
+])
+def test_hf_generation_runs_on_the_l4_with_the_model_cache(tmp_path, backends, also_on_gpu):
+    """DESIGN.md: self-hosted generation is a GPU task; by default only the model tasks get the L4."""
+    config = with_backends(**backends)
+    spec, k8s = load(compile_pipeline(config, tmp_path / "p.yaml"))
+    tasks = all_tasks(spec)
+    for task in GPU_TASKS | CPU_TASKS:
+        executor = executor_of(spec, task)
+        container = spec["deploymentSpec"]["executors"][executor]["container"]
+        env = {e["name"]: e["value"] for e in container.get("env", [])}
+        if task in GPU_TASKS | also_on_gpu:
+            assert container["resources"]["accelerator"]["resourceCount"] == "1", task
+            assert container["image"] == config.cluster.gpu_image, task
+            assert k8s[executor]["nodeSelector"] == L4, task
+            assert model_cache_volume(k8s[executor], env) == CACHE, task
+        else:
+            assert "accelerator" not in container["resources"], task
+            assert container["image"] == config.cluster.cpu_image, task
+            assert "nodeSelector" not in k8s.get(executor, {}) and "HF_HOME" not in env, task
+    for task in also_on_gpu:  # generation samples: never cached, retried like the other GPU tasks
+        assert tasks[task]["cachingOptions"] == {} and tasks[task]["retryPolicy"]["maxRetryCount"] == 2
+
+
+def test_webbizz_gke_reads_weights_from_the_model_cache(compiled):
+    """Every task that loads weights mounts the cache PVC of manifests/base/model-cache.yaml at the image's HF_HOME."""
+    spec, k8s = load(compiled)
+    claim = next(d for d in yaml.safe_load_all((REPO / "manifests/base/model-cache.yaml").read_text())
+                 if d["kind"] == "PersistentVolumeClaim")
+    gpu_dockerfile = (REPO / "images/gpu/Dockerfile").read_text()
+    assert claim["metadata"]["name"] == CACHE[0][0]["constant"] and f"HF_HOME={CACHE[1]}" in gpu_dockerfile
+    for task in GPU_TASKS:
+        executor = executor_of(spec, task)
+        env = {e["name"]: e["value"] for e in spec["deploymentSpec"]["executors"][executor]["container"].get("env", [])}
+        assert model_cache_volume(k8s[executor], env) == CACHE, task
 
 
 @pytest.mark.parametrize("sections, secret_tasks", [
@@ -159,8 +265,7 @@ def okareo(section):
 ])
 def test_okareo_key_only_on_tasks_that_call_okareo(tmp_path, monkeypatch, sections, secret_tasks):
     monkeypatch.setenv("OKAREO_API_KEY", "okareo-FAKE-KEY-planted-7c1d")
-    config = load_config(GKE_CONFIG)
-    config = config.model_copy(update={name: okareo(getattr(config, name)) for name in sections})
+    config = with_backends(**{name: "okareo" for name in sections})
     out = tmp_path / "p.yaml"
     compile_pipeline(config, out)
     text = out.read_text()

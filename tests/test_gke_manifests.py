@@ -28,6 +28,7 @@ CR_SCHEMAS = {
     "Application": "application_v1alpha1.json",
 }
 BUILTIN_GROUPS = {"v1", "apps/v1", "batch/v1", "rbac.authorization.k8s.io/v1"}
+RUN_CONFIGS = ["manifests/gitops/retrain/run.yaml", "configs/webbizz-gke.yaml"]
 
 
 def kubectl() -> str | None:
@@ -155,10 +156,29 @@ def test_bucket_expires_artifacts_and_checkpoints_but_not_data_or_the_model_cach
     delete_rules = [r for r in bucket["spec"]["lifecycleRule"] if r["action"]["type"] == "Delete"]
     prefixes = {p for r in delete_rules for p in r["condition"]["matchesPrefix"]}
     assert prefixes == {"pipeline-root/", "checkpoints/"}
-    config = load_config(REPO / "manifests" / "gitops" / "retrain" / "run.yaml")
-    assert config.train.checkpoint_uri == f"gs://{bucket['metadata']['name']}/checkpoints"
-    assert config.cluster.pipeline_root == f"gs://{bucket['metadata']['name']}/pipeline-root"
+    for path in RUN_CONFIGS:
+        config = load_config(REPO / path)
+        assert config.train.checkpoint_uri == f"gs://{bucket['metadata']['name']}/checkpoints", path
+        assert config.cluster.pipeline_root == f"gs://{bucket['metadata']['name']}/pipeline-root", path
     assert bucket["spec"]["uniformBucketLevelAccess"] is True and bucket["spec"]["publicAccessPrevention"] == "enforced"
+
+
+def test_run_configs_use_the_registry_and_model_cache_the_manifests_set_up(rendered):
+    """docs/deploy.md creates the repository at $REGION-docker.pkg.dev/$PROJECT_ID/ftloop and seds the
+    placeholders: the images must carry the same project and region as the manifests."""
+    docs = rendered["manifests/base"]
+    project = by_kind(docs, "Namespace")[0]["metadata"]["annotations"]["cnrm.cloud.google.com/project-id"]
+    region = by_kind(docs, "ContainerNodePool")[0]["spec"]["location"]
+    [pvc] = by_kind(docs, "PersistentVolumeClaim")
+    registry = f"{region}-docker.pkg.dev/{project}/ftloop/"
+    builds = json.loads((REPO / "manifests/gitops/retrain/build.json").read_text())["builds"]
+    [job] = rendered["manifests/gitops/hooks/submit-job.yaml"]
+    images = [b["tag"] for b in builds] + [job["spec"]["template"]["spec"]["containers"][0]["image"]]
+    for path in RUN_CONFIGS:
+        config = load_config(REPO / path)
+        images += [config.cluster.cpu_image, config.cluster.gpu_image]
+        assert (config.cluster.model_cache_pvc, config.cluster.model_cache_gcsfuse) == (pvc["metadata"]["name"], True), path
+    assert all(image.startswith(registry) for image in images), images
 
 
 def test_workload_identity_chain_is_consistent(rendered):
@@ -297,24 +317,97 @@ def test_images_are_pinned_and_run_as_non_root(role):
         assert {".git", ".venv", "tests"} <= set(ignored), name
 
 
+def pip_installs(text: str) -> list[str]:
+    """Every `pip install` command the Dockerfile runs, in order (comments dropped, continuations joined)."""
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    joined = re.sub(r"\\\n", " ", "\n".join(lines))
+    runs = [line.strip()[len("RUN"):] for line in joined.splitlines() if line.strip().startswith("RUN ")]
+    return [" ".join(part.split()) for run in runs for part in run.split("&&") if "pip install" in part]
+
+
+def pins(name: str) -> dict[str, str]:
+    """``{canonical name: version}`` of a constraints file."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    out = {}
+    for line in (REPO / "constraints" / name).read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            req = Requirement(line)
+            [spec] = req.specifier
+            assert spec.operator == "==", line
+            out[canonicalize_name(req.name)] = spec.version
+    return out
+
+
+def project_requirements(*extras: str) -> list:
+    from packaging.requirements import Requirement
+
+    project = __import__("tomllib").loads((REPO / "pyproject.toml").read_text())["project"]
+    lines = project["dependencies"] + [r for extra in extras for r in project["optional-dependencies"][extra]]
+    return [Requirement(line) for line in lines]
+
+
 def test_gpu_image_installs_a_prebuilt_flash_attn_wheel_matching_torch_and_python():
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
     text = dockerfile("gpu")
     base = re.search(r"^FROM\s+pytorch/pytorch:(\d+\.\d+)\.\d+-cuda(\d+)\.\d+-", text, re.M)
     assert base, "GPU base image is not a pinned pytorch/pytorch CUDA runtime"
     torch_minor, cuda_major = base.groups()
-    wheel = re.search(r"FLASH_ATTN_WHEEL=(https://github\.com/Dao-AILab/flash-attention/releases/download/v[\d.]+/(\S+\.whl))", text)
+    wheel = re.search(r"^ARG FLASH_ATTN_WHEEL=(https://github\.com/Dao-AILab/flash-attention/releases/download/v[\d.]+/(\S+\.whl))$", text, re.M)
     assert wheel, "flash-attn must come from a pinned release wheel URL"
     name = wheel.group(2)
     assert f"+cu{cuda_major}torch{torch_minor}cxx11abiTRUE-cp311-cp311-linux_x86_64.whl" in name
     assert re.search(r"assert sys.version_info\[:2\] == \(3, 11\)", text) and f"startswith('{torch_minor}." in text
-    assert not re.search(r"pip install[^\n]*\bflash-attn\b(?!\S)", text.replace('".[gpu]"', ""))  # never from the sdist
-    pins = dict(line.split("==") for line in (REPO / "constraints" / "gpu.txt").read_text().splitlines() if "==" in line)
-    assert pins["torch"].startswith(torch_minor) and name.startswith(f"flash_attn-{pins['flash-attn']}+")
+    # A pip install command really installs the wheel (not just a comment or an unused ARG) ...
+    installs = pip_installs(text)
+    wheel_steps = [i for i, cmd in enumerate(installs) if re.search(r'(^|\s)"?\$\{?FLASH_ATTN_WHEEL\}?"?(\s|$)', cmd)]
+    project_steps = [i for i, cmd in enumerate(installs) if re.search(r'"\.\[[^\]]*\bgpu\b[^\]]*\]"', cmd)]
+    assert wheel_steps and project_steps, installs
+    # ... before the step that installs `.[gpu]`, whose flash-attn requirement the wheel satisfies, so
+    # pip finds it installed instead of building the sdist; and nothing else asks pip for flash-attn by name.
+    assert wheel_steps[0] < project_steps[0], installs
+    version = Version(re.match(r"flash_attn-([^+-]+)", name).group(1))
+    [extra] = [r for r in project_requirements("gpu") if r.name == "flash-attn"]
+    assert version in extra.specifier, f"{name} does not satisfy pyproject's {extra}"
+    assert pins("gpu.txt")["flash-attn"] == str(version)
+    assert not any(re.search(r"(^|\s)\"?flash[-_]attn\b", cmd) for cmd in installs), installs
+    assert pins("gpu.txt")["torch"].startswith(torch_minor)
     assert "HF_HOME=/cache/hf" in text
 
 
+@pytest.mark.parametrize("role", ["cpu", "gpu"])
+def test_every_pip_install_uses_the_pinned_constraints(role):
+    installs = pip_installs(dockerfile(role))
+    assert len(installs) >= 2
+    for cmd in installs:
+        assert "-c constraints/image.txt" in cmd and f"-c constraints/{role}.txt" in cmd, cmd
+    # Every extra the code paths on this image need: okareo on both (augment runs on the GPU image
+    # with label_filter: model), gpu on the GPU image.
+    project = [cmd for cmd in installs if '".[' in cmd]
+    assert project and all("okareo" in cmd for cmd in project)
+    assert role == "cpu" or all("gpu" in cmd for cmd in project)
+
+
+def test_image_constraints_pin_every_runtime_dependency_in_range():
+    image, gpu, cpu = pins("image.txt"), pins("gpu.txt"), pins("cpu.txt")
+    for req in project_requirements("okareo"):
+        name = req.name.lower()
+        version = (cpu if name == "torch" else image).get(name)
+        assert version is not None, f"{req.name} is not pinned in constraints/image.txt"
+        assert req.specifier.contains(version, prereleases=True), f"{req.name}=={version} outside pyproject's {req.specifier}"
+    for req in project_requirements("gpu")[-2:]:
+        assert req.specifier.contains(gpu[req.name.lower()]), req
+    # torch and its CUDA wheels belong to cpu.txt / the GPU base image; a package pinned twice could conflict.
+    assert not {k for k in image if k in {"torch", "triton"} or k.startswith("nvidia-")}
+    assert not set(image) & (set(gpu) | set(cpu))
+
+
 def test_cpu_image_takes_torch_from_the_cpu_index():
-    text = dockerfile("cpu")
-    torch_step = re.search(r"pip install[^\n]*--index-url https://download\.pytorch\.org/whl/cpu[^\n]*torch==", text)
-    assert torch_step, "PyPI's Linux torch wheel is the CUDA build: install torch from the CPU index first"
-    assert text.index(torch_step.group(0)) < text.index('".[okareo]"')
+    installs = pip_installs(dockerfile("cpu"))
+    torch_steps = [i for i, cmd in enumerate(installs) if "--index-url https://download.pytorch.org/whl/cpu" in cmd and "torch==" in cmd]
+    project_steps = [i for i, cmd in enumerate(installs) if '".[okareo]"' in cmd]
+    assert torch_steps, "PyPI's Linux torch wheel is the CUDA build: install torch from the CPU index first"
+    assert project_steps and torch_steps[0] < project_steps[0], installs

@@ -1,7 +1,11 @@
 """`ftloop submit` / `ftloop schedule` through the real CLI and kfp.Client against a local KFP v2beta1 stub."""
 
+import base64
+import datetime
+import ipaddress
 import json
 import os
+import ssl
 import subprocess
 import sys
 import threading
@@ -19,13 +23,21 @@ SOURCE = "gs://ftloop-data/webbizz/articles.jsonl"
 
 
 class KfpStub:
-    """Answers the v2beta1 endpoints kfp.Client calls; records every request."""
+    """Answers the v2beta1 endpoints kfp.Client calls; records every request.
 
-    def __init__(self, fail: dict | None = None, experiments: list | None = None, runs: list | None = None):
+    With ``prefix`` it stands in for the Kubernetes API server's service proxy: only paths under
+    the prefix reach the KFP routes (``path`` is recorded without it, ``raw_path`` with it), like
+    ``/api/v1/namespaces/kubeflow/services/ml-pipeline:http/proxy/apis/v2beta1/...``. With ``tls``
+    (certificate, key[, client CA]) it serves HTTPS and, given a client CA, requires a client certificate.
+    """
+
+    def __init__(self, fail: dict | None = None, experiments: list | None = None, runs: list | None = None,
+                 prefix: str = "", tls: tuple | None = None):
         self.requests: list[dict] = []
         self.fail = fail or {}  # (method, path) -> HTTP status
         self.experiments = experiments or []
         self.runs = runs or []  # existing runs, filtered by display_name like the API server
+        self.prefix = prefix
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -36,8 +48,14 @@ class KfpStub:
                 url = urlparse(self.path)
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(length)) if length else None
-                stub.requests.append({"method": method, "path": url.path, "query": parse_qs(url.query), "body": body,
-                                      "auth": self.headers.get("Authorization")})
+                peer = self.connection.getpeercert() if hasattr(self.connection, "getpeercert") else None
+                path = url.path.removeprefix(stub.prefix) if url.path.startswith(stub.prefix) else None
+                stub.requests.append({"method": method, "path": path, "raw_path": url.path, "query": parse_qs(url.query),
+                                      "body": body, "auth": self.headers.get("Authorization"),
+                                      "client_cert": dict(x[0] for x in peer["subject"]) if peer else None})
+                if path is None:  # the API server itself: /apis/v2beta1/... is not one of its paths
+                    return self._send(404, {"kind": "Status", "message": "the server could not find the requested resource"})
+                url = url._replace(path=path)
                 status = stub.fail.get((method, url.path))
                 if status:
                     return self._send(status, {"error": "stub says no", "code": status})
@@ -72,7 +90,17 @@ class KfpStub:
                 self._answer("POST")
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.server.daemon_threads = True
+        scheme = "http"
+        if tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(tls[0], tls[1])
+            if len(tls) > 2:
+                context.verify_mode = ssl.CERT_REQUIRED
+                context.load_verify_locations(tls[2])
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+            scheme = "https"
+        self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def __enter__(self):
@@ -116,7 +144,7 @@ def test_submit_creates_experiment_and_run_with_the_run_config(tmp_path):
     run_config = json.loads(params["run_config"])
     assert run_config["name"] == "webbizz-phi3"
     assert run_config["cluster"]["gpu_image"] == "reg/ftloop-gpu:abc123"
-    assert run["runtime_config"]["pipeline_root"] == "gs://ftloop-artifacts/pipeline-root"
+    assert run["runtime_config"]["pipeline_root"] == yaml.safe_load(GKE_CONFIG.read_text())["cluster"]["pipeline_root"]
     spec = run["pipeline_spec"]["pipeline_spec"]
     assert set(spec["root"]["inputDefinitions"]["parameters"]) == {"run_config", "source_uri"}
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values() if "container" in e}
@@ -180,13 +208,274 @@ def test_in_cluster_auth_sends_the_projected_token(tmp_path):
     assert run_request["auth"] == "Bearer projected-sa-token"
 
 
+def okareo_config(tmp_path: Path) -> Path:
+    """webbizz-gke.yaml with Okareo generating the questions and the rephrasings: those two tasks need the key."""
+    raw = yaml.safe_load(GKE_CONFIG.read_text())
+    raw["data"]["articles"] = str((GKE_CONFIG.parent / raw["data"]["articles"]).resolve())
+    raw["generate"]["backend"] = raw["augment"]["backend"] = "okareo"
+    path = tmp_path / "okareo.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
 def test_no_secret_value_reaches_the_server(tmp_path):
     fake_key = "okareo-FAKE-KEY-do-not-leak-3f9a"
     with KfpStub() as kfp:
-        result = ftloop("submit", "--config", str(GKE_CONFIG), "--host", kfp.url, "--source-uri", SOURCE,
+        result = ftloop("submit", "--config", str(okareo_config(tmp_path)), "--host", kfp.url, "--source-uri", SOURCE,
                         home=tmp_path, env={"OKAREO_API_KEY": fake_key})
     assert result.returncode == 0, result.stderr
     assert fake_key not in json.dumps(kfp.requests) + result.stdout + result.stderr
+    # The key reaches exactly the Okareo tasks, by reference to the cluster Secret.
+    [run] = kfp.posted("/apis/v2beta1/runs")
+    k8s = run["pipeline_spec"]["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    with_secret = {name: e["secretAsEnv"] for name, e in k8s.items() if "secretAsEnv" in e}
+    assert set(with_secret) == {"exec-prepare-examples", "exec-augment-from-errors"}
+    for refs in with_secret.values():
+        assert [(r["secretName"], r["keyToEnv"]) for r in refs] == [("okareo-api-key", [{"secretKey": "api-key", "envVar": "OKAREO_API_KEY"}])]
+
+
+# --auth kubeconfig ------------------------------------------------------------------------------
+
+def proxy_prefix(kfp_namespace: str = "kubeflow") -> str:
+    return f"/api/v1/namespaces/{kfp_namespace}/services/ml-pipeline:http/proxy"
+
+
+def write_kubeconfig(path: Path, server: str, users: dict | None = None, current: str = "static",
+                     cluster: dict | None = None) -> Path:
+    """A kubeconfig with one cluster and a context per user (``name -> user entry``)."""
+    users = users or {"static": {"token": "static-token-4b2e"}}
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": current,
+        "clusters": [{"name": "test", "cluster": {"server": server, **(cluster or {})}}],
+        "contexts": [{"name": name, "context": {"cluster": "test", "user": name}} for name in users],
+        "users": [{"name": name, "user": user} for name, user in users.items()],
+    }))
+    return path
+
+
+def exec_plugin(token: str, exit_code: int = 0) -> dict:
+    """A kubeconfig exec plugin (the gke-gcloud-auth-plugin mechanism) that prints an ExecCredential."""
+    credential = {"apiVersion": "client.authentication.k8s.io/v1beta1", "kind": "ExecCredential", "status": {"token": token}}
+    code = f"import sys; print({json.dumps(json.dumps(credential))}); sys.exit({exit_code})"
+    if exit_code:
+        code = f"import sys; sys.stderr.write('plugin: not logged in'); sys.exit({exit_code})"
+    return {"exec": {"apiVersion": "client.authentication.k8s.io/v1beta1", "command": sys.executable, "args": ["-c", code]}}
+
+
+@pytest.mark.parametrize("extra, kfp_namespace", [([], "kubeflow"), (["--kfp-namespace", "kfp-system"], "kfp-system")])
+def test_kubeconfig_auth_goes_through_the_api_server_proxy_with_the_bearer_token(tmp_path, extra, kfp_namespace):
+    """kfp.Client's own kubeconfig fallback loses the proxy path on the first request (kubeflow/pipelines#8313)."""
+    with KfpStub(prefix=proxy_prefix(kfp_namespace)) as kfp:
+        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", kfp.url)
+        result = ftloop("submit", "--config", str(GKE_CONFIG), "--auth", "kubeconfig", "--kubeconfig", str(kubeconfig),
+                        "--namespace", "team-ml", "--source-uri", SOURCE, *extra, home=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "submitted run run-456" in result.stdout
+    assert {r["raw_path"] for r in kfp.requests} >= {f"{proxy_prefix(kfp_namespace)}/apis/v2beta1/{p}" for p in ("healthz", "experiments", "runs")}
+    assert all(r["path"] is not None for r in kfp.requests), [r["raw_path"] for r in kfp.requests]
+    assert {r["auth"] for r in kfp.requests} == {"Bearer static-token-4b2e"}
+    # The KFP system namespace only locates the service; experiments belong to the user namespace.
+    [experiment] = kfp.posted("/apis/v2beta1/experiments")
+    assert experiment["namespace"] == "team-ml"
+
+
+def test_kubeconfig_context_with_an_exec_plugin(tmp_path):
+    with KfpStub(prefix=proxy_prefix()) as kfp:
+        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", kfp.url, users={
+            "static": {"token": "static-token-4b2e"}, "gke": exec_plugin("exec-token-91d0")})
+        result = ftloop("schedule", "--config", str(GKE_CONFIG), "--auth", "kubeconfig", "--context", "gke",
+                        "--cron", "@daily", "--source-uri", SOURCE, home=tmp_path, env={"KUBECONFIG": str(kubeconfig)})
+    assert result.returncode == 0, result.stderr
+    assert kfp.posted("/apis/v2beta1/recurringruns")
+    assert {r["auth"] for r in kfp.requests} == {"Bearer exec-token-91d0"}
+
+
+def make_pki(directory: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, all signed by the CA."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    files: dict[str, Path] = {}
+
+    def issue(name: str, subject: str, issuer=None, issuer_key=None, ca=False, san=None):
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                   .issuer_name(issuer.subject if issuer else x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if san:
+            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        cert = builder.sign(issuer_key or key, hashes.SHA256())
+        files[f"{name}.crt"] = directory / f"{name}.crt"
+        files[f"{name}.crt"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        files[f"{name}.key"] = directory / f"{name}.key"
+        files[f"{name}.key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                           serialization.NoEncryption()))
+        return cert, key
+
+    ca, ca_key = issue("ca", "ftloop-test-ca", ca=True)
+    issue("server", "kube-apiserver", ca, ca_key, san=[x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    issue("client", "ftloop-tester", ca, ca_key)
+    return files
+
+
+def test_kubeconfig_tls_uses_its_ca_and_client_certificate(tmp_path):
+    pki = make_pki(tmp_path)
+    with KfpStub(prefix=proxy_prefix(), tls=(pki["server.crt"], pki["server.key"], pki["ca.crt"])) as kfp:
+        kubeconfig = write_kubeconfig(
+            tmp_path / "kubeconfig", kfp.url,
+            cluster={"certificate-authority-data": base64.b64encode(pki["ca.crt"].read_bytes()).decode()},
+            users={"static": {"client-certificate": str(pki["client.crt"]), "client-key": str(pki["client.key"])}})
+        result = ftloop("submit", "--config", str(GKE_CONFIG), "--auth", "kubeconfig", "--kubeconfig", str(kubeconfig),
+                        "--source-uri", SOURCE, home=tmp_path)
+        untrusted = write_kubeconfig(tmp_path / "untrusted", kfp.url, users={
+            "static": {"client-certificate": str(pki["client.crt"]), "client-key": str(pki["client.key"])}})
+        refused = ftloop("submit", "--config", str(GKE_CONFIG), "--auth", "kubeconfig", "--kubeconfig", str(untrusted),
+                         "--source-uri", SOURCE, home=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert kfp.posted("/apis/v2beta1/runs")
+    assert {r["client_cert"]["commonName"] for r in kfp.requests} == {"ftloop-tester"}
+    assert {r["auth"] for r in kfp.requests} == {None}
+    # Without the kubeconfig's CA the server certificate is not trusted: one line, exit 2.
+    assert refused.returncode == 2 and "cannot reach the KFP API" in refused.stderr and "CERTIFICATE_VERIFY_FAILED" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+
+
+@pytest.mark.parametrize("setup, args, expected", [
+    (None, ["--kubeconfig", "{tmp}/missing"], "--kubeconfig {tmp}/missing: file not found"),
+    ("clusters: [", ["--kubeconfig", "{kc}"], "--kubeconfig {kc}: not valid YAML"),
+    ("hello: world\n", ["--kubeconfig", "{kc}"], "--kubeconfig {kc}: "),
+    ("valid", ["--kubeconfig", "{kc}", "--context", "nope"], "no context 'nope' (contexts: static)"),
+    ({"static": {}}, ["--kubeconfig", "{kc}"], "context 'static': gave no credentials"),
+    ({"static": exec_plugin("x", exit_code=1)}, ["--kubeconfig", "{kc}"], "context 'static': gave no credentials (exec: process returned 1"),
+    ("valid", ["--kubeconfig", "{kc}", "--host", "http://127.0.0.1:9"], "--auth kubeconfig reaches KFP through the Kubernetes API server"),
+])
+def test_kubeconfig_errors_are_one_line(tmp_path, setup, args, expected):
+    kc = tmp_path / "kubeconfig"
+    if isinstance(setup, dict):
+        write_kubeconfig(kc, "https://127.0.0.1:9", users=setup)
+    elif setup == "valid":
+        write_kubeconfig(kc, "http://127.0.0.1:9")
+    elif setup is not None:
+        kc.write_text(setup)
+    args = [a.format(tmp=tmp_path, kc=kc) for a in args]
+    result = ftloop("submit", "--config", str(GKE_CONFIG), "--auth", "kubeconfig", "--source-uri", SOURCE, *args, home=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert expected.format(tmp=tmp_path, kc=kc) in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_the_default_kubeconfig_is_kubeconfig_env(tmp_path):
+    result = ftloop("submit", "--config", str(GKE_CONFIG), "--auth", "kubeconfig", "--source-uri", SOURCE, home=tmp_path)
+    assert result.returncode == 2
+    assert f"kubeconfig {tmp_path / 'no-kubeconfig'}: file not found" in result.stderr
+
+
+# --auth iap -------------------------------------------------------------------------------------
+
+def unsigned_jwt(claims: dict) -> str:
+    def part(data: dict) -> str:
+        return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+    return f"{part({'alg': 'RS256', 'typ': 'JWT'})}.{part(claims)}.{base64.urlsafe_b64encode(b'sig').rstrip(b'=').decode()}"
+
+
+class FakeIamCredentials:
+    """The IAM credentials API's generateIdToken, as impersonated ADC calls it."""
+
+    def __init__(self):
+        self.requests: list[dict] = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.requests.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
+                token = unsigned_jwt({"aud": body["audience"], "email": "kfp-submitter@p.iam.gserviceaccount.com",
+                                      "exp": int(datetime.datetime.now().timestamp()) + 3600})
+                data = json.dumps({"token": token}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def write_adc(tmp_path: Path, monkeypatch, info: dict) -> None:
+    """Application default credentials where `gcloud auth application-default login` writes them (no env var)."""
+    import google.auth._cloud_sdk
+
+    gcloud = tmp_path / "gcloud"
+    gcloud.mkdir()
+    (gcloud / "application_default_credentials.json").write_text(json.dumps(info))
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(gcloud))
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    monkeypatch.setattr(google.auth._cloud_sdk, "get_project_id", lambda: None)  # not `gcloud config get project`
+
+
+USER = {"type": "authorized_user", "client_id": "cid.apps.googleusercontent.com", "client_secret": "s",
+        "refresh_token": "r", "token": "user-access-token", "expiry": "2999-01-01T00:00:00Z"}
+
+
+def test_iap_with_impersonated_adc_sends_an_id_token_for_the_client_id(tmp_path, monkeypatch):
+    """`gcloud auth application-default login --impersonate-service-account SA` (docs/deploy.md step 11)."""
+    import google.auth.iam
+    import kfp
+
+    from ftloop.components.config import load_config
+    from ftloop.pipelines.submit import Target, submit_run
+
+    sa = "kfp-submitter@p.iam.gserviceaccount.com"
+    write_adc(tmp_path, monkeypatch, {
+        "type": "impersonated_service_account", "delegates": [], "source_credentials": USER,
+        "service_account_impersonation_url": f"https://iamcredentials.googleapis.com/v1/projects/-/serviceAccounts/{sa}:generateAccessToken",
+    })
+    monkeypatch.setattr(kfp.Client, "_LOCAL_KFP_CONTEXT", str(tmp_path / "kfp-context.json"))
+    client_id = "1234-iap.apps.googleusercontent.com"
+    with FakeIamCredentials() as iam, KfpStub() as kfp_stub:
+        monkeypatch.setattr(google.auth.iam, "_IAM_IDTOKEN_ENDPOINT", iam.url + "/v1/projects/-/serviceAccounts/{}:generateIdToken")
+        target = Target(host=kfp_stub.url, namespace="team-ml", experiment="webbizz", auth="iap", iap_client_id=client_id)
+        result = submit_run(load_config(GKE_CONFIG), target, source_uri=SOURCE)
+    assert result["run_id"] == "run-456"
+    [call] = iam.requests
+    assert call["path"] == f"/v1/projects/-/serviceAccounts/{sa}:generateIdToken"
+    assert call["body"]["audience"] == client_id and call["body"]["includeEmail"] is True
+    assert call["auth"] == "Bearer user-access-token"
+    tokens = {r["auth"] for r in kfp_stub.requests}
+    assert len(tokens) == 1
+    [token] = tokens
+    claims = json.loads(base64.urlsafe_b64decode(token.removeprefix("Bearer ").split(".")[1] + "=="))
+    assert claims["aud"] == client_id
+
+
+def test_iap_with_plain_user_adc_says_to_impersonate(tmp_path, monkeypatch):
+    from ftloop.components.errors import FtloopError
+    from ftloop.pipelines.submit import _iap_token
+
+    write_adc(tmp_path, monkeypatch, USER)
+    with pytest.raises(FtloopError, match="user credentials, which cannot get an ID token for IAP; run 'gcloud auth "
+                                          "application-default login --impersonate-service-account SA_EMAIL'"):
+        _iap_token("1234-iap.apps.googleusercontent.com")
 
 
 @pytest.mark.parametrize(
@@ -200,6 +489,10 @@ def test_no_secret_value_reaches_the_server(tmp_path):
         (["submit", "--auth", "in-cluster", "--token-path", "/nonexistent/token"], "no service-account token at /nonexistent/token"),
         (["submit", "--auth", "iap"], "--auth iap needs --iap-client-id"),
         (["submit", "--image", "gpu=reg/ftloop-gpu:latest"], "cluster.gpu_image: image 'reg/ftloop-gpu:latest' uses the mutable 'latest' tag"),
+        (["submit", "--auth", "none"], "--auth none needs --host"),
+        (["submit", "--auth", "none", "--host", "http://127.0.0.1:9", "--context", "gke"], "--kubeconfig/--context apply to --auth kubeconfig only"),
+        (["submit", "--host", "http://127.0.0.1:9", "--source-uri", "data/articles.jsonl"],
+         "--source-uri 'data/articles.jsonl': expected an object-store URI such as gs://BUCKET/articles.jsonl"),
     ],
 )
 def test_user_errors_are_one_line_exit_2(tmp_path, args, expected):
