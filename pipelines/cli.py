@@ -61,26 +61,45 @@ def _images(args: argparse.Namespace) -> dict[str, str]:
     return images
 
 
-def cmd_compile(args: argparse.Namespace) -> int:
-    from ftloop.components.config import load_config
-    from ftloop.pipelines.compile import compile_pipeline
+def check_pipeline_output(output: str) -> None:
+    """kfp writes a pipeline with Kubernetes settings only as YAML; say so before compiling, not with its ValueError."""
+    path = Path(output)
+    if path.is_dir():
+        raise FtloopError(f"--output {output}: is a directory; name the pipeline file, e.g. {path / 'pipeline.yaml'}")
+    if not path.name.endswith((".yaml", ".yml")):
+        raise FtloopError(f"--output {output}: the pipeline is written as YAML; the file name must end in .yaml or .yml")
 
-    out = compile_pipeline(load_config(args.config), args.output, images=_images(args))
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    check_pipeline_output(args.output)
+    from ftloop.components.config import load_config
+    from ftloop.pipelines.compile import compile_pipeline, remote_source
+
+    config = load_config(args.config)
+    out = compile_pipeline(config, args.output, images=_images(args), source_uri=args.source_uri)
     print(f"wrote {out}")
+    if remote_source(config, args.source_uri) is None:
+        print(f"note: {config.data.source_path} is a local path, so source_uri has no default in {out}: "
+              "give a gs:// URI when you start a run (ftloop submit --source-uri), or compile with --source-uri")
     return 0
 
 
 def _target(args: argparse.Namespace, cluster):
     from ftloop.pipelines.submit import Target
 
+    # --auth kubeconfig builds its host from the kubeconfig; a configured endpoint is for the other modes.
+    default_host = None if args.auth == "kubeconfig" else (os.environ.get("KF_PIPELINES_ENDPOINT") or cluster.kfp_host)
     return Target(
-        host=args.host or os.environ.get("KF_PIPELINES_ENDPOINT") or cluster.kfp_host,
+        host=args.host or default_host,
         namespace=args.namespace or cluster.namespace,
         experiment=args.experiment or cluster.experiment,
         auth=args.auth,
         iap_client_id=args.iap_client_id or os.environ.get("KF_PIPELINES_IAP_OAUTH2_CLIENT_ID"),
         token_path=args.token_path,
         service_account=args.service_account or cluster.service_account,
+        kfp_namespace=args.kfp_namespace,
+        kubeconfig=args.kubeconfig,
+        kube_context=args.context,
     )
 
 
@@ -139,11 +158,16 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="run config YAML")
     _add_image_args(p)
     p.add_argument("--source-uri", help="gs:// URI of the articles/questions file (default: the config's data path)")
-    p.add_argument("--host", help="KFP API URL (default: $KF_PIPELINES_ENDPOINT, cluster.kfp_host, or the kubeconfig cluster)")
-    p.add_argument("--namespace", help="KFP namespace (default: cluster.namespace)")
+    p.add_argument("--host", help="KFP API URL (default: $KF_PIPELINES_ENDPOINT or cluster.kfp_host; not with --auth kubeconfig)")
+    p.add_argument("--namespace", help="user (profile) namespace of the experiment and runs (default: cluster.namespace)")
     p.add_argument("--experiment", help="experiment name (default: cluster.experiment)")
-    p.add_argument("--auth", choices=["none", "in-cluster", "iap"], default="none",
-                   help="none (port-forward/kubeconfig), in-cluster (projected SA token), iap (OAuth client id -> ID token)")
+    p.add_argument("--auth", choices=["none", "kubeconfig", "in-cluster", "iap"], default="none",
+                   help="none (--host, e.g. a port-forward), kubeconfig (API-server proxy as your kubeconfig user), "
+                        "in-cluster (projected SA token), iap (OAuth client id -> ID token)")
+    p.add_argument("--kubeconfig", help="kubeconfig file for --auth kubeconfig (default: $KUBECONFIG or ~/.kube/config)")
+    p.add_argument("--context", help="kubeconfig context for --auth kubeconfig (default: the current context)")
+    p.add_argument("--kfp-namespace", default="kubeflow",
+                   help="namespace of the KFP deployment (the ml-pipeline service) for --auth kubeconfig/in-cluster (default: kubeflow)")
     p.add_argument("--iap-client-id", help="IAP OAuth client id (default: $KF_PIPELINES_IAP_OAUTH2_CLIENT_ID)")
     p.add_argument("--token-path", help="projected SA token for --auth in-cluster (default: $KF_PIPELINES_SA_TOKEN_PATH)")
     p.add_argument("--service-account", help="Kubernetes service account the run's pods use (default: cluster.service_account)")
@@ -169,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp = sub.add_parser("compile", help="compile the pipeline for a config into KFP YAML")
     comp.add_argument("--config", required=True, help="run config YAML")
     comp.add_argument("--output", required=True, help="pipeline YAML to write")
+    comp.add_argument("--source-uri", help="gs:// URI of the articles/questions file, the default of the source_uri parameter "
+                                           "(default: the config's data path if it is gs://; otherwise no default)")
     _add_image_args(comp)
     comp.set_defaults(func=cmd_compile)
 

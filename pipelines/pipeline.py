@@ -6,6 +6,8 @@ kind, cluster vs local) shape it, and the config itself is the pipeline's
 """
 
 
+import hashlib
+from pathlib import Path
 from typing import Callable
 
 from kfp import dsl
@@ -14,6 +16,9 @@ from kfp.dsl import Artifact, Dataset, PipelineTask
 from ftloop.components import kfp_components as c
 from ftloop.components.config import OpenAIConfig, RunConfig
 from ftloop.pipelines.k8s import configure_cpu_task, configure_gpu_task, configure_llm_task, quiet_ml_env
+
+# Object stores the KFP launcher reads with dsl.importer; anything else is a path on this machine.
+REMOTE_SCHEMES = ("gs://", "s3://", "minio://")
 
 
 def add_openai_secret(task: PipelineTask, openai: OpenAIConfig) -> None:
@@ -24,18 +29,39 @@ def add_openai_secret(task: PipelineTask, openai: OpenAIConfig) -> None:
         kubernetes.use_secret_as_env(task, secret_name=openai.secret_name, secret_key_to_env={"api-key": openai.api_key_env})
 
 
+def local_data_cache_key(config: RunConfig, source_sha256: str) -> str:
+    """The cache key of the locally cached data stages.
+
+    kfp.local 2.17.3 hashes only the component name and a custom cache key (the
+    task's arguments play no part), so the key must name everything those stages'
+    output depends on: the source file's content, the whole run config (seed,
+    split, labels, generation, filters, prompt) and the ftloop code that runs them.
+    """
+    import ftloop
+    import ftloop.components
+
+    code = hashlib.sha256()
+    for path in sorted(Path(ftloop.components.__file__).parent.glob("*.py")):
+        code.update(path.name.encode() + b"\0" + path.read_bytes())
+    config_sha256 = hashlib.sha256(config.to_json().encode("utf-8")).hexdigest()
+    return (f"ftloop-{ftloop.__version__}-code-{code.hexdigest()[:16]}"
+            f":source-sha256:{source_sha256}:config-sha256:{config_sha256}")
+
+
 def build_pipeline(config: RunConfig, for_cluster: bool = False, source_sha256: str | None = None) -> Callable:
     """Return the ``@dsl.pipeline`` for this config (cluster settings only when compiling for a cluster).
 
     ``source_sha256`` (local runs) keys the cache of the deterministic data stages to the
-    source file's content, not just its path, so an edited file is never served from cache.
+    source file's content, not just its path, and to the run config and ftloop code
+    (``local_data_cache_key``), so an edited file or config is never served from cache.
     """
+    cache_key = local_data_cache_key(config, source_sha256) if source_sha256 and not for_cluster else None
 
     def cache_locally(task: PipelineTask, cacheable: bool = True) -> PipelineTask:
         # Locally only the data stages whose output is a pure function of their inputs are cached;
         # training, evaluation and LLM calls always run. (On the cluster k8s.py decides.)
         if not for_cluster:
-            task.set_caching_options(cacheable, cache_key=f"source-sha256:{source_sha256}" if cacheable and source_sha256 else None)
+            task.set_caching_options(cacheable and cache_key is not None, cache_key=cache_key if cacheable else None)
         return task
 
     def cpu(task: PipelineTask, name: str) -> PipelineTask:
@@ -61,12 +87,7 @@ def build_pipeline(config: RunConfig, for_cluster: bool = False, source_sha256: 
 
     augment_on_gpu = config.augment.label_filter == "model"
 
-    @dsl.pipeline(
-        name=config.name,
-        description="ftloop: generate, split, format, LoRA fine-tune, evaluate, augment from errors, retrain, compare.",
-        pipeline_root=config.cluster.pipeline_root if for_cluster else None,
-    )
-    def ftloop_pipeline(run_config: str = config.to_json(), source_uri: str = config.data.source_path) -> Artifact:
+    def graph(run_config: str, source_uri: str) -> Artifact:
         source = dsl.importer(artifact_uri=source_uri, artifact_class=Dataset, reimport=False)
         source.set_display_name("source data")
         examples = c.prepare_examples(run_config=run_config, source=source.output)
@@ -153,4 +174,18 @@ def build_pipeline(config: RunConfig, for_cluster: bool = False, source_sha256: 
             )
         return comparison.outputs["results"]
 
-    return ftloop_pipeline
+    # A cluster pipeline never defaults to a path on the machine that compiled it: with a local
+    # data path, source_uri is a required run parameter (ftloop submit passes a gs:// URI).
+    run_config_default = config.to_json()
+    if for_cluster and not config.data.source_path.startswith(REMOTE_SCHEMES):
+        def ftloop_pipeline(source_uri: str, run_config: str = run_config_default) -> Artifact:
+            return graph(run_config, source_uri)
+    else:
+        def ftloop_pipeline(source_uri: str = config.data.source_path, run_config: str = run_config_default) -> Artifact:
+            return graph(run_config, source_uri)
+
+    return dsl.pipeline(
+        name=config.name,
+        description="ftloop: generate, split, format, LoRA fine-tune, evaluate, augment from errors, retrain, compare.",
+        pipeline_root=config.cluster.pipeline_root if for_cluster else None,
+    )(ftloop_pipeline)

@@ -90,3 +90,66 @@ def test_a_user_error_inside_a_stage_fails_the_run_cleanly(tmp_path):
     assert "pipeline failed" in result.stderr
     assert "Traceback" not in output
     assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def _main(args: list[str], capsys) -> tuple[int, str]:
+    """The CLI in-process: an uncaught exception (a raw traceback for the user) fails the test."""
+    from ftloop.pipelines.cli import main
+
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.err
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("p.json", "the pipeline is written as YAML; the file name must end in .yaml or .yml"),
+    ("p.txt", "the pipeline is written as YAML; the file name must end in .yaml or .yml"),
+    ("out", "is a directory; name the pipeline file, e.g. "),
+])
+def test_compile_output_that_is_not_a_yaml_file_is_a_clear_error(tmp_path, capsys, name, expected):
+    from conftest import REPO
+
+    output = tmp_path / name
+    if name == "out":
+        output.mkdir()
+    code, err = _main(["compile", "--config", str(REPO / "configs" / "webbizz-gke.yaml"), "--output", str(output),
+                       "--image", "cpu=registry.example/ftloop-cpu:abc", "--image", "gpu=registry.example/ftloop-gpu:abc"], capsys)
+    assert code == 2
+    assert err == f"ftloop: error: --output {output}: {expected}" + (f"{output / 'pipeline.yaml'}\n" if name == "out" else "\n")
+    assert list(tmp_path.iterdir()) == ([output] if name == "out" else [])  # kfp's .json path left an empty file behind
+    if name == "out":
+        assert list(output.iterdir()) == []
+
+
+@pytest.mark.parametrize("existing", ["file", "foreign-dir"])
+def test_tiny_model_output_that_cannot_hold_a_model_is_a_clear_error(tmp_path, capsys, existing):
+    articles = write_lines(tmp_path / "articles.jsonl", good_articles())
+    config = write_config(tmp_path / "run.yaml", articles)
+    output = tmp_path / "model"
+    if existing == "file":
+        output.write_text("notes\n")
+        expected = f"ftloop: error: {output}: exists and is not a directory; choose a directory for the tiny model\n"
+    else:
+        output.mkdir()
+        (output / "notes.txt").write_text("mine\n")
+        expected = f"ftloop: error: {output}: directory is not empty and holds no tiny model; choose a new or empty directory\n"
+    code, err = _main(["tiny-model", "--config", str(config), "--output", str(output)], capsys)
+    assert (code, err) == (2, expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["articles.jsonl", "model", "run.yaml"]  # nothing left behind
+    if existing == "file":
+        assert output.read_text() == "notes\n"  # untouched
+    else:
+        assert [p.name for p in output.iterdir()] == ["notes.txt"]
+
+
+def test_tiny_model_command_writes_a_complete_model_and_replaces_an_earlier_one(tmp_path, capsys):
+    from ftloop.components.finetune import check_model_dir
+
+    articles = write_lines(tmp_path / "articles.jsonl", good_articles())
+    config = write_config(tmp_path / "run.yaml", articles)
+    output = tmp_path / "model"
+    for _ in range(2):  # the second run replaces the first model
+        code, err = _main(["tiny-model", "--config", str(config), "--output", str(output)], capsys)
+        assert code == 0, err
+        check_model_dir(output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["articles.jsonl", "model", "run.yaml"]  # no temp dirs left
