@@ -118,7 +118,9 @@ def prepare_tiny(workdir: Path, rows: int, train_rows: int, epochs: float, seed:
         seed=seed,
     )
     tiny = build_tiny(workdir / "tiny", formatted, seed=seed)
-    config = demo_config(tiny, epochs=epochs).model_copy(update={"seed": seed})
+    # The demo's patience (configs/demo.yaml): the random-init tiny model sits on a
+    # one-class plateau for its first epochs, where a shorter patience stops it.
+    config = demo_config(tiny, epochs=epochs, early_stopping_patience=8).model_copy(update={"seed": seed})
     meta = finetune(config, formatted, workdir / "adapter", progress=lambda line: None)
     log(f"fine-tuned tiny model: {meta['n_train_rows']} rows, {epochs:g} epochs, {meta['steps']} steps, "
         f"{meta['wall_time_s']:.1f}s on {meta['device']}, mean train loss {meta['train_loss']:.3f}")
