@@ -67,8 +67,8 @@ def _boundary_tokens(tokenizer, head: str, tail: str) -> tuple[int, int, int, in
     if not in_head or not in_tail:
         return None
     left, left_len = max(in_head)  # the last one; of two starting there, the longer
-    right, right_len = min(in_tail)  # the first one; of two starting there, the longer
-    return left, left + left_len, right, right - right_len
+    right, minus_right_len = min(in_tail)  # the first one; of two starting there, the longer
+    return left, left + left_len, right, right - minus_right_len
 
 
 def _splice_plan(tokenizer, context: list[Message], role: str) -> dict[str, Any] | None:
