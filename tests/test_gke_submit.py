@@ -22,7 +22,19 @@ GKE_CONFIG = REPO / "configs" / "webbizz-gke.yaml"
 SOURCE = "gs://ftloop-data/webbizz/articles.jsonl"
 
 
-class KfpStub:
+class _ServedInThread:
+    """Runs ``self.server`` (set up by the subclass, with ``self.thread``) for the length of a with-block."""
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class KfpStub(_ServedInThread):
     """Answers the v2beta1 endpoints kfp.Client calls; records every request.
 
     With ``prefix`` it stands in for the Kubernetes API server's service proxy: only paths under
@@ -103,13 +115,6 @@ class KfpStub:
         self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
 
     def posted(self, path: str) -> list[dict]:
         return [r["body"] for r in self.requests if r["method"] == "POST" and r["path"] == path]
@@ -385,7 +390,7 @@ def unsigned_jwt(claims: dict) -> str:
     return f"{part({'alg': 'RS256', 'typ': 'JWT'})}.{part(claims)}.{base64.urlsafe_b64encode(b'sig').rstrip(b'=').decode()}"
 
 
-class FakeIamCredentials:
+class FakeIamCredentials(_ServedInThread):
     """The IAM credentials API's generateIdToken, as impersonated ADC calls it."""
 
     def __init__(self):
@@ -412,13 +417,6 @@ class FakeIamCredentials:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def write_adc(tmp_path: Path, monkeypatch, info: dict) -> None:
