@@ -37,6 +37,7 @@ from ftloop.components.prefix_cache import (
     cache_argument,
     common_prefix_length,
     forward_params,
+    shared_prefix_cache,
     supports_prefix_cache,
 )
 from ftloop.components.prompt_tokens import encode_prompts
@@ -210,10 +211,7 @@ def _next_token_logprobs(
     shared = _shared_prefix_length(model, seqs, spans) if prefix_cache else 0
     prefix = None
     if shared:
-        prefix_ids = torch.tensor([seqs[0][:shared]], device=device)
-        extra = {"logits_to_keep": 1} if can_trim else {}
-        out = model(input_ids=prefix_ids, use_cache=True, **extra)
-        prefix = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        prefix = shared_prefix_cache(model, torch.tensor([seqs[0][:shared]], device=device), batch=1)
 
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     result: list[torch.Tensor | None] = [None] * len(seqs)

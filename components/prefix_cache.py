@@ -79,7 +79,7 @@ def supports_prefix_cache(model, longest: int) -> bool:
     return True
 
 
-def prefix_cache(model, prefix_ids: torch.Tensor, batch: int):
+def shared_prefix_cache(model, prefix_ids: torch.Tensor, batch: int):
     """The KV cache of ``prefix_ids`` (1, P), repeated to ``batch`` rows.
 
     Runs the decoder body only (no LM head: nothing is predicted from the shared
@@ -170,7 +170,7 @@ def shared_prefix_trainer(base: type) -> type:
                 # Callers asking for the outputs get full-width logits from the plain path.
                 return super().compute_loss(model, unshare(inputs), return_outputs, num_items_in_batch)
             inputs = {k: v for k, v in inputs.items() if k != SHARED_PREFIX_KEY}
-            inputs[cache_argument(model)] = prefix_cache(model, prefix_ids, inputs["input_ids"].shape[0])
+            inputs[cache_argument(model)] = shared_prefix_cache(model, prefix_ids, inputs["input_ids"].shape[0])
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     return SharedPrefixTrainer
