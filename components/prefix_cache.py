@@ -28,16 +28,18 @@ PREFIX_CACHE_ATTENTION = ("sdpa", "eager")
 SHARED_PREFIX_KEY = "shared_prefix_ids"
 
 
-def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
-    """Number of leading tokens every sequence shares."""
-    first = seqs[0]
-    n = min(len(s) for s in seqs)
-    for seq in seqs[1:]:
-        k = 0
-        while k < n and seq[k] == first[k]:
-            k += 1
-        n = k
-    return n
+def common_prefix_length(seqs: Sequence[list[int]]) -> int:
+    """Number of leading tokens every sequence shares.
+
+    The lexicographically smallest and largest sequences share the least with each
+    other, so comparing those two is enough (one pass, not one per sequence).
+    """
+    lowest, highest = min(seqs), max(seqs)
+    n = min(len(lowest), len(highest))
+    k = 0
+    while k < n and lowest[k] == highest[k]:
+        k += 1
+    return k
 
 
 def _transformers_model(model):

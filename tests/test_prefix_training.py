@@ -15,8 +15,29 @@ from ftloop.components.prefix_cache import (
     MIN_SHARED_PREFIX,
     SHARED_PREFIX_KEY,
     SharedPrefixCollator,
+    common_prefix_length,
     unshare,
 )
+
+
+def _brute_force_common_prefix(seqs):
+    n = 0
+    while all(len(s) > n for s in seqs) and len({s[n] for s in seqs}) == 1:
+        n += 1
+    return n
+
+
+def test_common_prefix_length_matches_a_position_by_position_scan():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        shared = torch.randint(0, 4, (int(torch.randint(0, 6, (1,), generator=generator)),), generator=generator).tolist()
+        seqs = [
+            shared + torch.randint(0, 3, (int(torch.randint(0, 5, (1,), generator=generator)),), generator=generator).tolist()
+            for _ in range(int(torch.randint(1, 6, (1,), generator=generator)))
+        ]
+        assert common_prefix_length(seqs) == _brute_force_common_prefix(seqs), seqs
+    assert common_prefix_length([[1, 2, 3], [1, 2], [1, 2, 3, 4]]) == 2  # one sequence is a prefix of another
+    assert common_prefix_length([[5, 1], [4, 1], [5, 1]]) == 0
 
 
 def _trainer(tmp_path, tiny_model_dir, formatted_dir, **train):
