@@ -69,6 +69,16 @@ from ftloop.components.prompts import prompt_messages  # noqa: E402
 
 SPEEDUP_TARGET = 20.0
 GPU_SCORE_TARGET_S = 10.0
+DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+
+
+def demo_eval_batch_size() -> int:
+    """The CPU demo's eval.batch_size: the CPU comparison runs with the pipeline's own setting."""
+    from ftloop.components.config import RunConfig
+
+    import yaml
+
+    return RunConfig.model_validate(yaml.safe_load(DEMO_CONFIG.read_text(encoding="utf-8"))).eval.batch_size
 
 
 def _sync() -> None:
@@ -340,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="OUT", help="write all results as JSON to OUT")
     p.add_argument("--train-rows", type=int, default=200, help="synthetic train rows for the tiny fine-tune")
     p.add_argument("--epochs", type=float, default=20, help="tiny fine-tune epochs (rest: the demo settings)")
-    p.add_argument("--batch-size", type=int, default=64, help="batch size of label scoring and batched generate")
+    p.add_argument("--batch-size", type=int, default=demo_eval_batch_size(),
+                   help="CPU batch size of label scoring and batched generate (default: configs/demo.yaml's eval.batch_size)")
     p.add_argument("--max-new-tokens", type=int, default=8,
                    help="strict/batched generate budget on CPU (the model stops earlier); the published method always runs 5")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per method, interleaved; the median is reported")

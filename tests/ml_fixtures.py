@@ -93,7 +93,7 @@ def demo_config(model_path: Path, **train: Any):
         "model": {"name_or_path": str(model_path), "dtype": "float32"},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
         "train": train_cfg,
-        "eval": {"batch_size": 64},
+        "eval": {"batch_size": 32},
     })
 
 
