@@ -140,7 +140,7 @@ def check_model_ref(name_or_path: str, key: str = "model.name_or_path") -> None:
     directory, or a value that is not a hub id either (instead of retrying the hub for a minute)."""
     if name_or_path.startswith("builtin:"):
         raise FtloopError(
-            f"model.name_or_path {name_or_path!r} is a placeholder: build the tiny model first "
+            f"{key} {name_or_path!r} is a placeholder: build the tiny model first "
             "(the pipeline does this) and pass its directory"
         )
     if _is_local(name_or_path):
@@ -217,15 +217,21 @@ def quantization_config(quantization: str):
 
 
 def load_base_model(
-    name_or_path: str, revision: str | None, dtype_spec: str, quantization: str = "none", prefer_flash: bool = False
+    name_or_path: str,
+    revision: str | None,
+    dtype_spec: str,
+    quantization: str = "none",
+    prefer_flash: bool = False,
+    key: str = "model.name_or_path",
 ) -> torch.nn.Module:
     """Load the causal LM exactly as a hub model would be loaded: safetensors only, no remote code.
 
     ``prefer_flash``: FlashAttention-2 where available (``attn_implementation``), else SDPA.
+    ``key`` is the config field the reference came from, named in errors.
     """
     from transformers import AutoModelForCausalLM
 
-    check_model_ref(name_or_path)
+    check_model_ref(name_or_path, key)
     quant = quantization_config(quantization)
     dtype = torch.bfloat16 if quant is not None else resolve_dtype(dtype_spec)
     extra = {"quantization_config": quant, "device_map": {"": 0}} if quant is not None else {}
@@ -242,19 +248,21 @@ def load_base_model(
     except FtloopError:
         raise
     except Exception as exc:  # noqa: BLE001 - truncated or corrupt weights raise library-specific errors
-        raise FtloopError(f"cannot load base model {name_or_path!r}: {type(exc).__name__}: {_first_line(exc)}") from None
+        raise FtloopError(
+            f"{key}: cannot load model {name_or_path!r}: {type(exc).__name__}: {_first_line(exc)}"
+        ) from None
 
 
-def load_tokenizer(name_or_path: str, revision: str | None = None):
+def load_tokenizer(name_or_path: str, revision: str | None = None, key: str = "model.name_or_path"):
     from transformers import AutoTokenizer
 
-    check_model_ref(name_or_path)
+    check_model_ref(name_or_path, key)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             name_or_path, revision=None if _is_local(name_or_path) else revision, trust_remote_code=False
         )
     except Exception as exc:  # noqa: BLE001 - corrupt tokenizer files raise anything from OSError to Exception
-        raise FtloopError(f"cannot load tokenizer {name_or_path!r}: {type(exc).__name__}: {_first_line(exc)}") from None
+        raise FtloopError(f"{key}: cannot load tokenizer {name_or_path!r}: {type(exc).__name__}: {_first_line(exc)}") from None
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         # pad == eos makes label-masking collators hide the stop token (Microsoft's Phi-3 recipe uses unk).
         if tokenizer.unk_token is None:

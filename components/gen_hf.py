@@ -14,6 +14,8 @@ from pathlib import Path
 from ftloop.components.config import HFGeneratorConfig
 from ftloop.components.generate import Message, PromptedGenerator
 
+CONFIG_KEY = "generators.hf.name_or_path"  # named in load errors: the user fixes this field, not model.name_or_path
+
 
 class HFGenerator(PromptedGenerator):
     name = "hf"
@@ -32,8 +34,9 @@ class HFGenerator(PromptedGenerator):
             from ftloop.components.finetune import load_base_model, load_tokenizer, quiet_progress_bars
 
             with quiet_progress_bars():
-                model = load_base_model(self.cfg.name_or_path, self.cfg.revision, self.cfg.dtype, prefer_flash=True)
-                tokenizer = load_tokenizer(self.cfg.name_or_path, self.cfg.revision)
+                model = load_base_model(self.cfg.name_or_path, self.cfg.revision, self.cfg.dtype, prefer_flash=True,
+                                        key=CONFIG_KEY)
+                tokenizer = load_tokenizer(self.cfg.name_or_path, self.cfg.revision, key=CONFIG_KEY)
             if torch.cuda.is_available():
                 model.to("cuda")
             model.eval()

@@ -215,6 +215,21 @@ def test_hf_backend_parses_model_replies_and_rejects_garbage(tiny_dir, monkeypat
     assert rows[0].generator == f"hf:{tiny_dir}" and rows[0].round == 1
 
 
+def test_hf_backend_load_errors_name_the_generator_field_not_the_base_model(tiny_dir, tmp_path):
+    import shutil
+
+    from ftloop.components.errors import FtloopError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    request = [[{"role": "user", "content": "question"}]]
+    with pytest.raises(FtloopError, match=r"^generators\.hf\.name_or_path: cannot load model '.*broken'"):
+        make_generator("hf", hf_config(broken)).complete(request, attempt=0)
+    with pytest.raises(FtloopError, match=r"^generators\.hf\.name_or_path: .*/gone: no such model directory"):
+        make_generator("hf", hf_config(tmp_path / "gone")).complete(request, attempt=0)
+
+
 # ------------------------------------------------------- from the run config
 
 
