@@ -11,6 +11,8 @@ kernel, device) switch automatically.
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import importlib.metadata
 import importlib.util
 import shutil
@@ -618,6 +620,55 @@ def _dev_history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: e[k] for k in keys if k in e} for e in log_history if "eval_loss" in e]
 
 
+# A full, read-only or forbidden disk is for the user (or the cluster) to fix, not a bug in ftloop.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def _disk_error_reason(exc: BaseException) -> str | None:
+    """Why a write failed, when ``exc`` is a failed write rather than a bug; None otherwise.
+
+    A full disk surfaces three ways: OSError (Python writes), safetensors' own error
+    with the OS error inside its message (adapter weights), and torch.save's
+    RuntimeError from its zip writer, which carries no errno at all (optimizer state).
+    """
+    if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
+        return exc.strerror or os.strerror(exc.errno)
+    text = str(exc)
+    if type(exc).__name__ == "SafetensorError" and "os error" in text:
+        return text.split("I/O error: ", 1)[-1]
+    if isinstance(exc, RuntimeError) and ("PytorchStreamWriter" in text or "inline_container" in text):
+        return f"torch.save failed ({_first_line(exc)})"
+    return None
+
+
+@contextlib.contextmanager
+def _writes_to(location: Path, what: str, hint: str = "") -> Iterator[None]:
+    """Turn a failed write under ``location`` into one clear line naming it, how full its disk is, and what to do."""
+    try:
+        yield
+    except Exception as exc:
+        reason = _disk_error_reason(exc)
+        if reason is None:
+            raise
+        try:
+            free = f"; {shutil.disk_usage(location).free / 2**20:,.1f} MiB free there"
+        except OSError:
+            free = ""
+        raise FtloopError(f"{location}: cannot write {what}: {reason}{free}{hint}") from None
+
+
+@contextlib.contextmanager
+def _removed_on_failure(directory: Path) -> Iterator[None]:
+    """On any failure, remove what this block added to ``directory``, so a half-written artifact never looks finished."""
+    before = set(directory.iterdir())
+    try:
+        yield
+    except BaseException:
+        for entry in set(directory.iterdir()) - before:
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+        raise
+
+
 def finetune(
     config: RunConfig,
     formatted_dir: str | Path,
@@ -629,12 +680,19 @@ def finetune(
     The artifact holds the adapter and tokenizer, ftloop_model.json (metadata),
     README.md (the model card) and, when asked for, merged/ (adapter merged into the base).
     """
-    from ftloop.components.checkpoints import mirror_callback, open_store, restore_latest, training_fingerprint
-    from ftloop.components.model_export import export_merged, write_model_card
-
     start = time.perf_counter()
     formatted_dir, output_dir = Path(formatted_dir), Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    with _removed_on_failure(output_dir):
+        return _train_and_write(config, formatted_dir, output_dir, progress, start)
+
+
+def _train_and_write(
+    config: RunConfig, formatted_dir: Path, output_dir: Path, progress: Progress, start: float
+) -> dict[str, Any]:
+    from ftloop.components.checkpoints import mirror_callback, open_store, restore_latest, training_fingerprint
+    from ftloop.components.model_export import export_merged, write_model_card
+
     inputs = [formatted_dir / "labels.json", formatted_dir / "train.jsonl"]
     inputs += [formatted_dir / "dev.jsonl"] if (formatted_dir / "dev.jsonl").exists() else []
     data_sha256 = content_hash(inputs)
@@ -651,10 +709,13 @@ def finetune(
                 f"train {info['n_train_rows']} rows on {device_description()}: LoRA r={config.lora.r} on "
                 f"{', '.join(info['target_modules'])} ({trainable:,} of {total:,} params trainable)"
             )
-            with cpu_threads_for(trainer.model):
+            with cpu_threads_for(trainer.model), _writes_to(
+                staging, "training checkpoints", " (checkpoints are staged in the temp dir: point TMPDIR at a larger disk)"
+            ):
                 result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-            trainer.model.save_pretrained(str(output_dir))
-            trainer.processing_class.save_pretrained(str(output_dir))
+            with _writes_to(output_dir, "the model artifact"):
+                trainer.model.save_pretrained(str(output_dir))
+                trainer.processing_class.save_pretrained(str(output_dir))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -713,10 +774,11 @@ def finetune(
                  f"{config.train.early_stopping_patience} evaluations")
     if state.best_metric is not None:
         progress(f"kept the best checkpoint: step {meta['dev']['best_step']}, {config.train.early_stopping_metric} {state.best_metric:.4f}")
-    if config.train.export_merged:
-        meta["merged"] = export_merged(output_dir, meta, progress)
-    meta["wall_time_s"] = round(time.perf_counter() - start, 3)
-    write_model_card(output_dir, meta)
-    write_json(output_dir / MODEL_META, meta)
+    with _writes_to(output_dir, "the model artifact"):
+        if config.train.export_merged:
+            meta["merged"] = export_merged(output_dir, meta, progress)
+        meta["wall_time_s"] = round(time.perf_counter() - start, 3)
+        write_model_card(output_dir, meta)
+        write_json(output_dir / MODEL_META, meta)
     progress(f"train done: mean loss {meta['train_loss']:.3f}, {meta['steps']} steps in {meta['wall_time_s']:.1f}s")
     return meta

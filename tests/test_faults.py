@@ -243,3 +243,130 @@ def test_the_tiny_model_is_reused_only_for_the_same_seed_labels_and_texts(tmp_pa
     assert messages[0].startswith("tiny model: building")
     assert (path / "model.safetensors").read_bytes() == weights
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["tiny-phi3"]  # no temporary directories left
+
+
+# ------------------------------------------- the fine-tune stage: a full disk is a clear error, no partial artifact
+
+try:
+    from tests.ml_fixtures import demo_config, formatted_dir, tiny_model_dir  # noqa: F401
+except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
+    from ml_fixtures import demo_config, formatted_dir, tiny_model_dir  # noqa: F401
+
+ENOSPC_TEXT = "No space left on device"
+
+
+def _finetune(tiny_model_dir, formatted_dir, out: Path, **train):
+    from ftloop.components.finetune import finetune
+
+    config = demo_config(tiny_model_dir, epochs=1, **train)
+    return finetune(config, formatted_dir, out, progress=lambda line: None)
+
+
+def test_full_disk_writing_the_adapter_is_a_clear_error_and_leaves_an_empty_artifact(
+    tmp_path, monkeypatch, tiny_model_dir, formatted_dir
+):
+    """safetensors reports a full disk as its own error type, with the OS error inside the message."""
+    import peft.peft_model
+    from safetensors import SafetensorError
+
+    out = tmp_path / "model"
+    real_save = peft.peft_model.safe_save_file
+
+    def full_disk(tensors, filename, *args, **kwargs):
+        if not Path(filename).is_relative_to(out):  # training checkpoints go to another disk
+            return real_save(tensors, filename, *args, **kwargs)
+        Path(filename).write_bytes(b"\0" * 16)  # the start of the file got out before the disk filled up
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", full_disk)
+    with pytest.raises(FtloopError) as err:
+        _finetune(tiny_model_dir, formatted_dir, out)
+    message = str(err.value)
+    assert message.startswith(f"{out}: cannot write the model artifact: {ENOSPC_TEXT} (os error 28); ")
+    assert message.endswith(" MiB free there") and "\n" not in message
+    assert list(out.iterdir()) == []  # no half-written adapter, no model card that looks finished
+
+
+def test_full_disk_writing_the_metadata_removes_the_adapter_written_before_it(
+    tmp_path, monkeypatch, tiny_model_dir, formatted_dir
+):
+    import errno
+
+    import ftloop.components.finetune as finetune_module
+
+    def full_disk(path, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(finetune_module, "write_json", full_disk)
+    out = tmp_path / "model"
+    with pytest.raises(FtloopError, match=rf"^{out}: cannot write the model artifact: {ENOSPC_TEXT}; "):
+        _finetune(tiny_model_dir, formatted_dir, out)
+    assert list(out.iterdir()) == []
+
+
+def test_full_disk_writing_a_training_checkpoint_names_the_staging_dir_and_tmpdir(
+    tmp_path, monkeypatch, tiny_model_dir, formatted_dir
+):
+    """torch.save's zip writer fails on a full disk with a RuntimeError that carries no errno."""
+    import torch
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    monkeypatch.setattr(torch, "save", full_disk)  # the trainer saves optimizer state with it at each checkpoint
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    out = tmp_path / "model"
+    with pytest.raises(FtloopError) as err:
+        _finetune(tiny_model_dir, formatted_dir, out)  # dev early stopping saves a checkpoint every epoch
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'tmp'}/ftloop-checkpoints-")
+    assert ": cannot write training checkpoints: torch.save failed ([enforce fail at inline_container.cc:672]" in message
+    assert message.endswith("(checkpoints are staged in the temp dir: point TMPDIR at a larger disk)")
+    assert list((tmp_path / "tmp").iterdir()) == []  # the staging dir is cleaned up
+    assert list(out.iterdir()) == []
+
+
+def test_a_runtime_error_that_is_not_a_failed_write_keeps_its_traceback(
+    tmp_path, monkeypatch, tiny_model_dir, formatted_dir
+):
+    """Only failed writes become user errors: a bug must still surface as a bug."""
+    from transformers import Trainer
+
+    def bug(self, *args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (8x64 and 32x64)")
+
+    monkeypatch.setattr(Trainer, "train", bug)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        _finetune(tiny_model_dir, formatted_dir, tmp_path / "model")
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    """A real, tiny filesystem, where the machine allows it (root in a container usually does)."""
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    path.mkdir()
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def test_a_real_full_disk_under_the_model_artifact(tmp_path, tiny_model_dir, formatted_dir):
+    import subprocess
+
+    small = tmp_path / "small"
+    if not _mount_tmpfs(small, "150k"):
+        pytest.skip("cannot mount a small tmpfs here (needs root and mount); the simulated tests above still run")
+    try:
+        out = small / "model"
+        with pytest.raises(FtloopError) as err:
+            _finetune(tiny_model_dir, formatted_dir, out)
+        assert str(err.value).startswith(f"{out}: cannot write the model artifact: {ENOSPC_TEXT}")
+        assert list(out.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
