@@ -1,7 +1,14 @@
-"""bench/train_speed.py's counting and FLOPs helpers (the benchmark itself is run by hand, see bench/README.md)."""
+"""bench/train_speed.py's counting and FLOPs helpers, and its GPU section run on CPU with a small config.
+
+The benchmark itself is run by hand (bench/README.md). Its GPU section only runs where CUDA is,
+and device time is scarce: the smoke test keeps that code path working in between.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
 import sys
 from pathlib import Path
 
@@ -94,6 +101,100 @@ def test_param_counts_split_body_head_and_adapters(tiny_model_dir):
 
 
 @pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),
-                                        ("NVIDIA L4", 121.0), ("Tesla T4", None)])
+                                        ("NVIDIA H200", 989.0), ("NVIDIA H200 NVL", 835.0),
+                                        ("NVIDIA L4", 121.0), ("NVIDIA L40S", 362.0), ("NVIDIA L40", 181.0),
+                                        ("Tesla T4", None)])
 def test_bf16_peak_by_device_name(name, peak):
     assert train_speed.bf16_peak_tflops(name) == peak
+
+
+# ------------------------------------------------------------- GPU section on CPU
+
+GPU_ARGS = {"seed": 0, "gpu_rows_per_label": 2, "gpu_epochs": 1.0, "gpu_peak_tflops": 0.5}
+
+
+@pytest.fixture(scope="module")
+def gpu_section(tiny_model_dir, tmp_path_factory):
+    """bench_gpu with both recipes' GPU settings on CPU: a 1-layer Phi-3, 16 train rows, 1 epoch."""
+    from transformers import AutoTokenizer, Phi3Config
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    config = Phi3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                        num_key_value_heads=2, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    section = train_speed.bench_gpu(argparse.Namespace(**GPU_ARGS), tiny_model_dir,
+                                    tmp_path_factory.mktemp("train-speed-gpu"), device="cpu", config=config)
+    return section, config
+
+
+def test_gpu_section_runs_on_cpu_with_a_small_config(gpu_section):
+    s, config = gpu_section
+    ours, pub = s["runs"]["ours"][0], s["runs"]["published"][0]
+    d, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    for run in (ours, pub):
+        assert run["gpu_recipe"] and run["device"] == "cpu" and run["epochs"] == 1
+        # What needs CUDA is absent, not faked.
+        assert run["quantization"] is None and run["cuda_peak_allocated_gib"] is None and not run["bf16"]
+        assert run["attn_implementation"] == "sdpa"
+        assert run["params"]["body"] == layers * (d * 3 * d + d * d + d * 2 * inter + inter * d)
+        assert run["params"]["head"] == d * config.vocab_size
+        # MFU is the counted tokens' model FLOPs / time / the given peak; HFU adds only the recompute.
+        flops = train_speed.training_flops(run["params"], layers, d, run["tokens_real_per_epoch"],
+                                           run["tokens_in_loss_per_epoch"], run["sequences_per_epoch"],
+                                           run["gradient_checkpointing"])
+        assert math.isclose(run["model_tflops"], flops["model"] / 1e12)
+        assert run["bf16_peak_tflops"] == GPU_ARGS["gpu_peak_tflops"]
+        assert math.isclose(run["mfu"], flops["model"] / run["seconds"] / (GPU_ARGS["gpu_peak_tflops"] * 1e12))
+        assert math.isclose(run["hfu"], flops["hardware"] / run["seconds"] / (GPU_ARGS["gpu_peak_tflops"] * 1e12))
+        assert math.isclose(run["tokens_fed_per_s"], run["tokens_fed_per_epoch"] / run["seconds"])
+        assert math.isclose(run["padding_fraction"], 1 - run["tokens_real_per_epoch"] / run["tokens_fed_per_epoch"])
+        assert 0 < run["tokens_in_loss_per_epoch"] <= run["tokens_real_per_epoch"] <= run["tokens_fed_per_epoch"]
+    # Ours with the cluster settings: 16 rows in one batch of 16, LoRA on all linears.
+    assert ours["max_length"] == 256 and ours["sequences_per_epoch"] == 16 and ours["micro_batches_per_epoch"] == 1
+    assert ours["target_modules"] == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
+    assert not ours["gradient_checkpointing"] and ours["hfu"] == ours["mfu"]
+    # Theirs: packed, whole-text loss, gradient checkpointing (recompute is in HFU only), r=128 on o/down.
+    assert pub["packing"] and pub["gradient_checkpointing"] and pub["hfu"] > pub["mfu"]
+    assert pub["target_modules"] == ["down_proj", "o_proj"]
+    assert pub["params"]["lora"] == layers * 128 * ((d + d) + (inter + d))
+    assert pub["tokens_in_loss_per_epoch"] == pub["tokens_real_per_epoch"]
+    # The section: medians of one run each, the ratios the targets are about, three targets.
+    assert s["ours"]["mfu"] == ours["mfu"] and s["published"]["mfu"] == pub["mfu"]
+    assert s["token_ratio_fed"] == ours["tokens_fed_per_epoch"] / pub["tokens_fed_per_epoch"]
+    assert s["token_ratio_real"] == ours["tokens_real_per_epoch"] / pub["tokens_real_per_epoch"]
+    assert s["epoch_speedup"] == pub["seconds_per_epoch"] / ours["seconds_per_epoch"] == s["epoch_speedup_paired"]
+    assert len(s["targets"]) == 3
+    (mfu_ok,) = [ok for name, ok in s["targets"].items() if "MFU" in name]
+    assert mfu_ok == (ours["mfu"] >= train_speed.MFU_TARGET)
+    assert "not a GPU measurement" in s["note"]
+    json.dumps(s)  # goes into --json as is
+
+
+def test_gpu_section_report_prints(gpu_section, capsys):
+    s, _ = gpu_section
+    train_speed.print_report({"args": GPU_ARGS, "env": {}, "gpu": s})
+    out = capsys.readouterr().out
+    assert "GPU, cpu, random Phi-3-mini" in out and "MFU (bf16 dense peak)" in out and s["note"] in out
+    assert "CUDA peak allocated" not in out  # a row with no value on either side is left out
+    assert sum(line.startswith(("PASS  [gpu]", "FAIL  [gpu]")) for line in out.splitlines()) == 3
+
+
+def test_a_failed_gpu_section_keeps_the_cpu_results(gpu_section, tmp_path, monkeypatch, capsys):
+    """Device time is scarce: the CPU results and the error are still reported, and the exit status is 1."""
+    s, _ = gpu_section
+    records = iter([s["runs"]["ours"][0], s["runs"]["published"][0]])
+
+    def gpu_fails(*args, **kwargs):
+        raise RuntimeError("published worker failed (1): CUDA out of memory")
+
+    monkeypatch.setattr(train_speed, "run_worker", lambda *args, **kwargs: next(records))
+    monkeypatch.setattr(train_speed, "bench_gpu", gpu_fails)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    out = tmp_path / "train_speed.json"
+    code = train_speed.main(["--repeats", "1", "--rows-per-label", "2", "--epochs", "1", "--vocab-size", "512",
+                             "--workdir", str(tmp_path / "work"), "--json", str(out)])
+    assert code == 1
+    res = json.loads(out.read_text())
+    assert res["gpu_error"] == "RuntimeError: published worker failed (1): CUDA out of memory"
+    assert res["cpu"]["token_ratio_fed"] == s["token_ratio_fed"] and "gpu" not in res
+    assert "GPU section failed: RuntimeError" in capsys.readouterr().out
