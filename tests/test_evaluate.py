@@ -244,3 +244,33 @@ def test_merging_the_adapter_in_memory_scores_like_applying_it(trained, model_an
     prompts = [prompt_messages(q, LABELS) for q in QUESTIONS]
     _assert_close(score_labels(merged, tokenizer, prompts, LABELS, batch_size=4),
                   score_labels(applied, tokenizer, prompts, LABELS, batch_size=4), LABELS)
+
+
+def test_bf16_scoring_agrees_with_float32_merged_or_applied(trained, model_and_tokenizer, formatted_dir):
+    """Phi-3 is scored in bf16 on the GPU: the same code paths (merged or applied adapter, shared-prefix
+    cache or not) run in bf16 here and may differ from float32 only by bf16 rounding."""
+    import copy
+
+    from ftloop.components.finetune import read_split
+
+    reference, tokenizer = model_and_tokenizer
+    applied, _ = load_for_inference(trained["dir"], merge_adapter=False)
+    rows = read_split(formatted_dir, "test", LABELS)
+    prompts = [r["prompt"] for r in rows]
+    want = score_labels(reference, tokenizer, prompts, LABELS, batch_size=8)
+    merged_bf16 = copy.deepcopy(reference).to(torch.bfloat16)
+    applied_bf16 = applied.to(torch.bfloat16)
+    assert next(merged_bf16.parameters()).dtype == torch.bfloat16
+    runs = {
+        "merged": score_labels(merged_bf16, tokenizer, prompts, LABELS, batch_size=8),
+        "applied": score_labels(applied_bf16, tokenizer, prompts, LABELS, batch_size=8),
+        "merged, plain path": score_labels(merged_bf16, tokenizer, prompts, LABELS, batch_size=8, prefix_cache=False),
+    }
+    for name, got in runs.items():
+        for w, g in zip(want, got):
+            assert abs(sum(g.values()) - 1) < 1e-6, name
+            assert max(abs(w[label] - g[label]) for label in LABELS) < 0.08, name
+            top_w, top_g = max(w, key=w.get), max(g, key=g.get)
+            # a different argmax only where float32 itself nearly ties the two labels
+            assert top_w == top_g or w[top_w] - w[top_g] < 0.05, (name, w, g)
+    assert max(max(w.values()) for w in want) > 1.5 / len(LABELS)  # a trained adapter: the comparison means something
