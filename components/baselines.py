@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,5 +42,20 @@ def run_tfidf_baseline(formatted_dir: str | Path, output_dir: str | Path, seed: 
     labels = read_labels(formatted_dir)
     splits = {split: read_split(formatted_dir, split, labels) for split in SPLITS}
     model = TfidfClassifier([r["text"] for r in splits["train"]], [r["label"] for r in splits["train"]], labels, seed)
-    probabilities = {split: model.scores([r["text"] for r in rows]) for split, rows in splits.items()}
-    return write_predictions(splits, probabilities, labels, output_dir, progress)
+    probabilities, timings = timed_scores(model, splits)
+    return write_predictions(splits, probabilities, labels, output_dir, progress, timings)
+
+
+def timed_scores(model: TfidfClassifier, splits: dict[str, list[dict[str, Any]]]) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
+    """Score every split and time it, with the same throughput metrics as the LLM evaluations.
+
+    The classifier scores a whole split in one call, so each split is one batch: its
+    ``mean_batch_seconds`` is the time for the split.
+    """
+    probabilities, timings = {}, {}
+    for split, rows in splits.items():
+        start = time.perf_counter()
+        probabilities[split] = model.scores([r["text"] for r in rows])
+        seconds = time.perf_counter() - start
+        timings[split] = {"rows_per_second": len(rows) / seconds if seconds > 0 else 0.0, "mean_batch_seconds": seconds}
+    return probabilities, timings

@@ -89,18 +89,20 @@ def evaluate(
     with exit_on_user_error():
         from ftloop.components.config import RunConfig
         from ftloop.components.evaluate import evaluate_model
-        from ftloop.components.metrics import log_scalars
+        from ftloop.components.metrics import log_evaluation
 
         all_metrics = evaluate_model(RunConfig.from_json(run_config), model.path, formatted.path, results.path)
-        log_scalars(metrics, all_metrics)
-        test = all_metrics["test"]
-        confusion_matrix.log_confusion_matrix(list(test["labels"]), [list(map(int, r)) for r in test["confusion_matrix"]])
+        log_evaluation(metrics, confusion_matrix, all_metrics)
         results.metadata.update({"model": model_name, **{f"{s}_rows": m["n"] for s, m in all_metrics.items()}})
 
 
 @dsl.component(**_component)
 def evaluate_zero_shot(
-    run_config: str, formatted: Input[Dataset], results: Output[Dataset], metrics: Output[Metrics]
+    run_config: str,
+    formatted: Input[Dataset],
+    results: Output[Dataset],
+    metrics: Output[Metrics],
+    confusion_matrix: Output[ClassificationMetrics],
 ):
     """Baseline: the base model prompted with the same instruction, no fine-tuning."""
     from ftloop.components.errors import exit_on_user_error
@@ -108,23 +110,31 @@ def evaluate_zero_shot(
     with exit_on_user_error():
         from ftloop.components.config import RunConfig
         from ftloop.components.evaluate import evaluate_zero_shot as run_zero_shot
-        from ftloop.components.metrics import log_scalars
+        from ftloop.components.metrics import log_evaluation
 
-        log_scalars(metrics, run_zero_shot(RunConfig.from_json(run_config), formatted.path, results.path))
+        all_metrics = run_zero_shot(RunConfig.from_json(run_config), formatted.path, results.path)
+        log_evaluation(metrics, confusion_matrix, all_metrics)
         results.metadata["model"] = "zero-shot"
 
 
 @dsl.component(**_component)
-def tfidf_baseline(run_config: str, formatted: Input[Dataset], results: Output[Dataset], metrics: Output[Metrics]):
+def tfidf_baseline(
+    run_config: str,
+    formatted: Input[Dataset],
+    results: Output[Dataset],
+    metrics: Output[Metrics],
+    confusion_matrix: Output[ClassificationMetrics],
+):
     """Baseline: TF-IDF + logistic regression trained on the same train split."""
     from ftloop.components.errors import exit_on_user_error
 
     with exit_on_user_error():
         from ftloop.components.baselines import run_tfidf_baseline
         from ftloop.components.config import RunConfig
-        from ftloop.components.metrics import log_scalars
+        from ftloop.components.metrics import log_evaluation
 
-        log_scalars(metrics, run_tfidf_baseline(formatted.path, results.path, RunConfig.from_json(run_config).seed))
+        all_metrics = run_tfidf_baseline(formatted.path, results.path, RunConfig.from_json(run_config).seed)
+        log_evaluation(metrics, confusion_matrix, all_metrics)
         results.metadata["model"] = "tfidf"
 
 
@@ -227,13 +237,15 @@ def compare_models(
     results: Output[Artifact],
     report_markdown: Output[Markdown],
     report_html: Output[HTML],
+    metrics: Output[Metrics],
 ):
-    """Side-by-side comparison: summary.json, predictions and reports in one bundle."""
+    """Side-by-side comparison: summary.json, predictions and reports in one bundle; every model's scalars on one task."""
     from ftloop.components.errors import exit_on_user_error
 
     with exit_on_user_error():
         from ftloop.components.compare import run_compare
         from ftloop.components.config import RunConfig
+        from ftloop.components.metrics import log_comparison
 
         config = RunConfig.from_json(run_config)
         summary = run_compare(
@@ -250,6 +262,7 @@ def compare_models(
             {"run_name": config.name, "seed": config.seed, "config": config.model_dump(mode="json")},
         )
         results.metadata.update({f"delta_test_{k}": v for k, v in summary["deltas"].get("test", {}).items()})
+        log_comparison(metrics, summary)
 
 
 @dsl.component(**_component)

@@ -99,8 +99,9 @@ def build_pipeline(config: RunConfig, for_cluster: bool = False, source_sha256: 
         splits = cache_locally(cpu(c.split_examples(run_config=run_config, examples=examples.output), "split (grouped, stratified)"))
         formatted = cache_locally(cpu(c.format_chat(run_config=run_config, splits=splits.output), "format chat data"))
 
-        # Baselines on the same rows: what a fine-tune has to beat. (TF-IDF is deterministic but not
-        # cached locally: kfp.local 2.17 treats its Metrics output, which has no file, as a cache miss.)
+        # Baselines on the same rows: what a fine-tune has to beat. Like `evaluate`, each logs the same
+        # <split>_<metric> scalars and the test confusion matrix. (TF-IDF is deterministic but not cached
+        # locally: kfp.local 2.17.3 treats a Metrics/ClassificationMetrics output, which has no file, as a cache miss.)
         tfidf = cpu(c.tfidf_baseline(run_config=run_config, formatted=formatted.output), "baseline: TF-IDF + logistic regression")
         zero_shot = gpu(c.evaluate_zero_shot(run_config=run_config, formatted=formatted.output), "baseline: zero-shot base model")
 
@@ -154,6 +155,9 @@ def build_pipeline(config: RunConfig, for_cluster: bool = False, source_sha256: 
         )
         augmented_eval, augmented_splits = final.outputs["kept_evaluation"], final.outputs["kept_splits"]
 
+        # summary.json and the reports; its Metrics output puts every model's scalars (<model>_<split>_<metric>)
+        # on this one task, so the KFP Compare page lines runs up on the final augmented model whichever
+        # round produced it. Never cached (cpu()), so its file-less Metrics output costs nothing locally.
         comparison = cpu(
             c.compare_models(
                 run_config=run_config,

@@ -49,6 +49,24 @@ def test_every_stage_of_the_loop_is_a_task(compiled):
     assert {"format-chat-2", "finetune-2", "evaluate-2", "carry-forward"} <= set(all_tasks(spec))
 
 
+def output_types(spec: dict, task: str) -> dict:
+    """Output artifact name -> KFP type of a task's component."""
+    component = spec["components"][all_tasks(spec)[task]["componentRef"]["name"]]
+    return {name: out["artifactType"]["schemaTitle"] for name, out in component["outputDefinitions"]["artifacts"].items()}
+
+
+def test_model_evaluations_and_the_comparison_declare_their_kfp_ui_metrics(compiled):
+    spec = next(yaml.safe_load_all(compiled.read_text()))
+    evaluation = {"results": "system.Dataset", "metrics": "system.Metrics", "confusion_matrix": "system.ClassificationMetrics"}
+    for task in ("evaluate", "evaluate-2", "evaluate-zero-shot", "tfidf-baseline"):
+        assert output_types(spec, task) == evaluation, task
+    # every model's scalars on one task with a stable name, next to the bundle and the two reports
+    assert output_types(spec, "compare-models") == {
+        "results": "system.Artifact", "report_markdown": "system.Markdown", "report_html": "system.HTML", "metrics": "system.Metrics",
+    }
+    assert all_tasks(spec)["compare-models"]["taskInfo"]["name"] == "compare models"
+
+
 def test_only_gpu_tasks_request_an_l4(compiled):
     spec, platform = yaml.safe_load_all(compiled.read_text())
     config = load_config(REPO / "configs" / "webbizz-gke.yaml")

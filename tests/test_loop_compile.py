@@ -81,3 +81,17 @@ def test_offline_backends_need_no_secret(tmp_path, monkeypatch):
     _, spec, k8s = compile_for_cluster(tmp_path, monkeypatch)
     assert all("secretAsEnv" not in executor for executor in k8s.values())
     assert "upload-to-okareo" not in all_tasks(spec)
+
+
+def test_every_rounds_evaluation_logs_metrics_and_a_confusion_matrix(tmp_path, monkeypatch):
+    _, spec, _ = compile_for_cluster(tmp_path, monkeypatch, augment={"rounds": 3})
+    tasks = all_tasks(spec)
+    evaluations = [name for name in tasks if re.fullmatch(r"evaluate(-\d+)?", name)]
+    assert sorted(evaluations) == ["evaluate", "evaluate-2", "evaluate-3", "evaluate-4"]  # base + one per round
+    for name in evaluations:
+        outputs = spec["components"][tasks[name]["componentRef"]["name"]]["outputDefinitions"]["artifacts"]
+        assert outputs["metrics"]["artifactType"]["schemaTitle"] == "system.Metrics", name
+        assert outputs["confusion_matrix"]["artifactType"]["schemaTitle"] == "system.ClassificationMetrics", name
+    # whichever round the final model came from, its scalars are on the one compare task
+    compare = spec["components"][tasks["compare-models"]["componentRef"]["name"]]["outputDefinitions"]["artifacts"]
+    assert compare["metrics"]["artifactType"]["schemaTitle"] == "system.Metrics"

@@ -107,25 +107,70 @@ def test_progress_shows_stages_and_training(run):
     assert "delta = augmented - base" in output
 
 
-def test_kfp_ui_metrics_use_one_naming_scheme(run):
-    workdir, _ = run
-    (run_root,) = [p for p in (workdir / "kfp").iterdir() if not p.name.startswith(".")]  # .kfp_cache aside
-    names = {}
-    for task in ("evaluate", "evaluate-2", "tfidf-baseline", "evaluate-zero-shot"):
-        output = json.loads((run_root / task / "executor_output.json").read_text())
-        names[task] = set(output["artifacts"]["metrics"]["artifacts"][0]["metadata"])
-    assert {f"{s}_{m}" for s in SPLITS for m in ("accuracy", "macro_f1", "weighted_f1", "ece")} <= names["evaluate"]
-    assert names["evaluate"] == names["evaluate-2"] == names["evaluate-zero-shot"]
-    assert {"test_macro_f1", "test_accuracy"} <= names["tfidf-baseline"]
-    matrix = json.loads((run_root / "evaluate" / "executor_output.json").read_text())["artifacts"]["confusion_matrix"]
-    spec = matrix["artifacts"][0]["metadata"]["confusionMatrix"]
-    summary = json.loads((workdir / "summary.json").read_text())
-    assert [a["displayName"] for a in spec["annotationSpecs"]] == summary["labels"]
-    assert [r["row"] for r in spec["rows"]] == summary["models"]["base"]["test"]["confusion_matrix"]
-
-
 def executor_output(run_root: Path, task: str) -> dict:
     return json.loads((run_root / task / "executor_output.json").read_text())
+
+
+# The scalars every model-evaluating task logs, per split, as <split>_<metric> (README "What the KFP UI shows").
+EVALUATION_SCALARS = ("accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall", "ece", "invalid_rate",
+                      "rows_per_second", "mean_batch_seconds")
+# Model-evaluating task -> its model in summary.json (evaluate-N of a later round is "augmented" only if it was kept).
+EVALUATING_TASKS = {"evaluate": "base", "tfidf-baseline": "tfidf", "evaluate-zero-shot": "zero-shot"}
+
+
+def output_metadata(run_root: Path, task: str, output: str) -> dict:
+    return executor_output(run_root, task)["artifacts"][output]["artifacts"][0]["metadata"]
+
+
+def test_every_evaluating_task_logs_the_same_scalars_and_a_test_confusion_matrix(run):
+    workdir, _ = run
+    (run_root,) = [p for p in (workdir / "kfp").iterdir() if not p.name.startswith(".")]  # .kfp_cache aside
+    summary = json.loads((workdir / "summary.json").read_text())
+    round_evaluations = sorted(p.name for p in run_root.iterdir() if p.name.startswith("evaluate-") and p.name[9:].isdigit())
+    assert round_evaluations, "round 1 trained no model: no evaluate-N task to check"
+    expected = {f"{split}_{metric}" for split in SPLITS for metric in EVALUATION_SCALARS}
+    for task in [*EVALUATING_TASKS, *round_evaluations]:
+        scalars = output_metadata(run_root, task, "metrics")
+        assert set(scalars) == expected, task
+        assert scalars["test_rows_per_second"] > 0 and scalars["test_mean_batch_seconds"] > 0, task
+        matrix = output_metadata(run_root, task, "confusion_matrix")["confusionMatrix"]
+        assert [a["displayName"] for a in matrix["annotationSpecs"]] == summary["labels"], task
+        # every test row is counted once, except invalid generate-mode outputs (in no column)
+        test_rows = summary["models"]["base"]["test"]["n"]
+        assert sum(sum(r["row"]) for r in matrix["rows"]) == round(test_rows * (1 - scalars["test_invalid_rate"])), task
+    for task, model in EVALUATING_TASKS.items():
+        scalars = output_metadata(run_root, task, "metrics")
+        for split in SPLITS:
+            for metric in EVALUATION_SCALARS:
+                assert scalars[f"{split}_{metric}"] == summary["models"][model][split][metric], (task, split, metric)
+        matrix = output_metadata(run_root, task, "confusion_matrix")["confusionMatrix"]
+        assert [r["row"] for r in matrix["rows"]] == summary["models"][model]["test"]["confusion_matrix"], task
+    # the final augmented model is one that an evaluate task scored (a later round's, or base when the loop kept it)
+    final = {(f"{split}_{metric}", summary["models"]["augmented"][split][metric]) for split in SPLITS for metric in EVALUATION_SCALARS}
+    assert any(final <= set(output_metadata(run_root, task, "metrics").items()) for task in ["evaluate", *round_evaluations])
+
+
+def test_compare_task_logs_every_model_side_by_side_as_in_summary(run):
+    workdir, _ = run
+    (run_root,) = [p for p in (workdir / "kfp").iterdir() if not p.name.startswith(".")]  # .kfp_cache aside
+    summary = json.loads((workdir / "summary.json").read_text())
+    expected = {}
+    for model, kfp_name in (("base", "base"), ("augmented", "augmented"), ("tfidf", "tfidf"), ("zero-shot", "zero_shot")):
+        for split in ("dev", "test"):
+            for metric in ("accuracy", "macro_f1", "weighted_f1"):
+                expected[f"{kfp_name}_{split}_{metric}"] = summary["models"][model][split][metric]
+        for metric in ("accuracy", "macro_f1"):
+            low, high = summary["models"][model]["test"]["ci95"][metric]
+            expected[f"{kfp_name}_test_{metric}_ci95_low"], expected[f"{kfp_name}_test_{metric}_ci95_high"] = low, high
+    for metric in ("accuracy", "macro_f1", "weighted_f1"):
+        expected[f"augmented_minus_base_test_{metric}"] = summary["deltas"]["test"][metric]
+    for pair, result in summary["significance"].items():
+        before, after = pair.split("->")
+        expected[f"{before.replace('-', '_')}_vs_{after.replace('-', '_')}_test_mcnemar_p_value"] = result["test"]["p_value"]
+    assert "base_vs_augmented_test_mcnemar_p_value" in expected
+    assert output_metadata(run_root, "compare-models", "metrics") == expected
+    # the existing outputs are still there
+    assert {"results", "report_markdown", "report_html"} <= set(executor_output(run_root, "compare-models")["artifacts"])
 
 
 def test_two_round_loop_runs_with_dsl_if_and_stops_or_continues_consistently(run):

@@ -421,3 +421,45 @@ def test_report_on_a_summary_that_is_not_an_object(tmp_path, capsys):
     assert (code, err) == (2, f"ftloop: error: {tmp_path / 'summary.json'}: the top level is not a JSON object; "
                               "not an ftloop summary\n")
 
+
+class _MetricsArtifact:
+    """What a KFP Metrics output records: name -> value, in logging order."""
+
+    def __init__(self):
+        self.logged: dict[str, float] = {}
+
+    def log_metric(self, name, value):
+        assert name not in self.logged, f"{name} logged twice"
+        self.logged[name] = value
+
+
+def test_compare_task_scalars_put_every_model_under_one_naming_scheme(run_dir):
+    from ftloop.components.metrics import log_comparison
+
+    _, summary = run_dir
+    artifact = _MetricsArtifact()
+    log_comparison(artifact, summary)
+    got = artifact.logged
+    for name, kfp_name in (("base", "base"), ("augmented", "augmented"), ("tfidf", "tfidf"), ("zero-shot", "zero_shot")):
+        for split in ("dev", "test"):
+            for metric in ("accuracy", "macro_f1", "weighted_f1"):
+                assert got[f"{kfp_name}_{split}_{metric}"] == summary["models"][name][split][metric]
+        assert [got[f"{kfp_name}_test_macro_f1_ci95_{end}"] for end in ("low", "high")] == \
+            summary["models"][name]["test"]["ci95"]["macro_f1"]
+    assert got["augmented_minus_base_test_macro_f1"] == pytest.approx(
+        summary["models"]["augmented"]["test"]["macro_f1"] - summary["models"]["base"]["test"]["macro_f1"])
+    p_values = {k: v for k, v in got.items() if k.endswith("_test_mcnemar_p_value")}
+    assert len(p_values) == len(summary["significance"]) == 6
+    assert p_values["zero_shot_vs_base_test_mcnemar_p_value"] == summary["significance"]["zero-shot->base"]["test"]["p_value"]
+    assert all(re.fullmatch(r"[a-z0-9_]+", name) for name in got)  # usable as KFP scalar names
+
+
+def test_an_evaluating_task_never_logs_a_shorter_scalar_list():
+    from ftloop.components.metrics import KFP_SCALARS, log_scalars
+
+    complete = {key: 0.5 for key in KFP_SCALARS}
+    artifact = _MetricsArtifact()
+    log_scalars(artifact, {"dev": complete, "test": complete})
+    assert sorted(artifact.logged) == sorted(f"{s}_{k}" for s in ("dev", "test") for k in KFP_SCALARS)
+    with pytest.raises(ValueError, match=r"test metrics lack \['invalid_rate'\]"):
+        log_scalars(_MetricsArtifact(), {"test": {k: v for k, v in complete.items() if k != "invalid_rate"}})
