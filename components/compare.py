@@ -215,6 +215,33 @@ def comparison_header(summary: dict[str, Any]) -> list[str]:
     return ["split", "metric", *model_order(summary), *(["delta"] if summary.get("deltas") else [])]
 
 
+TEST_DETAIL_HEADER = ("model", "accuracy [95% CI]", "macro-F1 [95% CI]", "ECE", "invalid rate", "rows/s")
+
+
+def test_detail_rows(summary: dict[str, Any]) -> list[list[str]]:
+    """Per model on test: the headline scores with their bootstrap intervals, calibration, invalid outputs, speed.
+
+    A difference between two models is only worth reading next to these intervals; summaries
+    written before the intervals existed show the point values alone.
+    """
+    rows = []
+    for name in model_order(summary):
+        test = summary["models"][name]["test"]
+        ci = test.get("ci95") or {}
+
+        def scored(metric: str) -> str:
+            bounds = ci.get(metric)
+            interval = f" [{bounds[0]:.3f}, {bounds[1]:.3f}]" if bounds else ""
+            return f"{test[metric]:.4f}{interval}"
+
+        def plain(metric: str, fmt: str) -> str:
+            return format(test[metric], fmt) if test.get(metric) is not None else ""
+
+        rows.append([name, scored("accuracy"), scored("macro_f1"), plain("ece", ".4f"), plain("invalid_rate", ".4f"),
+                     plain("rows_per_second", ",.0f")])
+    return rows
+
+
 def render_text_table(summary: dict[str, Any]) -> str:
     header = comparison_header(summary)
     rows = comparison_rows(summary)
@@ -334,6 +361,9 @@ def render_markdown(summary: dict[str, Any]) -> str:
         "|" + "|".join("---" if i < 2 else "---:" for i in range(len(header))) + "|",
     ]
     lines += ["| " + " | ".join(row) + " |" for row in comparison_rows(summary)]
+    lines += ["", "## Test split: 95% bootstrap intervals, calibration, invalid outputs, speed", "",
+              "| " + " | ".join(TEST_DETAIL_HEADER) + " |", "|---|---:|---:|---:|---:|---:|"]
+    lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in test_detail_rows(summary)]
     if summary.get("significance"):
         lines += ["", "## Pairwise comparisons (McNemar's exact test, paired on the same rows)", "",
                   "Δ = after - before; fixed = rows wrong before and right after, broken = the reverse.", "",
@@ -429,6 +459,9 @@ def render_html(summary: dict[str, Any]) -> str:
     for row in comparison_rows(summary):
         table += "<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>"
     table += "</table>"
+    detail = "<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in TEST_DETAIL_HEADER) + "</tr>"
+    detail += "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in test_detail_rows(summary))
+    detail += "</table>"
     labels = summary.get("labels") or []
     heatmaps = ""
     for name in model_order(summary):
@@ -470,6 +503,7 @@ def render_html(summary: dict[str, Any]) -> str:
         "</style></head><body>"
         f"<h1>ftloop run {esc(str(summary.get('run_name', '')))}</h1>"
         f"<h2>Models on the same rows</h2>{table}"
+        f"<h2>Test split: 95% bootstrap intervals, calibration, invalid outputs, speed</h2>{detail}"
         + (f"<h2>Pairwise comparisons (McNemar's exact test, paired on the same rows)</h2>{pairwise}" if pairwise else "")
         + f"<h2>Per-class F1 (test)</h2>{chart}"
         f"<h2>Confusion matrices (test)</h2>{heatmaps}"
@@ -569,6 +603,12 @@ def check_summary(summary: Any, path: Path) -> None:
             entry = field(model, split, f"models.{name}", "object")
             for metric in HEADLINE_METRICS:
                 field(entry, metric, where, "number")
+            for metric in ("ece", "invalid_rate", "rows_per_second"):
+                field(entry, metric, where, "number", optional=True)
+            for metric, bounds in (field(entry, "ci95", where, "object", optional=True) or {}).items():
+                here = f"{where}.ci95.{metric}"
+                if not (isinstance(bounds, list) and len(bounds) == 2 and all(_EXPECTED["number"][0](b) for b in bounds)):
+                    fail(here, f"expected [low, high], got {_json_type(bounds)}")
             for label, scores in (field(entry, "per_class", where, "object", optional=True) or {}).items():
                 field(check(scores, f"{where}.per_class.{label}", "object"), "f1", f"{where}.per_class.{label}", "number",
                       optional=True)

@@ -406,6 +406,8 @@ MALFORMED = [
     (("data", "augmented", "augmentation_rounds", 0, "confusions"), ...,
      "field 'data.augmented.augmentation_rounds[0].confusions': missing"),
     (("data", "base"), {"rows": {}}, "field 'data.base.groups': missing"),
+    (("models", "base", "test", "ci95", "accuracy"), [0.1], "field 'models.base.test.ci95.accuracy': expected [low, high], got a list"),
+    (("models", "augmented", "test", "ece"), "low", "field 'models.augmented.test.ece': expected a number, got a string"),
 ]
 
 
@@ -463,3 +465,23 @@ def test_an_evaluating_task_never_logs_a_shorter_scalar_list():
     assert sorted(artifact.logged) == sorted(f"{s}_{k}" for s in ("dev", "test") for k in KFP_SCALARS)
     with pytest.raises(ValueError, match=r"test metrics lack \['invalid_rate'\]"):
         log_scalars(_MetricsArtifact(), {"test": {k: v for k, v in complete.items() if k != "invalid_rate"}})
+
+
+def test_reports_show_each_models_test_scores_with_their_intervals(run_dir, tmp_path, capsys):
+    out, summary = run_dir
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    for name in ("base", "augmented", "tfidf", "zero-shot"):
+        test = summary["models"][name]["test"]
+        (acc_lo, acc_hi), (f1_lo, f1_hi) = test["ci95"]["accuracy"], test["ci95"]["macro_f1"]
+        cells = [name, f"{test['accuracy']:.4f} [{acc_lo:.3f}, {acc_hi:.3f}]", f"{test['macro_f1']:.4f} [{f1_lo:.3f}, {f1_hi:.3f}]",
+                 f"{test['ece']:.4f}", f"{test['invalid_rate']:.4f}"]
+        assert "| " + " | ".join(cells) + " |" in md, name
+        assert "".join(f"<td>{c}</td>" for c in cells) in page, name
+    # a summary from before the intervals existed still renders, with the point values alone
+    older = json.loads((out / "summary.json").read_text())
+    for model in older["models"].values():
+        for split in model.values():
+            split.pop("ci95", None)
+    code, err = _report(tmp_path, capsys, older)
+    assert (code, err) == (0, "")
+    assert f"| base | {summary['models']['base']['test']['accuracy']:.4f} | " in (tmp_path / "report.md").read_text()
