@@ -121,15 +121,22 @@ def summarize(
     """The run's summary from every model's metrics.json and predictions; reads and checks everything, writes nothing."""
     models: dict[str, Any] = {}
     labels: list[str] | None = None
+    labels_from: Path | None = None
     predictions: dict[str, dict[str, list[dict]]] = {}
     for name, eval_dir in eval_dirs.items():
-        metrics = _load_json(Path(eval_dir) / "metrics.json")
+        metrics_path = Path(eval_dir) / "metrics.json"
+        metrics = _load_json(metrics_path)
         models[name] = {}
         predictions[name] = {}
         for split in SPLITS:
             predictions[name][split] = read_jsonl(Path(eval_dir) / "predictions" / f"{split}.jsonl")
             m = metrics[split]
-            labels = labels or m.get("labels")
+            if labels is None:
+                labels, labels_from = m.get("labels"), metrics_path
+            elif m.get("labels") is not None and m["labels"] != labels:
+                # per-class scores and confusion matrices are indexed by label: different lists cannot share a table
+                raise FtloopError(f"{labels_from} and {metrics_path}: {split}: the label lists differ "
+                                  f"({labels} vs {m['labels']}); the models were not evaluated on the same labels")
             models[name][split] = {
                 **{k: m[k] for k in ("accuracy", "macro_f1", "weighted_f1", "n")},
                 **{k: m[k] for k in ("macro_precision", "macro_recall", "weighted_precision", "weighted_recall",

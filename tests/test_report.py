@@ -485,3 +485,19 @@ def test_reports_show_each_models_test_scores_with_their_intervals(run_dir, tmp_
     code, err = _report(tmp_path, capsys, older)
     assert (code, err) == (0, "")
     assert f"| base | {summary['models']['base']['test']['accuracy']:.4f} | " in (tmp_path / "report.md").read_text()
+
+
+def test_models_scored_on_different_label_lists_is_a_clear_error(tmp_path):
+    from ftloop.components.errors import FtloopError
+
+    rows = {"train": gold("train", 6), "dev": gold("dev", 6), "test": gold("test", 6)}
+    evals = {"base": write_eval(tmp_path / "base", rows), "augmented": write_eval(tmp_path / "augmented", rows)}
+    metrics_path = tmp_path / "augmented" / "metrics.json"
+    metrics = json.loads(metrics_path.read_text())
+    metrics["dev"]["labels"] = list(reversed(LABELS))  # same labels, other order: matrices would not line up
+    metrics_path.write_text(json.dumps(metrics))
+    with pytest.raises(FtloopError) as err:
+        compare(tmp_path, evals)
+    assert str(err.value) == (f"{tmp_path / 'base' / 'metrics.json'} and {metrics_path}: dev: the label lists differ "
+                              f"({LABELS} vs {list(reversed(LABELS))}); the models were not evaluated on the same labels")
+    assert not (tmp_path / "bundle").exists() and not (tmp_path / "r.md").exists()
