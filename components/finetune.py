@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import os
 import importlib.metadata
 import importlib.util
+import os
 import shutil
 import tempfile
 import time
@@ -665,7 +665,10 @@ def _removed_on_failure(directory: Path) -> Iterator[None]:
         yield
     except BaseException:
         for entry in set(directory.iterdir()) - before:
-            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
         raise
 
 

@@ -18,9 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import eval_speed  # noqa: E402
 
 try:
-    from tests.ml_fixtures import LABELS, formatted_dir, tiny_model_dir  # noqa: F401
+    from tests.ml_fixtures import formatted_dir, tiny_model_dir  # noqa: F401
 except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
-    from ml_fixtures import LABELS, formatted_dir, tiny_model_dir  # noqa: F401
+    from ml_fixtures import formatted_dir, tiny_model_dir  # noqa: F401
 
 
 def test_cpu_batch_size_is_the_demo_configs():
