@@ -10,7 +10,7 @@ import html
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ftloop.components.errors import FtloopError, InputFileError
 from ftloop.components.records import SPLITS, read_json, read_jsonl, write_json
@@ -316,6 +316,16 @@ def flip_pair(summary: dict[str, Any]) -> str | None:
     return "base->augmented" if "base->augmented" in pairs else (pairs[0] if pairs else None)
 
 
+def flip_section(summary: dict[str, Any]) -> tuple[str, str, str, dict[str, Any], list[dict[str, Any]]] | None:
+    """(pair key, before, after, test McNemar result, flipped test rows) for the reports' flip list, or None."""
+    key = flip_pair(summary)
+    if key is None:
+        return None
+    result = summary["significance"][key]
+    before, after = _pair_names(key, result)
+    return key, before, after, result["test"], result.get("test_flips") or []
+
+
 def _flip_cells(flip: dict[str, Any]) -> list[str]:
     text = flip.get("text")
     return [str(flip["change"]), str(flip["id"]), "" if text is None else str(text), str(flip["label"]),
@@ -376,12 +386,9 @@ def render_markdown(summary: dict[str, Any]) -> str:
                   "Δ = after - before; fixed = rows wrong before and right after, broken = the reverse.", "",
                   "| " + " | ".join(PAIRWISE_HEADER) + " |", "|---|---|---:|---:|---:|---:|---:|"]
         lines += ["| " + " | ".join(row) + " |" for row in pairwise_rows(summary)]
-    key = flip_pair(summary)
-    if key is not None:
-        result = summary["significance"][key]
-        before, after = _pair_names(key, result)
-        flips = result.get("test_flips") or []
-        test = result["test"]
+    section = flip_section(summary)
+    if section is not None:
+        key, before, after, test, flips = section
         lines += ["", f"## Test rows that flipped: {before} -> {after}", "",
                   f"{test['fixed']} fixed, {test['broken']} broken, McNemar p = {format_p(test['p_value'])}."]
         if flips:
@@ -459,16 +466,16 @@ def per_class_f1_png(summary: dict[str, Any], split: str = "test") -> str:
     return _png(fig)
 
 
+def _html_table(header: Sequence[str], rows: list[list[str]]) -> str:
+    esc = html.escape
+    return ("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows) + "</table>")
+
+
 def render_html(summary: dict[str, Any]) -> str:
     esc = html.escape
-    header = comparison_header(summary)
-    table = "<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"
-    for row in comparison_rows(summary):
-        table += "<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>"
-    table += "</table>"
-    detail = "<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in TEST_DETAIL_HEADER) + "</tr>"
-    detail += "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in test_detail_rows(summary))
-    detail += "</table>"
+    table = _html_table(comparison_header(summary), comparison_rows(summary))
+    detail = _html_table(TEST_DETAIL_HEADER, test_detail_rows(summary))
     labels = summary.get("labels") or []
     heatmaps = ""
     for name in model_order(summary):
@@ -479,17 +486,12 @@ def render_html(summary: dict[str, Any]) -> str:
     chart = f"<img class='per-class' alt='per-class F1 on test' src='data:image/png;base64,{per_class_f1_png(summary)}'>"
     pairwise = ""
     if summary.get("significance"):
-        pairwise = "<p>Δ = after - before; fixed = rows wrong before and right after, broken = the reverse.</p><table><tr>"
-        pairwise += "".join(f"<th>{esc(h)}</th>" for h in PAIRWISE_HEADER) + "</tr>"
-        pairwise += "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in pairwise_rows(summary))
-        pairwise += "</table>"
+        pairwise = ("<p>Δ = after - before; fixed = rows wrong before and right after, broken = the reverse.</p>"
+                    + _html_table(PAIRWISE_HEADER, pairwise_rows(summary)))
     flips = ""
-    key = flip_pair(summary)
-    if key is not None:
-        result = summary["significance"][key]
-        before, after = _pair_names(key, result)
-        rows = result.get("test_flips") or []
-        test = result["test"]
+    section = flip_section(summary)
+    if section is not None:
+        key, before, after, test, rows = section
         flips = f"<h3>{esc(key)}: {test['fixed']} fixed, {test['broken']} broken, McNemar p = {esc(format_p(test['p_value']))}</h3>"
         if rows:
             flips += ("<table><tr><th>change</th><th>id</th><th>question</th><th>label</th>"
