@@ -382,7 +382,8 @@ def _evaluate_by_generation(config, model, tokenizer, splits, labels, output_dir
 
 
 def evaluate_zero_shot(config: RunConfig, formatted_dir: str | Path, output_dir: str | Path, progress: Progress = print) -> dict[str, Any]:
-    """The 'just prompt it' baseline: the base model, no adapter, same prompts and label scoring."""
+    """The 'just prompt it' baseline: the base model, no adapter, same prompts and the same ``eval.mode``
+    as the fine-tuned models (label scoring, or generate-and-parse), so the comparison is like for like."""
     from ftloop.components.finetune import load_tokenizer
 
     formatted_dir = Path(formatted_dir)
@@ -395,5 +396,7 @@ def evaluate_zero_shot(config: RunConfig, formatted_dir: str | Path, output_dir:
     if torch.cuda.is_available():
         model.to("cuda")
     with cpu_threads_for(model):
+        if config.eval.mode == "generate":
+            return _evaluate_by_generation(config, model, tokenizer, splits, labels, output_dir, progress)
         probabilities, timings = timed_scoring(model, tokenizer, splits, labels, config.eval.batch_size)
     return write_predictions(splits, probabilities, labels, output_dir, progress, timings)

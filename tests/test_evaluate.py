@@ -217,6 +217,21 @@ def test_generate_mode_reports_invalid_outputs_and_scores_them_wrong(trained, fo
     assert metrics["test"]["macro_f1"] == expected["macro_f1"]
 
 
+def test_zero_shot_baseline_is_evaluated_the_way_the_models_are(trained, formatted_dir, tmp_path):
+    """With eval.mode: generate the 'just prompt it' baseline generates and parses too, so it is compared like for like."""
+    from ftloop.components.evaluate import evaluate_zero_shot
+
+    base = trained["config"]
+    config = base.model_copy(update={"eval": base.eval.model_copy(update={"mode": "generate", "max_new_tokens": 4})})
+    metrics = evaluate_zero_shot(config, formatted_dir, tmp_path / "gen", progress=lambda m: None)
+    rows = [json.loads(l) for l in (tmp_path / "gen" / "predictions" / "test.jsonl").read_text().splitlines()]
+    assert all("raw" in r for r in rows)  # generated text, parsed
+    assert metrics["test"]["invalid_rate"] == sum(r["prediction"] is None for r in rows) / len(rows)
+    scored = evaluate_zero_shot(base, formatted_dir, tmp_path / "scored", progress=lambda m: None)
+    rows = [json.loads(l) for l in (tmp_path / "scored" / "predictions" / "test.jsonl").read_text().splitlines()]
+    assert not any("raw" in r for r in rows) and scored["test"]["invalid_rate"] == 0.0  # label scoring never is invalid
+
+
 def test_invalid_predictions_count_against_recall_only():
     m = compute_metrics(["a", "a", "b"], ["a", None, "b"], ["a", "b"])
     assert m["accuracy"] == 2 / 3
