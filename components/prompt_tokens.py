@@ -96,12 +96,12 @@ def _splice_plan(tokenizer, context: list[Message], role: str) -> dict[str, Any]
 
 def _window_ids(tokenizer, plan: dict[str, Any], questions: list[str]) -> list[list[int]]:
     texts = [plan["window_head"] + q + plan["window_tail"] for q in questions]
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    encode_fast = getattr(backend, "encode_batch_fast", None)
-    if encode_fast is None or backend.truncation is not None or backend.padding is not None:
+    encode_fast = getattr(getattr(tokenizer, "backend_tokenizer", None), "encode_batch_fast", None)
+    if encode_fast is None:
         return _ids(tokenizer, texts)
-    # The Rust tokenizer directly, without character offsets: ~30% of the windows' cost.
-    # The probes in _splice_plan compare this path against the full ``tokenizer(...)`` one.
+    # The Rust tokenizer directly, without character offsets: ~30% of the windows' cost. The
+    # plan's own ``tokenizer(...)`` calls have already switched off any backend truncation or
+    # padding, and its probes compare this path against the full one.
     return [encoding.ids for encoding in encode_fast(texts, add_special_tokens=False)]
 
 
