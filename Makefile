@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.ftloop-installed
 
-.PHONY: demo test install clean
+.PHONY: demo test lint install clean mutation
 
 $(STAMP): pyproject.toml constraints/cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,36 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/ftloop demo
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# test: headless Chromium for tests/e2e/test_report_browser.py (CI runs as root on Debian; nothing to do when it is
+# there, and no install attempt without root: the test then skips, saying why)
+test: lint
+	command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || (apt-get update -qq && apt-get install -y -qq chromium)
 	$(VENV)/bin/python -m pytest
+
+# Mutation testing over the modules listed in [tool.mutmut] (pyproject.toml); slow (see bench/README.md).
+# mutmut runs in a staged copy laid out as the installed package (components/ -> ftloop/components/), so
+# mutant names are the real module names. MUTANTS narrows the run, e.g.
+#   make mutation MUTANTS='ftloop.components.evaluation.stats.*'
+# Results stay in .mutation/mutants/ (`cd .mutation && ../.venv/bin/mutmut results`). Not build/: packaging tests remove it.
+MUTATION_DIR := .mutation
+MUTANTS ?=
+MUTATION_JOBS ?= 2
+
+mutation: $(STAMP)
+	rm -rf $(MUTATION_DIR)
+	mkdir -p $(MUTATION_DIR)/ftloop
+	cp ftloop/__init__.py $(MUTATION_DIR)/ftloop/
+	cp -R components $(MUTATION_DIR)/ftloop/components
+	cp -R pipelines $(MUTATION_DIR)/ftloop/pipelines
+	cp -R tests data configs manifests pyproject.toml $(MUTATION_DIR)/
+	find $(MUTATION_DIR) -name __pycache__ -prune -exec rm -rf {} +
+	cd $(MUTATION_DIR) && $(abspath $(VENV))/bin/mutmut run --max-children $(MUTATION_JOBS) $(MUTANTS)
+	cd $(MUTATION_DIR) && $(abspath $(VENV))/bin/mutmut export-cicd-stats
+	cd $(MUTATION_DIR) && $(abspath $(VENV))/bin/mutmut results
 
 clean:
 	rm -rf $(VENV) ftloop-demo ftloop-run

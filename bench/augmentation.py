@@ -8,7 +8,7 @@ earlier model reports that model). Seeds change the generated questions, the
 split, the tiny model's initialisation and the training order.
 
 Reported per seed and pooled: dev and test macro-F1 with 95% bootstrap
-intervals (components/stats.py), the paired test delta with a bootstrap
+intervals (components/evaluation/stats.py), the paired test delta with a bootstrap
 interval (rows resampled within each seed), McNemar's p per seed, and what the
 loop did (rounds run, rows added, stop reason). Dev is optimistic for the
 augmented model (its errors were mined there); test is the honest number.
@@ -108,7 +108,7 @@ def run_seed(config_path: Path, seed: int, rounds: int, label_filter: str | None
 
 
 def pooled_ci(runs: list[dict], model: str, split: str, labels: list[str]) -> dict:
-    from ftloop.components.stats import bootstrap_ci
+    from ftloop.components.evaluation.stats import bootstrap_ci
 
     rows = [r for run in runs for r in run["rows"][model][split]]
     y_true, y_pred = [r["label"] for r in rows], [r["prediction"] for r in rows]

@@ -1,11 +1,11 @@
 """Label scoring vs the published per-row generate-and-parse evaluation, same model, same rows.
 
-CPU (always): the tiny Phi-3 from components/tiny_model.py, LoRA-fine-tuned briefly on the
-synthetic intent data of tests/ml_fixtures.py. Measures rows/s of each method, the speedup,
+CPU (always): the tiny Phi-3 from components/modeling/tiny.py, LoRA-fine-tuned briefly on the
+synthetic intent data of tests/fixtures/ml.py. Measures rows/s of each method, the speedup,
 how often they agree, each one's accuracy against the gold labels and the invalid-output
 rates. Methods:
-- label scoring (``evaluate.score_labels``, the project's evaluation);
-- the published method (notes/okareo.md §1.5; ``generate_mode.published_generate``): one row
+- label scoring (``scoring.score_labels``, the project's evaluation);
+- the published method (the notebooks' ``FinetunedPhi3Model.invoke``; ``generate_mode.published_generate``): one row
   at a time, greedy ``generate(max_new_tokens=5)`` that always runs all 5 tokens (their
   model, trained with pad = eos, never learned to stop), skip-special decode, last-match
   substring parse. The speed target is judged against this;
@@ -50,22 +50,23 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # tests/ is not a package; ml_fixtures holds the synthetic data
+sys.path.insert(0, str(REPO))  # tests.fixtures.ml holds the synthetic data
 
 import torch  # noqa: E402
 
-from ml_fixtures import LABELS, build_tiny, demo_config, synthetic_examples, write_formatted  # noqa: E402
-
-from ftloop.components.evaluate import load_for_inference, score_labels  # noqa: E402
-from ftloop.components.finetune import cpu_threads_for, finetune, read_split  # noqa: E402
-from ftloop.components.generate_mode import (  # noqa: E402
+from ftloop.components.artifacts import read_split
+from ftloop.components.modeling.generate_mode import (
     PUBLISHED_MAX_NEW_TOKENS,
     generate_predictions,
     invalid_rate,
     per_row_generate,
     published_generate,
 )
+from ftloop.components.modeling.loading import cpu_threads_for, load_for_inference
+from ftloop.components.modeling.scoring import score_labels
 from ftloop.components.prompts import prompt_messages  # noqa: E402
+from ftloop.components.stages.finetune import run as finetune
+from tests.fixtures.ml import LABELS, build_tiny, demo_config, synthetic_examples, write_formatted  # noqa: E402
 
 SPEEDUP_TARGET = 20.0
 GPU_SCORE_TARGET_S = 10.0
@@ -74,9 +75,9 @@ DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 
 def demo_eval_batch_size() -> int:
     """The CPU demo's eval.batch_size: the CPU comparison runs with the pipeline's own setting."""
-    from ftloop.components.config import RunConfig
-
     import yaml
+
+    from ftloop.components.config import RunConfig
 
     return RunConfig.model_validate(yaml.safe_load(DEMO_CONFIG.read_text(encoding="utf-8"))).eval.batch_size
 
@@ -109,7 +110,7 @@ def _scoring_invalid(scores: list[dict[str, float]], labels: list[str]) -> int:
 
 
 def _versions() -> dict[str, str]:
-    from ftloop.components.finetune import library_versions
+    from ftloop.components.modeling.loading import library_versions
 
     return {"python": platform.python_version(), **library_versions()}
 
@@ -227,8 +228,8 @@ def bench_gpu(args, tiny_dir: Path, log, device: str = "cuda", config=None) -> d
     """``device``/``config`` exist so the code path can be smoke-tested on CPU with a small config."""
     from transformers import AutoTokenizer, GenerationConfig, Phi3Config, Phi3ForCausalLM
 
-    from ftloop.components.finetune import attn_implementation
-    from ftloop.components.generate_mode import stop_token_ids
+    from ftloop.components.modeling.generate_mode import stop_token_ids
+    from ftloop.components.modeling.loading import attn_implementation
 
     on_cuda = device == "cuda"
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_dir))

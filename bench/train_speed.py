@@ -1,6 +1,6 @@
 """Training speed: the published fine-tuning recipe vs ours, same data, same hardware, same epochs.
 
-(a) published: the recipe of the Okareo notebooks (notes/okareo.md §1.3-1.4): a long plain-text
+(a) published: the recipe of the Okareo notebooks (docs/design.md; their utils.py): a long plain-text
     "### Instruction / ### Input / ### Output" template per row, loss over the whole text,
     TRL packing across examples ("wrapped": concatenate, cut into max_length chunks, as the old
     ConstantLengthDataset did), max_length = the longest json.dumps(sample) in tokens, pad = eos,
@@ -18,8 +18,8 @@ process, and its rise during training; GPU: torch.cuda.max_memory_allocated), an
 model-FLOPs utilization (see ``training_flops``). Each run is a fresh worker process, so peak
 memory is its own; runs alternate ours/published and the median over --repeats is reported.
 
-CPU (always): the tiny Phi-3 (components/tiny_model.py) on synthetic rows from
-tests/ml_fixtures.py; its BPE tokenizer is trained on both formats' texts, so neither template
+CPU (always): the tiny Phi-3 (components/modeling/tiny.py) on synthetic rows from
+tests/fixtures/ml.py; its BPE tokenizer is trained on both formats' texts, so neither template
 is split into characters by a vocabulary that never saw it. GPU (when CUDA is available): a
 Phi-3-mini-sized model, random init from Phi3Config() defaults in bf16, with the tiny tokenizer.
 
@@ -55,7 +55,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # tests/ is not a package; ml_fixtures holds the synthetic data
+sys.path.insert(0, str(REPO))  # tests.fixtures.ml holds the synthetic data
 
 TOKEN_RATIO_TARGET = 1 / 3
 # Token counts depend on the tokenizer, and Phi-3's cannot be downloaded here. Its 32k
@@ -67,7 +67,7 @@ STAND_IN_VOCAB = 4096
 EPOCH_SPEEDUP_TARGET = 2.0
 MFU_TARGET = 0.40
 
-# Their target list (notes/okareo.md §1.4). Phi-3 fuses q/k/v and gate/up, so PEFT matches only
+# Their target list (the notebooks' utils.py). Phi-3 fuses q/k/v and gate/up, so PEFT matches only
 # o_proj and down_proj; the others are silently ignored, as they were in the notebooks.
 PUBLISHED_TARGETS = ["k_proj", "q_proj", "v_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]
 
@@ -88,7 +88,7 @@ BF16_PEAK_TFLOPS: list[tuple[str, float]] = [
 
 
 def published_sample(question: str, label: str, labels: list[str]) -> str:
-    """The notebooks' plain-text instruction row (paraphrased like notes/okareo.md §1.3: same shape, similar length)."""
+    """The notebooks' plain-text instruction row (paraphrased: same shape, similar length)."""
     bullets = "\n".join(f"- {x}" for x in labels)
     return (
         "### Instruction:\n"
@@ -114,12 +114,12 @@ class CountingCollator:
         self.fed = self.real = self.loss = self.sequences = self.batches = 0
 
     def __call__(self, features):
-        from ftloop.components.prefix_cache import SHARED_PREFIX_KEY
+        from ftloop.components.modeling.prefix_cache import SHARED_PREFIX_KEY
 
         batch = self.inner(features)
         ids = batch["input_ids"]
         # A shared-prefix batch runs its shared tokens once, then each row's rest
-        # (components/prefix_cache.py); its mask still spans the shared columns.
+        # (components/modeling/prefix_cache.py); its mask still spans the shared columns.
         shared = batch[SHARED_PREFIX_KEY].shape[1] if SHARED_PREFIX_KEY in batch else 0
         self.fed += ids.numel() + shared
         self.batches += 1
@@ -213,9 +213,8 @@ def bf16_peak_tflops(device_name: str) -> float | None:
 
 def _ours_config(model_dir: Path, epochs: float, gpu_recipe: bool):
     """Ours as the pipeline runs it: demo settings on CPU, the cluster (webbizz-gke) settings on a GPU."""
-    from ml_fixtures import demo_config
-
     from ftloop.components.config import RunConfig
+    from tests.fixtures.ml import demo_config
 
     if gpu_recipe:
         config = RunConfig.model_validate({
@@ -239,7 +238,7 @@ def _ours_config(model_dir: Path, epochs: float, gpu_recipe: bool):
 def build_ours(model_dir: Path, formatted: Path, out: Path, epochs: float, gpu_recipe: bool):
     from transformers.trainer_utils import SaveStrategy
 
-    from ftloop.components.finetune import build_trainer
+    from ftloop.components.modeling.trainer import build_trainer
 
     config = _ours_config(model_dir, epochs, gpu_recipe)
     trainer, info = build_trainer(config, formatted, out, progress=lambda line: None)
@@ -265,7 +264,9 @@ def build_published(model_dir: Path, formatted: Path, out: Path, epochs: float, 
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from trl import SFTConfig, SFTTrainer
 
-    from ftloop.components.finetune import _checkpointing_args, attn_implementation, cuda_bf16, read_labels, read_split
+    from ftloop.components.artifacts import read_labels, read_split
+    from ftloop.components.modeling.loading import attn_implementation, cuda_bf16, hub_free_attention
+    from ftloop.components.modeling.trainer import _checkpointing_args
 
     set_seed(0)
     labels = read_labels(formatted)
@@ -280,7 +281,7 @@ def build_published(model_dir: Path, formatted: Path, out: Path, epochs: float, 
     on_cuda = torch.cuda.is_available()
     quantize = gpu_recipe and on_cuda and importlib.util.find_spec("bitsandbytes") is not None
     dtype = torch.bfloat16 if cuda_bf16() else torch.float32
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation(dtype), "use_cache": False}
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": hub_free_attention(attn_implementation(dtype)), "use_cache": False}
     if quantize:
         from transformers import BitsAndBytesConfig
 
@@ -289,7 +290,7 @@ def build_published(model_dir: Path, formatted: Path, out: Path, epochs: float, 
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
         kwargs["device_map"] = {"": 0}
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), use_safetensors=True, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), use_safetensors=True, use_kernels=False, **kwargs)
     model.config.pretraining_tp = 1
     if quantize:
         model = prepare_model_for_kbit_training(model)
@@ -341,7 +342,7 @@ def worker(kind: str, model_dir: Path, formatted: Path, epochs: float, result_pa
     import torch
     from transformers import PrinterCallback
 
-    from ftloop.components.finetune import cpu_threads_for, peft_deprecation_silenced, quiet_progress_bars
+    from ftloop.components.modeling.loading import cpu_threads_for, peft_deprecation_silenced, quiet_progress_bars
 
     on_cuda = torch.cuda.is_available()
     with tempfile.TemporaryDirectory(prefix=f"ftloop-train-speed-{kind}-") as out, quiet_progress_bars(), \
@@ -434,9 +435,8 @@ def run_worker(kind: str, model_dir: Path, formatted: Path, epochs: float, workd
 
 
 def prepare_data(workdir: Path, rows_per_label: int, seed: int) -> tuple[Path, list[str]]:
-    from ml_fixtures import LABELS, write_formatted
-
     from ftloop.components.records import read_jsonl
+    from tests.fixtures.ml import LABELS, write_formatted
 
     formatted = write_formatted(workdir / "formatted", n_train=rows_per_label, n_dev=1, n_test=1, seed=seed)
     train = read_jsonl(formatted / "train.jsonl")
@@ -582,7 +582,7 @@ def bench_gpu(args, tiny_dir: Path, workdir: Path, device: str = "cuda", config=
 
 
 def print_report(res: dict[str, Any]) -> None:
-    from ml_fixtures import LABELS
+    from tests.fixtures.ml import LABELS
 
     args, env = res["args"], res["env"]
     if "cpu" in res:
@@ -638,11 +638,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from ftloop.components.finetune import library_versions
-
-    from ml_fixtures import LABELS
-
-    from ftloop.components.tiny_model import build_tiny_model
+    from ftloop.components.modeling.loading import library_versions
+    from ftloop.components.modeling.tiny import build_tiny_model
+    from tests.fixtures.ml import LABELS
 
     worker_only = ("worker", "model_dir", "formatted", "result", "gpu_recipe", "peak_tflops")
     res: dict[str, Any] = {

@@ -3,7 +3,12 @@
 Each body imports its stage from the installed ``ftloop`` package (baked into
 the image; installed in the local environment for the local runner), so the
 compiled YAML carries no logic of its own. Images are set per task at compile
-time (``pipelines.k8s``), never hard-coded here.
+time (``pipelines.placement``), never hard-coded here.
+
+Each task gets ``config_slice``, the compile-time part of the run config its stage reads
+(``RunConfig.slice``), and, as typed parameters, the run parameters inside that part;
+``RunConfig.from_slice(config_slice, locals())`` rebuilds the RunConfig the stage takes,
+picking from the wrapper's arguments exactly the run parameters the slice lists.
 """
 
 
@@ -18,53 +23,79 @@ _component = dict(base_image=PLACEHOLDER_IMAGE, install_kfp_package=False, packa
 
 
 @dsl.component(**_component)
-def prepare_examples(run_config: str, source: Input[Dataset], examples: Output[Dataset]):
+def prepare_examples(
+    config_slice: str,
+    seed: int,
+    source: Input[Dataset],
+    examples: Output[Dataset],
+):
     """Labeled articles -> generated questions, or imported labeled questions."""
     from ftloop.components.errors import exit_on_user_error
 
     with exit_on_user_error():
         from ftloop.components.config import RunConfig
-        from ftloop.components.sources import run_prepare
+        from ftloop.components.stages import prepare_examples
 
-        examples.metadata.update(run_prepare(RunConfig.from_json(run_config), source.path, examples.path))
+        examples.metadata.update(prepare_examples.run(RunConfig.from_slice(config_slice, locals()), source.path, examples.path))
 
 
 @dsl.component(**_component)
-def split_examples(run_config: str, examples: Input[Dataset], splits: Output[Dataset]):
+def split_examples(
+    config_slice: str,
+    seed: int,
+    examples: Input[Dataset],
+    splits: Output[Dataset],
+):
     """Grouped, stratified train/dev/test split with a leakage report."""
     from ftloop.components.errors import exit_on_user_error
 
     with exit_on_user_error():
         from ftloop.components.config import RunConfig
-        from ftloop.components.split import run_split
+        from ftloop.components.stages import split_examples
 
-        config = RunConfig.from_json(run_config)
-        splits.metadata.update(run_split(examples.path, splits.path, config.split.dev, config.split.test, config.seed))
+        splits.metadata.update(split_examples.run(RunConfig.from_slice(config_slice, locals()), examples.path, splits.path))
 
 
 @dsl.component(**_component)
-def format_chat(run_config: str, splits: Input[Dataset], formatted: Output[Dataset]):
+def format_chat(
+    config_slice: str,
+    splits: Input[Dataset],
+    formatted: Output[Dataset],
+):
     """Splits -> conversational prompt/completion rows."""
     from ftloop.components.errors import exit_on_user_error
 
     with exit_on_user_error():
-        from ftloop.components.chat_format import run_format
         from ftloop.components.config import RunConfig
+        from ftloop.components.stages import format_chat
 
-        config = RunConfig.from_json(run_config)
-        formatted.metadata.update(run_format(splits.path, formatted.path, config.format.system_prompt))
+        formatted.metadata.update(format_chat.run(RunConfig.from_slice(config_slice, locals()), splits.path, formatted.path))
 
 
 @dsl.component(**_component)
-def finetune(run_config: str, formatted: Input[Dataset], model: Output[Model]):
+def finetune(
+    config_slice: str,
+    model_name_or_path: str,
+    model_revision: str,
+    train_learning_rate: float,
+    train_epochs: float,
+    train_batch_size: int,
+    lora_r: int,
+    lora_alpha: int,
+    lora_dropout: float,
+    eval_batch_size: int,
+    seed: int,
+    formatted: Input[Dataset],
+    model: Output[Model],
+):
     """LoRA fine-tune (trl SFTTrainer + peft) of the configured base model."""
     from ftloop.components.errors import exit_on_user_error
 
     with exit_on_user_error():
         from ftloop.components.config import RunConfig
-        from ftloop.components.finetune import finetune as run_finetune
+        from ftloop.components.stages import finetune
 
-        meta = run_finetune(RunConfig.from_json(run_config), formatted.path, model.path)
+        meta = finetune.run(RunConfig.from_slice(config_slice, locals()), formatted.path, model.path)
         model.metadata.update({k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool))})
         model.metadata["framework"] = "peft-lora"
         model.metadata["base_model"] = meta["base_model"]["name_or_path"]
@@ -75,7 +106,10 @@ def finetune(run_config: str, formatted: Input[Dataset], model: Output[Model]):
 
 @dsl.component(**_component)
 def evaluate(
-    run_config: str,
+    config_slice: str,
+    model_name_or_path: str,
+    model_revision: str,
+    eval_batch_size: int,
     model_name: str,
     model: Input[Model],
     formatted: Input[Dataset],
@@ -88,17 +122,20 @@ def evaluate(
 
     with exit_on_user_error():
         from ftloop.components.config import RunConfig
-        from ftloop.components.evaluate import evaluate_model
-        from ftloop.components.metrics import log_evaluation
+        from ftloop.components.kfp_metrics import log_evaluation
+        from ftloop.components.stages import evaluate
 
-        all_metrics = evaluate_model(RunConfig.from_json(run_config), model.path, formatted.path, results.path)
+        all_metrics = evaluate.run(RunConfig.from_slice(config_slice, locals()), model.path, formatted.path, results.path)
         log_evaluation(metrics, confusion_matrix, all_metrics)
         results.metadata.update({"model": model_name, **{f"{s}_rows": m["n"] for s, m in all_metrics.items()}})
 
 
 @dsl.component(**_component)
 def evaluate_zero_shot(
-    run_config: str,
+    config_slice: str,
+    model_name_or_path: str,
+    model_revision: str,
+    eval_batch_size: int,
     formatted: Input[Dataset],
     results: Output[Dataset],
     metrics: Output[Metrics],
@@ -109,17 +146,18 @@ def evaluate_zero_shot(
 
     with exit_on_user_error():
         from ftloop.components.config import RunConfig
-        from ftloop.components.evaluate import evaluate_zero_shot as run_zero_shot
-        from ftloop.components.metrics import log_evaluation
+        from ftloop.components.kfp_metrics import log_evaluation
+        from ftloop.components.stages import evaluate_zero_shot
 
-        all_metrics = run_zero_shot(RunConfig.from_json(run_config), formatted.path, results.path)
+        all_metrics = evaluate_zero_shot.run(RunConfig.from_slice(config_slice, locals()), formatted.path, results.path)
         log_evaluation(metrics, confusion_matrix, all_metrics)
         results.metadata["model"] = "zero-shot"
 
 
 @dsl.component(**_component)
 def tfidf_baseline(
-    run_config: str,
+    config_slice: str,
+    seed: int,
     formatted: Input[Dataset],
     results: Output[Dataset],
     metrics: Output[Metrics],
@@ -129,18 +167,22 @@ def tfidf_baseline(
     from ftloop.components.errors import exit_on_user_error
 
     with exit_on_user_error():
-        from ftloop.components.baselines import run_tfidf_baseline
         from ftloop.components.config import RunConfig
-        from ftloop.components.metrics import log_evaluation
+        from ftloop.components.kfp_metrics import log_evaluation
+        from ftloop.components.stages import tfidf_baseline
 
-        all_metrics = run_tfidf_baseline(formatted.path, results.path, RunConfig.from_json(run_config).seed)
+        all_metrics = tfidf_baseline.run(RunConfig.from_slice(config_slice, locals()), formatted.path, results.path)
         log_evaluation(metrics, confusion_matrix, all_metrics)
         results.metadata["model"] = "tfidf"
 
 
 @dsl.component(**_component)
 def augment_from_errors(
-    run_config: str,
+    config_slice: str,
+    augment_rephrasings_per_error: int,
+    augment_label_margin: float,
+    augment_min_dev_improvement: float,
+    seed: int,
     round: int,
     splits: Input[Dataset],
     evaluation: Input[Dataset],
@@ -148,6 +190,10 @@ def augment_from_errors(
     reference_splits: Input[Dataset],
     reference_evaluation: Input[Dataset],
     augmented: Output[Dataset],
+    # Only with augment.label_filter "model" (the judge scores as evaluation does); passed only then.
+    model_name_or_path: str = "",
+    model_revision: str = "",
+    eval_batch_size: int = 0,
 ) -> NamedTuple("AugmentDecision", [("decision", str), ("reason", str)]):
     """One loop round: rephrase misclassified train/dev rows into an augmented train split, or decide to stop."""
     from collections import namedtuple
@@ -155,11 +201,11 @@ def augment_from_errors(
     from ftloop.components.errors import exit_on_user_error
 
     with exit_on_user_error():
-        from ftloop.components.augment import run_augment
         from ftloop.components.config import RunConfig
+        from ftloop.components.stages import augment_from_errors
 
-        meta = run_augment(
-            RunConfig.from_json(run_config), splits.path, evaluation.path, augmented.path, round=round,
+        meta = augment_from_errors.run(
+            RunConfig.from_slice(config_slice, locals()), splits.path, evaluation.path, augmented.path, round=round,
             reference_eval_dir=reference_evaluation.path, reference_split_dir=reference_splits.path, model_dir=model.path,
         )
         augmented.metadata.update(meta)
@@ -180,11 +226,14 @@ def carry_forward(
     from ftloop.components.errors import exit_on_user_error
 
     with exit_on_user_error():
-        from ftloop.components.augment import carry_forward as run_carry
+        from ftloop.components.artifacts import RoundArtifacts
+        from ftloop.components.stages import carry_forward
 
-        kept = run_carry(
-            decision, (model.path, evaluation.path), (reference_model.path, reference_evaluation.path),
-            (kept_model.path, kept_evaluation.path),
+        kept = carry_forward.run(
+            decision,
+            current=RoundArtifacts(model.path, evaluation.path),
+            reference=RoundArtifacts(reference_model.path, reference_evaluation.path),
+            out=RoundArtifacts(kept_model.path, kept_evaluation.path),
         )
         sources = (reference_model, reference_evaluation) if kept == "reference" else (model, evaluation)
         for src, dst in zip(sources, (kept_model, kept_evaluation)):
@@ -193,7 +242,8 @@ def carry_forward(
 
 @dsl.component(**_component)
 def select_final_model(
-    run_config: str,
+    config_slice: str,
+    augment_min_dev_improvement: float,
     model: Input[Model],
     evaluation: Input[Dataset],
     splits: Input[Dataset],
@@ -208,16 +258,15 @@ def select_final_model(
     from ftloop.components.errors import exit_on_user_error
 
     with exit_on_user_error():
-        from ftloop.components.augment import select_final
+        from ftloop.components.artifacts import RoundArtifacts
         from ftloop.components.config import RunConfig
+        from ftloop.components.stages import select_final_model
 
-        config = RunConfig.from_json(run_config)
-        result = select_final(
-            (model.path, evaluation.path, splits.path),
-            (reference_model.path, reference_evaluation.path, reference_splits.path),
-            (kept_model.path, kept_evaluation.path, kept_splits.path),
-            config.augment.min_dev_improvement,
-            config.augment.rounds,
+        result = select_final_model.run(
+            RunConfig.from_slice(config_slice, locals()),
+            current=RoundArtifacts(model.path, evaluation.path, splits.path),
+            reference=RoundArtifacts(reference_model.path, reference_evaluation.path, reference_splits.path),
+            out=RoundArtifacts(kept_model.path, kept_evaluation.path, kept_splits.path),
         )
         sources = (reference_model, reference_evaluation, reference_splits) if result["kept"] == "reference" else (model, evaluation, splits)
         for src, dst in zip(sources, (kept_model, kept_evaluation, kept_splits)):
@@ -227,7 +276,21 @@ def select_final_model(
 
 @dsl.component(**_component)
 def compare_models(
-    run_config: str,
+    config_slice: str,
+    source_uri: str,
+    model_name_or_path: str,
+    model_revision: str,
+    train_learning_rate: float,
+    train_epochs: float,
+    train_batch_size: int,
+    lora_r: int,
+    lora_alpha: int,
+    lora_dropout: float,
+    eval_batch_size: int,
+    augment_rephrasings_per_error: int,
+    augment_label_margin: float,
+    augment_min_dev_improvement: float,
+    seed: int,
     base_evaluation: Input[Dataset],
     augmented_evaluation: Input[Dataset],
     tfidf_evaluation: Input[Dataset],
@@ -243,12 +306,12 @@ def compare_models(
     from ftloop.components.errors import exit_on_user_error
 
     with exit_on_user_error():
-        from ftloop.components.compare import run_compare
         from ftloop.components.config import RunConfig
-        from ftloop.components.metrics import log_comparison
+        from ftloop.components.kfp_metrics import log_comparison
+        from ftloop.components.stages import compare_models
 
-        config = RunConfig.from_json(run_config)
-        summary = run_compare(
+        summary = compare_models.run(
+            RunConfig.from_slice(config_slice, locals(), source_uri=source_uri),
             {
                 "base": base_evaluation.path,
                 "augmented": augmented_evaluation.path,
@@ -259,7 +322,6 @@ def compare_models(
             results.path,
             report_markdown.path,
             report_html.path,
-            {"run_name": config.name, "seed": config.seed, "config": config.model_dump(mode="json")},
         )
         results.metadata.update({f"delta_test_{k}": v for k, v in summary["deltas"].get("test", {}).items()})
         log_comparison(metrics, summary)
@@ -267,7 +329,7 @@ def compare_models(
 
 @dsl.component(**_component)
 def upload_to_okareo(
-    run_config: str,
+    config_slice: str,
     base_evaluation: Input[Dataset],
     augmented_evaluation: Input[Dataset],
     links: Output[Artifact],
@@ -277,12 +339,9 @@ def upload_to_okareo(
 
     with exit_on_user_error():
         from ftloop.components.config import RunConfig
-        from ftloop.components.gen_okareo import upload_evaluation
-        from ftloop.components.records import write_json
+        from ftloop.components.stages import upload_to_okareo
 
-        config = RunConfig.from_json(run_config)
-        result = upload_evaluation(
-            config.generators.okareo, config.name, {"base": base_evaluation.path, "augmented": augmented_evaluation.path}
+        result = upload_to_okareo.run(
+            RunConfig.from_slice(config_slice, locals()), {"base": base_evaluation.path, "augmented": augmented_evaluation.path}, links.path
         )
-        write_json(links.path, result)
         links.metadata.update({f"{model}_{split}": url for model, splits in result.items() for split, url in splits.items()})

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -59,16 +60,24 @@ class Example:
 def decode_text(path: str | Path, data: bytes) -> str:
     """UTF-8 text, without the byte-order mark Excel and Notepad put first; a bad byte is named with its line."""
     start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+
+    def line_and_column(at: int) -> tuple[int, int]:
+        before = data[:at].replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        return before.count(b"\n") + 1, len(before) - before.rfind(b"\n")
+
     try:
-        return data[start:].decode("utf-8")
+        text = data[start:].decode("utf-8")
     except UnicodeDecodeError as exc:
         at = start + exc.start
-        before = data[:at].replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        line = before.count(b"\n") + 1
-        column = len(before) - before.rfind(b"\n")
+        line, column = line_and_column(at)
         raise InputFileError(
             str(path), f"not UTF-8 text: byte 0x{data[at]:02x} at column {column}; save the file as UTF-8", line
         ) from None
+    if "\0" in text:  # valid UTF-8, but no text file has one: UTF-16 without a byte-order mark, or a binary file
+        line, column = line_and_column(data.index(b"\0"))
+        raise InputFileError(str(path), f"a NUL byte at column {column}: this is not a UTF-8 text file "
+                                        "(UTF-16, or binary?); save the file as UTF-8", line)
+    return text
 
 
 def read_text(path: str | Path) -> str:
@@ -94,6 +103,9 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise InputFileError(str(path), f"malformed JSON: {exc.msg} (column {exc.colno})", lineno) from None
+        except RecursionError:  # the parser recurses once per [ or {: 100,000 of them is a RecursionError
+            raise InputFileError(str(path), f"nested too deeply (limit about {sys.getrecursionlimit()} levels); "
+                                            "a row is one flat JSON object of text fields", lineno) from None
         if not isinstance(row, dict):
             raise InputFileError(str(path), f"expected a JSON object, got {type(row).__name__}", lineno)
         row["__line__"] = lineno
@@ -128,6 +140,8 @@ def read_json(path: str | Path) -> Any:
         raise InputFileError(str(path), "file not found") from None
     except json.JSONDecodeError as exc:
         raise InputFileError(str(path), f"not valid JSON: {exc.msg}", exc.lineno) from None
+    except RecursionError:
+        raise InputFileError(str(path), f"not valid JSON: nested too deeply (limit about {sys.getrecursionlimit()} levels)") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise InputFileError(str(path), f"cannot read: {exc}") from None
 
@@ -192,6 +206,8 @@ def _require_text(path: str, row: dict, key: str, lineno: int | None, *, optiona
         value = str(value)
     if not isinstance(value, str):
         raise InputFileError(path, f"must be a string, got {type(value).__name__}", lineno, key)
+    if "\0" in value:  # a JSON \u0000 escape: no tokenizer or KFP parameter takes it, and nobody types one
+        raise InputFileError(path, "contains a NUL character (\\u0000); remove it", lineno, key)
     value = value.strip()
     if not value:
         if optional:
@@ -250,8 +266,11 @@ def load_articles(path: str | Path, labels: list[str] | None = None) -> list[Art
     return articles
 
 
-def load_questions(path: str | Path, labels: list[str] | None = None) -> list[Example]:
-    """Load an existing labeled-questions file (JSONL or CSV: text,label[,id][,group])."""
+def load_questions(path: str | Path, labels: list[str] | None = None, *, keep_lines: bool = False) -> list[Example]:
+    """Load an existing labeled-questions file (JSONL or CSV: text,label[,id][,group]).
+
+    ``keep_lines``: each row's ``meta`` keeps ``{"line": n}`` (its line in the file) for later messages.
+    """
     path_s = str(path)
     if path_s.endswith(".jsonl"):
         raw = read_jsonl(path)
@@ -274,7 +293,7 @@ def load_questions(path: str | Path, labels: list[str] | None = None) -> list[Ex
         raise InputFileError(path_s, "no labeled questions found (the file is empty)")
     _check_unique_ids(path_s, [(e.id, e.meta["line"]) for e in examples])
     _check_labels(path_s, [(e.label, e.meta["line"]) for e in examples], labels)
-    return [Example(**{**e.to_dict(), "meta": {}}) for e in examples]
+    return examples if keep_lines else [Example(**{**e.to_dict(), "meta": {}}) for e in examples]
 
 
 def _csv_error(path: str, exc: csv.Error, start: int, end: int) -> InputFileError:
@@ -289,6 +308,9 @@ def _csv_error(path: str, exc: csv.Error, start: int, end: int) -> InputFileErro
                                         'where text follows its closing quote; close it (write a quote inside a field as "")',
                                   start)
         return InputFileError(path, 'text after a closing quote; quote the whole field and write a quote inside it as ""', start)
+    if reason.startswith("field larger than field limit"):
+        return InputFileError(path, f"a field is longer than {csv.field_size_limit()} characters; a question is a line "
+                                    "of text, not a document (or a quote opened in this row is never closed)", start)
     return InputFileError(path, f"malformed CSV: {reason}", start)
 
 
@@ -310,6 +332,13 @@ def _read_csv(path: str) -> list[dict[str, Any]]:
             continue  # a blank line
         if header is None:
             header = [h.strip() for h in record]
+            for column, name in enumerate(header, start=1):
+                if not name:
+                    raise InputFileError(path, f"header column {column} has no name; name it or delete the column "
+                                               "(a trailing comma adds an empty one)", start)
+                if header.index(name) + 1 != column:
+                    raise InputFileError(path, f"header names column '{name}' twice (columns {header.index(name) + 1} "
+                                               f"and {column}); the second would silently replace the first", start)
             missing = {"text", "label"} - set(header)
             if missing:
                 raise InputFileError(path, f"header lacks required column(s) {sorted(missing)}", start)

@@ -19,23 +19,28 @@ def _progress(message: str) -> None:
 
 
 def _print_results(summary: dict, workdir: Path) -> None:
-    from ftloop.components.compare import render_text_table
+    from ftloop.components.artifacts import REPORT_MD, report_html_path, summary_path
+    from ftloop.components.reports.tables import render_text_table
 
     print()
     print("Models evaluated on the same rows (delta = augmented - base):")
     print(render_text_table(summary))
     print()
-    print(f"summary: {workdir / 'summary.json'}")
-    print(f"report:  {workdir / 'report.html'} (and report.md)")
+    print(f"summary: {summary_path(workdir)}")
+    print(f"report:  {report_html_path(workdir)} (and {REPORT_MD})")
     print(f"took {summary['timings']['total_seconds']} s")
 
 
 def _run(config_path: Path, workdir: Path, use_cache: bool = True) -> int:
     from ftloop.components.config import load_config
-    from ftloop.pipelines.local import run_local
+    from ftloop.pipelines.local import prepare_workdir, run_local, sigterm_raises
 
-    config = load_config(config_path)
-    summary = run_local(config, workdir, progress=_progress, use_cache=use_cache)
+    with sigterm_raises():
+        # An earlier run's results are moved aside before anything can fail (the config included),
+        # so a failed or stopped run never leaves them looking current. A missing workdir is not created yet.
+        prepare_workdir(workdir.resolve(), _progress, create=False)
+        config = load_config(config_path)
+        summary = run_local(config, workdir, progress=_progress, use_cache=use_cache)
     _print_results(summary, workdir.resolve())
     return 0
 
@@ -43,7 +48,7 @@ def _run(config_path: Path, workdir: Path, use_cache: bool = True) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     if not DEMO_CONFIG.exists():
         raise FtloopError(f"{DEMO_CONFIG}: demo config not found; run the demo from a checkout of the ftloop repository")
-    return _run(DEMO_CONFIG, Path(args.workdir))
+    return _run(DEMO_CONFIG, Path(args.workdir), use_cache=not args.no_cache)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -89,6 +94,11 @@ def _target(args: argparse.Namespace, cluster):
 
     # --auth kubeconfig builds its host from the kubeconfig; a configured endpoint is for the other modes.
     default_host = None if args.auth == "kubeconfig" else (os.environ.get("KF_PIPELINES_ENDPOINT") or cluster.kfp_host)
+    from ftloop.components.config import url_credentials
+
+    secret = url_credentials(args.host) if args.host else None
+    if secret:  # never echoed: the value is the secret
+        raise FtloopError(f"--host: the URL contains {secret}; authenticate with --auth (kubeconfig, iap) instead")
     return Target(
         host=args.host or default_host,
         namespace=args.namespace or cluster.namespace,
@@ -105,11 +115,12 @@ def _target(args: argparse.Namespace, cluster):
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from ftloop.components.config import load_config
-    from ftloop.pipelines.submit import submit_run
+    from ftloop.pipelines.submit import parse_sets, submit_run
 
+    sets = parse_sets(args.set)  # before the config is read: a compile-time key is refused at once
     config = load_config(args.config)
     result = submit_run(config, _target(args, config.cluster), run_name=args.run_name,
-                        images=_images(args), source_uri=args.source_uri, skip_existing=args.skip_existing)
+                        images=_images(args), source_uri=args.source_uri, skip_existing=args.skip_existing, sets=sets)
     if result["skipped"]:
         print(f"run '{result['run_name']}' already exists ({result['run_id']}); nothing submitted")
     else:
@@ -119,18 +130,19 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_schedule(args: argparse.Namespace) -> int:
     from ftloop.components.config import load_config
-    from ftloop.pipelines.submit import schedule_run
+    from ftloop.pipelines.submit import parse_sets, schedule_run
 
+    sets = parse_sets(args.set)
     config = load_config(args.config)
     result = schedule_run(config, _target(args, config.cluster), cron=args.cron, name=args.name,
                           images=_images(args), source_uri=args.source_uri,
-                          max_concurrency=args.max_concurrency, catchup=args.catchup)
+                          max_concurrency=args.max_concurrency, catchup=args.catchup, sets=sets)
     print(f"created recurring run {result['recurring_run_id']} (experiment {result['experiment_id']}, cron '{args.cron}')")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from ftloop.components.compare import rerender_reports
+    from ftloop.components.reports.render import rerender_reports
 
     md, page = rerender_reports(args.run_dir)
     print(f"wrote {md} and {page}")
@@ -139,8 +151,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
     from ftloop.components.config import load_config
-    from ftloop.components.sources import load_source
-    from ftloop.components.tiny_model import build_tiny_model
+    from ftloop.components.modeling.tiny import build_tiny_model
+    from ftloop.components.stages.prepare_examples import load_source
 
     config = load_config(args.config)
     examples, labels = load_source(config)
@@ -171,6 +183,9 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iap-client-id", help="IAP OAuth client id (default: $KF_PIPELINES_IAP_OAUTH2_CLIENT_ID)")
     p.add_argument("--token-path", help="projected SA token for --auth in-cluster (default: $KF_PIPELINES_SA_TOKEN_PATH)")
     p.add_argument("--service-account", help="Kubernetes service account the run's pods use (default: cluster.service_account)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a run parameter for this run, e.g. train.learning_rate=1e-4 (repeatable; "
+                        "compile-time keys such as augment.rounds are refused: change the config)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="build the tiny model if needed and run the whole loop locally")
     demo.add_argument("--workdir", default="ftloop-demo", help="where results go (default: ./ftloop-demo)")
+    demo.add_argument("--no-cache", action="store_true",
+                      help="rerun every stage instead of reusing unchanged ones from WORKDIR/kfp/.kfp_cache")
     demo.set_defaults(func=cmd_demo)
 
     run = sub.add_parser("run", help="run the pipeline for a config")
@@ -187,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", required=True, help="run config YAML")
     run.add_argument("--workdir", default="ftloop-run", help="where results go (default: ./ftloop-run)")
     run.add_argument("--no-cache", action="store_true",
-                     help="rerun the deterministic data stages instead of reusing them from WORKDIR/kfp/.kfp_cache")
+                     help="rerun every stage instead of reusing unchanged ones from WORKDIR/kfp/.kfp_cache")
     run.set_defaults(func=cmd_run)
 
     comp = sub.add_parser("compile", help="compile the pipeline for a config into KFP YAML")
@@ -228,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    from ftloop.pipelines.local import Terminated
+
     try:
         return args.func(args)
     except FtloopError as exc:
@@ -236,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ftloop: interrupted", file=sys.stderr)
         return 130
+    except Terminated as exc:  # SIGTERM: pod deletion, Spot preemption, kill
+        print(f"ftloop: stopped by SIGTERM{'; ' + str(exc) if str(exc) else ''}", file=sys.stderr, flush=True)
+        return 143
 
 
 def entrypoint() -> None:

@@ -14,11 +14,14 @@ from pathlib import Path
 
 from kfp import compiler
 
-from ftloop.components.config import ClusterConfig, RunConfig
+from ftloop.components.config import ClusterConfig, RunConfig, url_credentials
 from ftloop.components.errors import FtloopError
-from ftloop.pipelines.pipeline import REMOTE_SCHEMES, build_pipeline
+from ftloop.pipelines.pipeline import build_pipeline
+from ftloop.pipelines.placement import REMOTE_SCHEMES
 
 # skaffold artifact names (skaffold.yaml build.artifacts[].image) -> image role.
+# What a compiled task's config slice says in place of a local data path (the run reads source_uri).
+SOURCE_PLACEHOLDER = "(the source_uri run parameter)"
 SKAFFOLD_ARTIFACTS = {"ftloop-cpu": "cpu", "ftloop-gpu": "gpu"}
 ROLES = ("cpu", "gpu")
 
@@ -93,6 +96,10 @@ def check_cluster_config(config: RunConfig) -> None:
 
 def remote_source(config: RunConfig, override: str | None = None) -> str | None:
     """The object-store URI a cluster run reads its data from (``override`` first), or None for a local path."""
+    secret = url_credentials(override) if override is not None else None
+    if secret:  # never echoed: the value is the secret
+        raise FtloopError(f"--source-uri: the URI contains {secret}; the pipeline's service account reads the bucket, "
+                          "so no credentials belong in the URI")
     if override is not None and not override.startswith(REMOTE_SCHEMES):
         raise FtloopError(f"--source-uri '{override}': expected an object-store URI such as gs://BUCKET/articles.jsonl")
     uri = override or config.data.source_path
@@ -110,15 +117,16 @@ def compile_pipeline(config: RunConfig, output: str | Path, images: dict[str, st
     """Write the cluster pipeline for ``config`` (images overridden by ``images``) to ``output``.
 
     A gs:// source (``source_uri`` or the config's data path) becomes the default of the
-    ``source_uri`` parameter; a local data path leaves the parameter without a default, so
-    the compiled pipeline never points at a file on the machine that compiled it.
+    ``source_uri`` parameter; a local data path leaves the parameter without a default and is
+    replaced by ``SOURCE_PLACEHOLDER`` in the tasks' config slices, so the compiled pipeline
+    never points at a file on the machine that compiled it.
     """
     output = Path(output)
     check_cluster_config(config)
     config = with_images(config, images)
     uri = remote_source(config, source_uri)
-    if uri is not None:
-        config = with_source(config, uri)
+    # The compiled tasks never name a file on this machine: the run's data is the source_uri parameter.
+    config = with_source(config, uri if uri is not None else SOURCE_PLACEHOLDER)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         compiler.Compiler().compile(build_pipeline(config, for_cluster=True), str(output))

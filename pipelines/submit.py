@@ -35,9 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from ftloop.components.config import RunConfig
+from ftloop.components.config import RUNTIME_FIELDS, RunConfig, config_key_kind, with_runtime_values
 from ftloop.components.errors import FtloopError
-from ftloop.pipelines.compile import compile_pipeline, remote_source, with_images, with_source
+from ftloop.pipelines.compile import check_cluster_config, compile_pipeline, remote_source, with_images, with_source
 
 KFP_SYSTEM_NAMESPACE = "kubeflow"
 KFP_SERVICE = "ml-pipeline"  # the KFP API service; port "http" is 8888
@@ -275,17 +275,64 @@ def source_uri_for(config: RunConfig, override: str | None) -> str:
     return uri
 
 
-def _prepare(config: RunConfig, images: dict[str, str] | None, source_uri: str | None, workdir: str) -> tuple[RunConfig, Path, dict]:
+def parse_sets(items: list[str] | None) -> dict[str, str]:
+    """``--set KEY=VALUE`` flags -> ``{KEY: VALUE}``; only the per-run keys (``RUNTIME_FIELDS``) may be set."""
+    values: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise FtloopError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.learning_rate=1e-4")
+        kind = config_key_kind(key)
+        if kind == "compile-time":
+            raise FtloopError(f"--set {key}: is fixed when the pipeline is compiled (it shapes the graph or is built "
+                              f"into its tasks); change it in the run config and compile again. Per-run keys: "
+                              f"{', '.join(RUNTIME_FIELDS)}")
+        if kind is None:
+            raise FtloopError(f"--set {key}: no such run config key; per-run keys: {', '.join(RUNTIME_FIELDS)}")
+        values[key] = value
+    return values
+
+
+def check_arguments(package: Path, config: RunConfig, arguments: dict) -> None:
+    """Refuse a run whose arguments disagree with the compiled pipeline: every argument must be one of its
+    parameters, and every task's embedded settings (its config slice) must be what ``config`` gives."""
+    import yaml
+
+    spec = next(yaml.safe_load_all(package.read_text(encoding="utf-8")))
+    declared = spec["root"]["inputDefinitions"]["parameters"]
+    unknown = sorted(set(arguments) - set(declared))
+    if unknown:
+        raise FtloopError(f"{package}: the compiled pipeline has no parameter {', '.join(unknown)}; compile it again")
+    dags = [spec["root"]["dag"]] + [c["dag"] for c in spec["components"].values() if "dag" in c]
+    for dag in dags:
+        for name, task in dag["tasks"].items():
+            constant = task.get("inputs", {}).get("parameters", {}).get("config_slice", {}).get("runtimeValue", {}).get("constant")
+            if constant is None:
+                continue
+            stage = json.loads(constant)["stage"]
+            if constant != config.slice(stage):
+                raise FtloopError(f"{package}: task {name} was compiled from other settings than the run's config "
+                                  f"(its {stage} slice differs); compile the pipeline again from this config")
+
+
+def _prepare(config: RunConfig, images: dict[str, str] | None, source_uri: str | None, workdir: str,
+             sets: dict[str, str] | None = None) -> tuple[RunConfig, Path, dict]:
     uri = source_uri_for(config, source_uri)
-    config = with_source(with_images(config, images), uri)  # run_config names the data the run reads
+    config = with_source(with_images(config, images), uri)  # the data the run reads (compare_models records it)
     package = compile_pipeline(config, Path(workdir) / "pipeline.yaml")
-    arguments = {"run_config": config.to_json(), "source_uri": uri}
-    return config, package, arguments
+    run_config = with_runtime_values(config, sets) if sets else config
+    check_cluster_config(run_config)  # e.g. --set model.name_or_path=builtin:... is refused as at compile time
+    arguments = {"source_uri": uri, **run_config.runtime_values()}  # every run parameter, so the run records them
+    check_arguments(package, run_config, arguments)
+    return run_config, package, arguments
 
 
 def content_run_name(config: RunConfig, arguments: dict) -> str:
-    """``NAME-<10 hex>``: the same resolved config and data URI always give the same run name."""
-    digest = hashlib.sha256(json.dumps(arguments, sort_keys=True).encode()).hexdigest()[:10]
+    """``NAME-<10 hex>``: the same resolved config (images and compile-time settings included) and the same run
+    parameters (data URI included) always give the same run name."""
+    identity = {"config": json.loads(config.to_json()), "arguments": arguments}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
     return f"{config.name}-{digest}"
 
 
@@ -298,15 +345,16 @@ def _existing_run(client, experiment_id: str, run_name: str, where: str) -> str 
 
 def submit_run(config: RunConfig, target: Target, run_name: str | None = None,
                images: dict[str, str] | None = None, source_uri: str | None = None,
-               skip_existing: bool = False) -> dict:
+               skip_existing: bool = False, sets: dict[str, str] | None = None) -> dict:
     """Compile the config's cluster pipeline and start one run; returns ids for the caller to print.
 
     With ``skip_existing`` the run is named after the resolved config (unless ``run_name`` is
     given) and nothing is submitted when the experiment already has a run of that name: a
-    GitOps re-sync of an unchanged config starts no second run.
+    GitOps re-sync of an unchanged config starts no second run. ``sets`` (``--set``) override the
+    run parameters of this run only.
     """
     with tempfile.TemporaryDirectory(prefix="ftloop-submit-") as workdir:
-        config, package, arguments = _prepare(config, images, source_uri, workdir)
+        config, package, arguments = _prepare(config, images, source_uri, workdir, sets)
         name = run_name or (content_run_name(config, arguments) if skip_existing else config.name)
         client = make_client(target)
         where = client._existing_config.host
@@ -375,13 +423,13 @@ def check_cron(expr: str) -> str:
 
 def schedule_run(config: RunConfig, target: Target, cron: str, name: str | None = None,
                  images: dict[str, str] | None = None, source_uri: str | None = None,
-                 max_concurrency: int = 1, catchup: bool = False) -> dict:
+                 max_concurrency: int = 1, catchup: bool = False, sets: dict[str, str] | None = None) -> dict:
     """Create a recurring run of the config's pipeline on a cron schedule."""
     cron = check_cron(cron)
     if max_concurrency < 1:
         raise FtloopError(f"--max-concurrency {max_concurrency}: must be at least 1")
     with tempfile.TemporaryDirectory(prefix="ftloop-schedule-") as workdir:
-        config, package, arguments = _prepare(config, images, source_uri, workdir)
+        config, package, arguments = _prepare(config, images, source_uri, workdir, sets)
         client = make_client(target)
         where = client._existing_config.host
         experiment = _call(lambda: client.create_experiment(name=target.experiment, namespace=target.namespace), where)

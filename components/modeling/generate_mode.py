@@ -1,0 +1,232 @@
+"""The published evaluation method, generate-then-parse, kept for parity checks.
+
+Common fine-tuning recipes evaluate a classifier by letting the model generate
+free text and string-matching it against the labels (the slowest option: a decode
+loop per row). ftloop evaluates by label scoring instead (``scoring.score_labels``):
+one batched forward pass, no parsing, never an invalid label. This module
+reproduces the generate path *correctly* (left padding, greedy, stopping on
+Phi-3's ``<|end|>`` as well as eos) so the two can be compared on the same model
+and rows: ``bench/eval_speed.py`` times both and measures their agreement, and
+``eval.mode: generate`` in the run config evaluates the pipeline's models this way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Sequence
+
+import torch
+
+Message = dict[str, str]
+
+# Strings a chat model may emit after its answer. Phi-3 ends a turn with <|end|> and a
+# document with <|endoftext|> (its eos); runtimes that stop on eos only keep going (pitfall 2).
+END_TOKENS: tuple[str, ...] = ("<|end|>", "<|endoftext|>")
+TURN_END = "<|end|>"
+
+
+# ------------------------------------------------------------------- parsing
+
+
+def parse_label(text: str, labels: Sequence[str], end_tokens: Sequence[str] = END_TOKENS) -> str | None:
+    """The label ``text`` names, or None when the output is invalid.
+
+    Strict: surrounding whitespace and trailing end tokens are removed, then the
+    rest must equal one label exactly (case-sensitive). Anything else (wrong case,
+    extra words, a second turn after the end token) is invalid.
+    """
+    answer = text
+    while True:
+        stripped = answer.strip()
+        for tok in end_tokens:
+            if tok and stripped.endswith(tok):
+                stripped = stripped[: -len(tok)]
+                break
+        if stripped == answer:
+            break
+        answer = stripped
+    return answer if answer in set(labels) else None
+
+
+# ---------------------------------------------------------------- generating
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """eos id plus the id of ``<|end|>`` when the vocabulary has it, without duplicates."""
+    ids: list[int] = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    end_id = tokenizer.get_vocab().get(TURN_END)
+    if end_id is not None and end_id not in ids:
+        ids.append(int(end_id))
+    if not ids:
+        raise ValueError("tokenizer has neither an eos token nor <|end|>; generation could not stop")
+    return ids
+
+
+@contextlib.contextmanager
+def _padding_side(tokenizer, side: str) -> Iterator[None]:
+    previous = tokenizer.padding_side
+    tokenizer.padding_side = side
+    try:
+        yield
+    finally:
+        tokenizer.padding_side = previous
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def _result(tokenizer, new_ids: list[int], stops: list[int], labels: Sequence[str]) -> dict[str, Any]:
+    """Decode the generated ids up to and including the first stop token (the rest is padding)."""
+    for k, tok in enumerate(new_ids):
+        if tok in stops:
+            new_ids = new_ids[: k + 1]
+            break
+    raw = tokenizer.decode(new_ids, skip_special_tokens=False)
+    prediction = parse_label(raw, labels, (*END_TOKENS, *(t for t in (tokenizer.eos_token,) if t)))
+    return {"raw": raw, "prediction": prediction, "valid": prediction is not None}
+
+
+def _generate_kwargs(tokenizer, max_new_tokens: int) -> dict[str, Any]:
+    return {
+        "max_new_tokens": max_new_tokens,
+        "do_sample": False,
+        "num_beams": 1,
+        "eos_token_id": stop_token_ids(tokenizer),
+        "pad_token_id": _pad_id(tokenizer),
+    }
+
+
+@torch.no_grad()
+def generate_predictions(
+    model,
+    tokenizer,
+    prompts: list[list[Message]],
+    labels: list[str],
+    batch_size: int,
+    max_new_tokens: int = 8,
+) -> list[dict[str, Any]]:
+    """Greedy batched ``generate`` + strict parse: one {"raw", "prediction", "valid"} per prompt, in order.
+
+    Prompts are left-padded (decoder-only models continue from the last position,
+    so right padding would put pad tokens between prompt and answer).
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    if not prompts:
+        return []
+    device = next(model.parameters()).device
+    kwargs = _generate_kwargs(tokenizer, max_new_tokens)
+    out: list[dict[str, Any]] = []
+    with _padding_side(tokenizer, "left"):
+        for lo in range(0, len(prompts), batch_size):
+            # transformers 5: apply_chat_template(return_dict=True) gives input_ids + attention_mask.
+            enc = tokenizer.apply_chat_template(
+                prompts[lo: lo + batch_size],
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+                padding=True,
+                return_tensors="pt",
+            )
+            enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+            generated = model.generate(**enc, **kwargs)
+            width = enc["input_ids"].shape[1]
+            for row in generated[:, width:].tolist():
+                out.append(_result(tokenizer, row, kwargs["eos_token_id"], labels))
+    return out
+
+
+@torch.no_grad()
+def per_row_generate(
+    model,
+    tokenizer,
+    prompts: list[list[Message]],
+    labels: list[str],
+    max_new_tokens: int = 8,
+) -> list[dict[str, Any]]:
+    """The published loop: one prompt at a time, no padding, greedy ``generate``, parse. Bench only."""
+    kwargs = _generate_kwargs(tokenizer, max_new_tokens)
+    out = []
+    for prompt in prompts:
+        enc, generated = _generate_one(model, tokenizer, prompt, kwargs)
+        out.append(_result(tokenizer, generated[0, enc["input_ids"].shape[1]:].tolist(), kwargs["eos_token_id"], labels))
+    return out
+
+
+def _generate_one(model, tokenizer, prompt: list[Message], kwargs: dict[str, Any]):
+    """One unpadded prompt through ``generate``: (encoded prompt, generated ids incl. the prompt)."""
+    device = next(model.parameters()).device
+    enc = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+    return enc, model.generate(**enc, **kwargs)
+
+
+def invalid_rate(results: Sequence[dict[str, Any]]) -> float:
+    """Share of outputs that named no label (0.0 for no results)."""
+    return sum(not r["valid"] for r in results) / len(results) if results else 0.0
+
+
+# ------------------------------------------------------- published recipe
+
+
+PUBLISHED_MAX_NEW_TOKENS = 5
+
+
+def parse_published(text: str, labels: Sequence[str]) -> str | None:
+    """The published notebooks' parser (Part 1's ``FinetunedPhi3Model.invoke``): substring scan, last match wins.
+
+    The labels are checked in list order for a case-sensitive substring match with no
+    ``break``, so when the output names several labels the one listed last wins; no
+    match was their "Unknown", None here. Loose where ``parse_label`` is strict: extra
+    words pass, and a label that only appears inside a longer one (or in trailing
+    tokens after the answer) can still be picked.
+    """
+    found = None
+    for label in labels:
+        if label in text:
+            found = label
+    return found
+
+
+@torch.no_grad()
+def published_generate(
+    model,
+    tokenizer,
+    prompts: list[list[Message]],
+    labels: list[str],
+    max_new_tokens: int = PUBLISHED_MAX_NEW_TOKENS,
+) -> list[dict[str, Any]]:
+    """The published evaluation loop (``FinetunedPhi3Model.invoke``): per row, greedy ``generate`` of exactly
+    ``max_new_tokens`` tokens, decode without special tokens, drop the prompt's characters,
+    strip, ``parse_published``. Bench only.
+
+    The published fine-tune set pad = eos, and its collator masked pad ids out of the
+    loss, so that model never learned to emit eos and every call ran all 5 tokens.
+    Stopping is disabled here (no eos id) to reproduce that cost on a model that did
+    learn to stop; the first tokens are unchanged (greedy, no logit processors), only
+    what follows the answer is extra. Prompts go through the chat template this project's
+    model was trained with (the published plain-text template belongs to their model).
+    """
+    kwargs = {
+        "max_new_tokens": max_new_tokens,
+        "do_sample": False,
+        "num_beams": 1,
+        "eos_token_id": None,
+        "pad_token_id": _pad_id(tokenizer),
+    }
+    out = []
+    for prompt in prompts:
+        enc, generated = _generate_one(model, tokenizer, prompt, kwargs)
+        # Theirs: decode the whole output, then cut the prompt off by its character count. The
+        # prompt's length is taken from its own decoded text here, since the chat template's
+        # special tokens are skipped in the decoded output.
+        text = tokenizer.decode(generated[0], skip_special_tokens=True)
+        prompt_text = tokenizer.decode(enc["input_ids"][0], skip_special_tokens=True)
+        raw = text[len(prompt_text):].strip()
+        prediction = parse_published(raw, labels)
+        new_tokens = generated.shape[1] - enc["input_ids"].shape[1]
+        out.append({"raw": raw, "prediction": prediction, "valid": prediction is not None, "new_tokens": new_tokens})
+    return out

@@ -1,0 +1,7 @@
+"""The progress callback every stage takes: one console line per call."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+Progress = Callable[[str], None]

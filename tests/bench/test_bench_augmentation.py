@@ -1,0 +1,102 @@
+"""bench/augmentation.py's statistics and report, on synthetic per-seed results (the pipeline runs are the bench's own)."""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+import augmentation  # noqa: E402
+
+LABELS = ["billing", "returns", "shipping"]
+
+
+def _rows(n: int, accuracy: float, rng: random.Random, prefix: str = "r") -> list[dict]:
+    rows = []
+    for i in range(n):
+        label = LABELS[i % len(LABELS)]
+        wrong = [x for x in LABELS if x != label]
+        rows.append({"id": f"{prefix}{i}", "label": label,
+                     "prediction": label if rng.random() < accuracy else rng.choice(wrong)})
+    return rows
+
+
+def _run(seed: int, base_acc: float, aug_acc: float, n: int = 60) -> dict:
+    rng = random.Random(seed)
+    rows = {model: {split: _rows(n, acc, rng) for split in ("dev", "test")}
+            for model, acc in (("base", base_acc), ("augmented", aug_acc), ("tfidf", 0.5))}
+
+    def metrics(model):
+        return {split: {"macro_f1": f1_score([r["label"] for r in rows[model][split]],
+                                             [r["prediction"] for r in rows[model][split]],
+                                             labels=LABELS, average="macro", zero_division=0),
+                        "ci95": [0.1, 0.9], "n": n} for split in ("dev", "test")}
+
+    return {"seed": seed, "seconds": 1.0, "labels": LABELS,
+            "metrics": {m: metrics(m) for m in ("base", "augmented", "tfidf")},
+            "mcnemar_test_p": 0.5, "rounds": [{"round": 1, "errors_mined": 5, "generated": 15, "added": 12, "removed": 0}],
+            "loop_stopped": {"round": 2, "decision": "stop_keep_current"},
+            "train_rows": {"base": 100, "augmented": 112}, "rows": rows}
+
+
+def test_macro_f1_equals_sklearn():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        t, p = rng.integers(0, 4, 40), rng.integers(0, 4, 40)
+        assert augmentation.macro_f1(t, p, 4) == pytest.approx(
+            f1_score(t, p, labels=range(4), average="macro", zero_division=0), abs=1e-12)
+
+
+def test_paired_delta_is_the_mean_over_seeds_and_its_interval_covers_it():
+    runs = [_run(0, 0.5, 0.8), _run(1, 0.6, 0.7)]
+    got = augmentation.paired_delta_ci(runs, "test", LABELS, resamples=300)
+    expected = np.mean([run["metrics"]["augmented"]["test"]["macro_f1"] - run["metrics"]["base"]["test"]["macro_f1"]
+                        for run in runs])
+    assert got["mean_delta"] == pytest.approx(expected, abs=1e-12)
+    lo, hi = got["ci95"]
+    assert lo < got["mean_delta"] < hi and lo > 0  # a real improvement on 60 rows per seed
+
+
+def test_paired_delta_of_identical_models_is_exactly_zero():
+    run = _run(0, 0.6, 0.6)
+    run["rows"]["augmented"] = run["rows"]["base"]
+    got = augmentation.paired_delta_ci([run], "dev", LABELS, resamples=100)
+    assert got == {"mean_delta": 0.0, "ci95": [0.0, 0.0]}
+
+
+def test_paired_delta_pairs_rows_by_id_not_by_position():
+    run = _run(0, 0.5, 0.5)
+    run["rows"]["augmented"]["test"] = list(reversed(run["rows"]["base"]["test"]))  # same predictions, other order
+    assert augmentation.paired_delta_ci([run], "test", LABELS, resamples=50)["mean_delta"] == 0.0
+
+
+def test_pooled_interval_uses_the_rows_of_every_seed():
+    runs = [_run(0, 0.5, 0.8), _run(1, 0.6, 0.7)]
+    pooled = augmentation.pooled_ci(runs, "base", "test", LABELS)
+    rows = runs[0]["rows"]["base"]["test"] + runs[1]["rows"]["base"]["test"]
+    assert pooled["n"] == len(rows) == 120
+    assert pooled["macro_f1"] == pytest.approx(f1_score([r["label"] for r in rows], [r["prediction"] for r in rows],
+                                                        labels=LABELS, average="macro", zero_division=0), abs=1e-12)
+    assert pooled["ci95"][0] <= pooled["macro_f1"] <= pooled["ci95"][1]
+
+
+def test_report_has_a_row_per_seed_and_split_and_the_pooled_table():
+    runs = [_run(0, 0.5, 0.8), _run(1, 0.6, 0.7)]
+    args = argparse.Namespace(config="configs/demo.yaml", rounds=2, label_filter=None, early_stopping="none", seeds=[0, 1])
+    text = augmentation.report(runs, args)
+    lines = text.splitlines()
+    per_seed = [line for line in lines if line.startswith(("| 0 |", "| 1 |"))]
+    assert len(per_seed) == 4  # 2 seeds x dev/test
+    delta = runs[0]["metrics"]["augmented"]["test"]["macro_f1"] - runs[0]["metrics"]["base"]["test"]["macro_f1"]
+    assert f"| {delta:+.3f} |" in next(line for line in per_seed if line.startswith("| 0 | test |"))
+    assert "100 -> 112" in per_seed[0] and "stopped in round 2: stop_keep_current" in per_seed[0]
+    assert "fine-tune early stopping none" in lines[0]
+    pooled = [line for line in lines if line.startswith(("| dev |", "| test |"))]
+    assert len(pooled) == 2
