@@ -149,7 +149,9 @@ KEY_LIKE = re.compile(
     rb"|gh[pousr]_[A-Za-z0-9]{36,}"
     rb"|github_pat_[A-Za-z0-9_]{22,}"
     rb"|AIza[0-9A-Za-z_-]{35}"
-    rb"|-----BEGIN [A-Z ]*PRIVATE KEY-----)"
+    # a PEM header followed by key material (a line break, raw or escaped as in JSON/YAML, then base64); a
+    # documentation placeholder such as "-----BEGIN PRIVATE KEY-----\\n<private-key>" (a vendored CRD schema) is not one
+    rb"|-----BEGIN [A-Z ]*PRIVATE KEY-----(?:\r?\n|\\n)[A-Za-z0-9+/=]{40,})"
 )
 
 
@@ -168,7 +170,8 @@ def _fake(prefix: str, body: str) -> bytes:
     _fake("gho_", "Y1" * 18),                                       # GitHub OAuth token
     _fake("github_pat_", "11ABCDEFG0" + "a" * 12 + "_" + "b" * 59),  # GitHub fine-grained PAT
     _fake("AIza", "S" * 35),
-    _fake("-----BEGIN ", "RSA PRIVATE KEY-----"),
+    _fake("-----BEGIN ", "RSA PRIVATE KEY-----\n" + "MIIEow" * 11),
+    _fake("-----BEGIN ", "PRIVATE KEY-----\\n" + "MIIEvQ" * 11),  # escaped inside a JSON string
 ])
 def test_key_patterns_catch_real_key_shapes(key):
     assert KEY_LIKE.search(b"token = '" + key + b"'\n")
@@ -177,6 +180,7 @@ def test_key_patterns_catch_real_key_shapes(key):
 @pytest.mark.parametrize("text", [
     b"sk-test-123", b"OPENAI_API_KEY", b"openai-PLANTED-2d8e4b6a9c", b"okareo-PLANTED-7f3a9c1e5b",
     b"hf_hub_download(repo_id)", b"HF_HUB_OFFLINE", b"ghp_short", b"github_pat_", b"sk-proj-abc",
+    b'"-----BEGIN PRIVATE KEY-----\\n<private-key>\\n-----END PRIVATE KEY-----"',  # a schema's placeholder
 ])
 def test_key_patterns_leave_ordinary_text_alone(text):
     assert not KEY_LIKE.search(text)
