@@ -19,7 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from ftloop.components.errors import ConfigError, InputFileError
 from ftloop.components.records import decode_text
 
-TINY_MODEL_REF = "builtin:tiny-phi3"
+TINY_MODEL_REF = "builtin:tiny-phi3"  # random-init, built per run from its data (components/modeling/tiny.py)
+SMOLLM2_MODEL_REF = "builtin:smollm2-135m-instruct"  # pretrained, fetched and cached (components/modeling/builtin.py)
+# Every ``builtin:`` reference a run config may name; `ftloop run --local` resolves each to a model directory.
+BUILTIN_MODEL_REFS = (TINY_MODEL_REF, SMOLLM2_MODEL_REF)
 PositiveInt = Annotated[int, Field(gt=0)]
 Fraction = Annotated[float, Field(gt=0, lt=1)]
 # Upper bounds: a value past them is a typo (an extra zero, a pasted id), never a setting; without them a
@@ -29,13 +32,13 @@ Seconds = Annotated[float, Field(gt=0, le=3600)]
 Backoff = Annotated[float, Field(ge=0, le=600)]
 MAX_YAML_DEPTH = 50  # a run config is 3 levels deep; a deeper one is a mistake (or an attack on the parser)
 # Query parameters that carry a secret in a URL.
-_SECRET_PARAMS = re.compile(r"(api[-_]?key|key|token|access[-_]?token|secret|password|passwd|pwd|auth|signature|sig)",
-                            re.IGNORECASE)
+_SECRET_PARAMS = re.compile(r"(api[-_]?key|key|token|access[-_]?token|secret|password|passwd|pwd|auth|signature|sig)", re.IGNORECASE)
 
 
 def _is_number_field(annotation) -> bool:
     """int or float (optional or not), but not bool: the fields where YAML's ``yes``/``true`` is a mistake."""
-    types = set(typing.get_args(annotation)) | {annotation}
+    # An optional constrained number (``Count | None``) keeps its Annotated wrapper inside the union.
+    types = {typing.get_args(t)[0] if typing.get_origin(t) is Annotated else t for t in (*typing.get_args(annotation), annotation)}
     return bool(types & {int, float}) and bool not in types
 
 
@@ -69,9 +72,11 @@ class _Section(BaseModel):
         if isinstance(value, str):
             secret = url_credentials(value)
             if secret:
-                raise ValueError(f"the URL contains {secret}: credentials never go in the config (it is compiled "
-                                 "into the pipeline YAML and logged); keep the key in a Kubernetes Secret and name "
-                                 "its variable in generators.openai.api_key_env (okareo: OKAREO_API_KEY)")
+                raise ValueError(
+                    f"the URL contains {secret}: credentials never go in the config (it is compiled "
+                    "into the pipeline YAML and logged); keep the key in a Kubernetes Secret and name "
+                    "its variable in generators.openai.api_key_env (okareo: OKAREO_API_KEY)"
+                )
         return value
 
 
@@ -80,9 +85,7 @@ class DataConfig(_Section):
 
     articles: str | None = None
     questions: str | None = None
-    labels: list[str] | None = Field(
-        default=None, description="Allowed labels; defaults to the labels found in the data."
-    )
+    labels: list[str] | None = Field(default=None, description="Allowed labels; defaults to the labels found in the data.")
     conflicting_labels: Literal["error", "drop"] = Field(
         default="error",
         description="Imported questions whose text (or a near-duplicate of it) appears again with another label: "
@@ -90,7 +93,7 @@ class DataConfig(_Section):
     )
 
     @model_validator(mode="after")
-    def _one_source(self) -> "DataConfig":
+    def _one_source(self) -> DataConfig:
         if (self.articles is None) == (self.questions is None):
             raise ValueError("set exactly one of 'articles' or 'questions'")
         if self.labels is not None and len(set(self.labels)) != len(self.labels):
@@ -150,13 +153,19 @@ def check_model_ref_value(ref: str, revision: str | None, section: str) -> None:
     relative ones); anything else is a hub id, and a hub id without a commit can change
     under a scheduled run (Phi-3-mini's chat template did in July 2024).
     """
-    if ref.startswith(("builtin:", "/", ".")):
+    if ref.startswith("builtin:"):
+        if ref not in BUILTIN_MODEL_REFS:
+            raise ValueError(f"name_or_path: unknown built-in model {ref!r}; known: {', '.join(BUILTIN_MODEL_REFS)}")
+        return
+    if ref.startswith(("/", ".")):
         return
     if not is_hub_id(ref):
         raise ValueError(f"name_or_path: {ref!r} is neither a local directory nor a valid hub id ('name' or 'org/name')")
     if not is_pinned(revision):
-        raise ValueError(f"name_or_path: {ref!r} is not a local directory; as a hub id it needs {section}.revision pinned "
-                         f"to a 40-character commit hash, got {revision!r}")
+        raise ValueError(
+            f"name_or_path: {ref!r} is not a local directory; as a hub id it needs {section}.revision pinned "
+            f"to a 40-character commit hash, got {revision!r}"
+        )
 
 
 def _pin_default_model(data):
@@ -184,7 +193,7 @@ class HFGeneratorConfig(_Section):
         return _pin_default_model(data)
 
     @model_validator(mode="after")
-    def _hub_models_are_pinned(self) -> "HFGeneratorConfig":
+    def _hub_models_are_pinned(self) -> HFGeneratorConfig:
         check_model_ref_value(self.name_or_path, self.revision, "generators.hf")
         return self
 
@@ -231,7 +240,7 @@ class FiltersConfig(_Section):
     )
 
     @model_validator(mode="after")
-    def _bounds(self) -> "FiltersConfig":
+    def _bounds(self) -> FiltersConfig:
         if self.min_chars > self.max_chars:
             raise ValueError("min_chars must be <= max_chars")
         return self
@@ -243,7 +252,7 @@ class SplitConfig(_Section):
     test: Fraction = 0.15
 
     @model_validator(mode="after")
-    def _sums_to_one(self) -> "SplitConfig":
+    def _sums_to_one(self) -> SplitConfig:
         total = self.train + self.dev + self.test
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"train + dev + test must sum to 1.0, got {total:g}")
@@ -259,9 +268,7 @@ class FormatConfig(_Section):
 
 class ModelConfig(_Section):
     name_or_path: str = DEFAULT_BASE_MODEL
-    revision: str | None = Field(
-        default=None, description="Hub commit to pin; required for hub ids, ignored for local paths."
-    )
+    revision: str | None = Field(default=None, description="Hub commit to pin; required for hub ids, ignored for local paths.")
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     # nf4 = QLoRA (4-bit NF4 base, double quantization, bf16 compute). Needs CUDA and bitsandbytes;
     # bf16 LoRA is the default because Phi-3-mini fits an L4 unquantized (7.6 GB of bf16 weights; docs/design.md).
@@ -273,7 +280,7 @@ class ModelConfig(_Section):
         return _pin_default_model(data)
 
     @model_validator(mode="after")
-    def _hub_models_are_pinned(self) -> "ModelConfig":
+    def _hub_models_are_pinned(self) -> ModelConfig:
         check_model_ref_value(self.name_or_path, self.revision, "model")
         return self
 
@@ -325,9 +332,7 @@ class TrainConfig(_Section):
         "Unset: checkpoints stay in a temporary directory and nothing can resume.",
     )
     keep_checkpoints: Annotated[int, Field(ge=1, le=20)] = 2
-    export_merged: bool = Field(
-        default=False, description="Also write the adapter merged into the base weights (merged/), for serving."
-    )
+    export_merged: bool = Field(default=False, description="Also write the adapter merged into the base weights (merged/), for serving.")
 
     @field_validator("checkpoint_uri")
     @classmethod
@@ -342,7 +347,7 @@ class TrainConfig(_Section):
         return value
 
     @model_validator(mode="after")
-    def _effective_batch(self) -> "TrainConfig":
+    def _effective_batch(self) -> TrainConfig:
         # LoRA tolerates large batches worse than full fine-tuning (TRL's LoRA guidance, "LoRA Without Regret").
         if self.batch_size * self.gradient_accumulation_steps > 64:
             raise ValueError("batch_size * gradient_accumulation_steps must be <= 64 for LoRA")
@@ -379,8 +384,22 @@ class AugmentConfig(_Section):
     )
 
 
-_MEMORY_UNITS = {"": 1, "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
-                 "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+_MEMORY_UNITS = {
+    "": 1,
+    "k": 10**3,
+    "K": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "P": 10**15,
+    "E": 10**18,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "Pi": 2**50,
+    "Ei": 2**60,
+}
 CPUQuantity = Annotated[str, Field(pattern=r"^([0-9]+(\.[0-9]+)?|[0-9]+m)$")]
 MemoryQuantity = Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?(k|K|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")]
 
@@ -391,7 +410,7 @@ def _cpu_cores(value: str) -> float:
 
 def _memory_bytes(value: str) -> float:
     number = re.match(r"[0-9.]+", value).group()  # type: ignore[union-attr]
-    return float(number) * _MEMORY_UNITS[value[len(number):]]
+    return float(number) * _MEMORY_UNITS[value[len(number) :]]
 
 
 class ClusterConfig(_Section):
@@ -441,7 +460,7 @@ class ClusterConfig(_Section):
     service_account: str | None = None
 
     @model_validator(mode="after")
-    def _limits_cover_requests(self) -> "ClusterConfig":
+    def _limits_cover_requests(self) -> ClusterConfig:
         for kind, parse in (("cpu", _cpu_cores), ("memory", _memory_bytes)):
             for task in ("gpu", "cpu_task"):
                 request, limit = getattr(self, f"{task}_{kind}_request"), getattr(self, f"{task}_{kind}_limit")
@@ -470,10 +489,10 @@ class RunConfig(_Section):
         return self.model_dump_json()
 
     @classmethod
-    def from_json(cls, text: str) -> "RunConfig":
+    def from_json(cls, text: str) -> RunConfig:
         return cls.model_validate_json(text)
 
-    def with_model_path(self, path: str) -> "RunConfig":
+    def with_model_path(self, path: str) -> RunConfig:
         return self.model_copy(update={"model": self.model.model_copy(update={"name_or_path": path})})
 
     # ------------------------------------------------------------------ per-task slices (see STAGE_SECTIONS)
@@ -494,11 +513,12 @@ class RunConfig(_Section):
         runtime = [field for field in RUNTIME_FIELDS if _covers(paths, field)]
         for field in runtime:
             _pop_path(sections, field)
-        return json.dumps({"stage": stage, "paths": list(paths), "config": sections, "runtime": runtime},
-                          sort_keys=True, separators=(",", ":"))
+        return json.dumps(
+            {"stage": stage, "paths": list(paths), "config": sections, "runtime": runtime}, sort_keys=True, separators=(",", ":")
+        )
 
     @classmethod
-    def from_slice(cls, text: str, params: typing.Mapping[str, typing.Any], source_uri: str | None = None) -> "RunConfig":
+    def from_slice(cls, text: str, params: typing.Mapping[str, typing.Any], source_uri: str | None = None) -> RunConfig:
         """The RunConfig a stage function expects, rebuilt from its slice and its runtime parameters.
 
         Validated like a loaded config (a bad run parameter fails here, with the key named). Reading
@@ -526,15 +546,28 @@ class RunConfig(_Section):
 # Settings a user tunes per run: typed pipeline parameters (run form, Compare page) with the config's values as
 # defaults, overridable with `ftloop submit --set KEY=VALUE`. Everything else is fixed when the pipeline is compiled.
 RUNTIME_FIELDS = (
-    "model.name_or_path", "model.revision",
-    "train.learning_rate", "train.epochs", "train.batch_size",
-    "lora.r", "lora.alpha", "lora.dropout",
+    "model.name_or_path",
+    "model.revision",
+    "train.learning_rate",
+    "train.epochs",
+    "train.batch_size",
+    "lora.r",
+    "lora.alpha",
+    "lora.dropout",
     "eval.batch_size",
-    "augment.rephrasings_per_error", "augment.label_margin", "augment.min_dev_improvement",
+    "augment.rephrasings_per_error",
+    "augment.label_margin",
+    "augment.min_dev_improvement",
     "seed",
 )
-_AUGMENT_FIELDS = ("augment.backend", "augment.rephrasings_per_error", "augment.max_per_class", "augment.label_filter",
-                   "augment.label_margin", "augment.min_dev_improvement")
+_AUGMENT_FIELDS = (
+    "augment.backend",
+    "augment.rephrasings_per_error",
+    "augment.max_per_class",
+    "augment.label_filter",
+    "augment.label_margin",
+    "augment.min_dev_improvement",
+)
 # Which parts of the run config each stage function reads: a task gets only these (its slice) and the run
 # parameters inside them, so a change anywhere else leaves its KFP cache entry valid. A dotted path is a
 # sub-part. `stage_sections` adds what depends on the config (the generator backend's settings, the model judge).
@@ -553,7 +586,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
-def stage_sections(stage: str, config: "RunConfig") -> tuple[str, ...]:
+def stage_sections(stage: str, config: RunConfig) -> tuple[str, ...]:
     """The config paths ``stage`` reads (``STAGE_SECTIONS``, completed from ``config``)."""
     paths = STAGE_SECTIONS[stage]
     if paths == ("*",):
@@ -578,12 +611,13 @@ def config_key_kind(key: str) -> str | None:
         if not fields or part not in fields:
             return None
         annotation = fields[part].annotation
-        model = next((t for t in (typing.get_args(annotation) or (annotation,)) if isinstance(t, type) and issubclass(t, BaseModel)),
-                     annotation)
+        model = next(
+            (t for t in (typing.get_args(annotation) or (annotation,)) if isinstance(t, type) and issubclass(t, BaseModel)), annotation
+        )
     return "compile-time"
 
 
-def with_runtime_values(config: "RunConfig", values: typing.Mapping[str, str], where: str = "--set") -> "RunConfig":
+def with_runtime_values(config: RunConfig, values: typing.Mapping[str, str], where: str = "--set") -> RunConfig:
     """``config`` with runtime fields set from text (``{"train.learning_rate": "1e-4"}``), validated as a
     whole config so a value that breaks a rule (a range, an unpinned hub id, batch_size x accumulation) is
     refused with the key named. Every key must be a runtime field (``config_key_kind``)."""
@@ -604,8 +638,7 @@ def with_runtime_values(config: "RunConfig", values: typing.Mapping[str, str], w
         err = exc.errors()[0]
         loc = ".".join(str(x) for x in err["loc"] if not (isinstance(x, str) and x.startswith("function-")))
         given = " ".join(f"{k}={v}" for k, v in values.items() if loc == k or loc.startswith(k + ".") or k.startswith(loc))
-        raise ConfigError(f"{where} {given or ' '.join(f'{k}={v}' for k, v in values.items())}: {loc}: "
-                          f"{_message(err)}") from None
+        raise ConfigError(f"{where} {given or ' '.join(f'{k}={v}' for k, v in values.items())}: {loc}: {_message(err)}") from None
 
 
 def param_name(field: str) -> str:
@@ -679,10 +712,13 @@ def _sliced_class(cls: type[BaseModel], stage: str, prefix: str) -> type[BaseMod
     """A subclass of ``cls`` whose instances lack some fields: reading one raises SliceError, never a default."""
     key = (cls, stage, prefix)
     if key not in _SLICED_CLASSES:
+
         def __getattr__(self, name: str):
             if name in cls.model_fields:
-                raise SliceError(f"stage {stage} read config.{prefix}{name}, which its config slice does not hold; "
-                                 f"add '{prefix}{name}' to STAGE_SECTIONS['{stage}'] in components/config.py")
+                raise SliceError(
+                    f"stage {stage} read config.{prefix}{name}, which its config slice does not hold; "
+                    f"add '{prefix}{name}' to STAGE_SECTIONS['{stage}'] in components/config.py"
+                )
             return cls.__getattr__(self, name)
 
         _SLICED_CLASSES[key] = type(f"Sliced{cls.__name__}", (cls,), {"__getattr__": __getattr__, "__module__": __name__})
@@ -743,8 +779,10 @@ class _ConfigLoader(yaml.SafeLoader):
                     continue
                 key, line = (key_node.tag, key_node.value), key_node.start_mark.line + 1
                 if key in first:
-                    raise _YAMLProblem(line, f"duplicate key '{key_node.value}' (first at line {first[key]}); YAML "
-                                             "would keep only the last one: merge them")
+                    raise _YAMLProblem(
+                        line,
+                        f"duplicate key '{key_node.value}' (first at line {first[key]}); YAML would keep only the last one: merge them",
+                    )
                 first[key] = line
         return super().construct_mapping(node, deep)
 
@@ -763,8 +801,10 @@ def _parse_yaml(path: Path, text: str) -> tuple[yaml.Node | None, object]:
     except yaml.reader.ReaderError as exc:  # a control character: the reader knows the offset, not the line
         line = text.count("\n", 0, exc.position) + 1
         char = exc.character if isinstance(exc.character, int) else ord(exc.character[:1] or "\0")
-        raise ConfigError(f"{path}:{line}: not valid YAML: control character U+{char:04X} is not allowed in YAML "
-                          "text; delete it (a copy-paste from a binary file or a terminal?)") from None
+        raise ConfigError(
+            f"{path}:{line}: not valid YAML: control character U+{char:04X} is not allowed in YAML "
+            "text; delete it (a copy-paste from a binary file or a terminal?)"
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -889,4 +929,3 @@ def load_config(path: str | Path) -> RunConfig:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_format_errors(str(path), exc, tree)) from None
-

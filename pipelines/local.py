@@ -11,8 +11,8 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 from ftloop.components.artifacts import (
     REPORT_HTML,
@@ -23,7 +23,7 @@ from ftloop.components.artifacts import (
     read_summary,
     write_summary,
 )
-from ftloop.components.config import TINY_MODEL_REF, RunConfig
+from ftloop.components.config import BUILTIN_MODEL_REFS, TINY_MODEL_REF, RunConfig
 from ftloop.components.disk import _writes_to
 from ftloop.components.errors import FtloopError
 from ftloop.components.records import content_hash
@@ -46,6 +46,22 @@ def ensure_tiny_model(config: RunConfig, workdir: Path, texts: list[str], labels
     else:
         progress(f"tiny model: building a random-init Phi-3-architecture model in {model_dir}")
         build_tiny_model(model_dir, texts, labels, seed=config.seed, replace=True)
+    return config.with_model_path(str(model_dir))
+
+
+def resolve_builtin_model(config: RunConfig, progress: Callable[[str], None]) -> RunConfig:
+    """Replace a fetched built-in model ref (``builtin:smollm2-135m-instruct``) by its cached model directory.
+
+    Fetched and converted on first use (components/modeling/builtin.py), then reused; the directory
+    is loaded exactly as a user's own model directory. ``builtin:tiny-phi3`` is left to ``ensure_tiny_model``.
+    """
+    ref = config.model.name_or_path
+    if ref not in BUILTIN_MODEL_REFS or ref == TINY_MODEL_REF:
+        return config
+    from ftloop.components.modeling.builtin import ensure_builtin_model
+
+    model_dir = ensure_builtin_model(ref, progress=progress)
+    progress(f"built-in model: using {model_dir} for {ref}")
     return config.with_model_path(str(model_dir))
 
 
@@ -108,13 +124,16 @@ def _check_result_paths(workdir: Path) -> None:
     for name in RESULT_FILES:
         path = workdir / name
         if path.is_dir():
-            raise FtloopError(f"{path}: is a directory, where the run writes its {name} file; "
-                              "move or remove it, or choose another --workdir")
+            raise FtloopError(
+                f"{path}: is a directory, where the run writes its {name} file; move or remove it, or choose another --workdir"
+            )
     for result_dir in RESULT_DIRS:
         folder = result_dir(workdir)
         if os.path.lexists(folder) and not folder.is_dir():
-            raise FtloopError(f"{folder}: is not a directory, where the run writes its {folder.name}/ folder; "
-                              "move or remove it, or choose another --workdir")
+            raise FtloopError(
+                f"{folder}: is not a directory, where the run writes its {folder.name}/ folder; "
+                "move or remove it, or choose another --workdir"
+            )
 
 
 def _check_writable(workdir: Path) -> None:
@@ -122,8 +141,9 @@ def _check_writable(workdir: Path) -> None:
     try:
         fd, probe = tempfile.mkstemp(prefix=".ftloop-write-check-", dir=workdir)
     except OSError as exc:
-        raise FtloopError(f"{workdir}: the work directory is not writable: {_reason(exc)}; "
-                          "choose a writable --workdir (or make this one writable)") from None
+        raise FtloopError(
+            f"{workdir}: the work directory is not writable: {_reason(exc)}; choose a writable --workdir (or make this one writable)"
+        ) from None
     os.close(fd)
     os.unlink(probe)
 
@@ -154,8 +174,10 @@ def set_aside_previous_results(workdir: Path, progress: Callable[[str], None]) -
             encoding="utf-8",
         )
     except OSError as exc:
-        raise FtloopError(f"{workdir}: cannot move the earlier run's results to {previous}: {_reason(exc)}; "
-                          "move or delete them yourself, or choose another --workdir") from None
+        raise FtloopError(
+            f"{workdir}: cannot move the earlier run's results to {previous}: {_reason(exc)}; "
+            "move or delete them yourself, or choose another --workdir"
+        ) from None
     progress(f"moved the earlier run's {', '.join(p.name for p in found)} to {previous}")
     return previous
 
@@ -173,8 +195,7 @@ def prepare_workdir(workdir: Path, progress: Callable[[str], None], create: bool
         try:
             workdir.mkdir(parents=True)
         except OSError as exc:
-            raise FtloopError(f"{workdir}: cannot create work directory: {_reason(exc)}; "
-                              "choose another --workdir") from None
+            raise FtloopError(f"{workdir}: cannot create work directory: {_reason(exc)}; choose another --workdir") from None
     _check_result_paths(workdir)
     _check_writable(workdir)
     set_aside_previous_results(workdir, progress)
@@ -230,8 +251,9 @@ def _run_task_subprocess(full_command: list[str], env_vars: dict[str, str] | Non
     with _TASKS_LOCK:
         if _STOPPING.is_set():
             return 143  # the run is being stopped: start nothing new (a retry, another ParallelFor branch)
-        process = subprocess.Popen(full_command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                   bufsize=1, env=env, process_group=0)
+        process = subprocess.Popen(
+            full_command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env, process_group=0
+        )
         _TASKS.add(process)
     try:
         assert process.stdout is not None
@@ -324,6 +346,7 @@ def _run_pipeline(config: RunConfig, workdir: Path, progress: Callable[[str], No
     # a model or a paid API is called once, by the pipeline's own generate step.
     examples, labels = load_source(config, generate=config.generate.backend == "offline")
     config = ensure_tiny_model(config, workdir, [e.text for e in examples], labels, progress)
+    config = resolve_builtin_model(config, progress)
     check_base_model(config)
 
     support_oneof_artifacts_locally()
@@ -342,9 +365,7 @@ def _run_pipeline(config: RunConfig, workdir: Path, progress: Callable[[str], No
         return build_pipeline(config, source_sha256=source_fingerprint(config), use_cache=use_cache)()
 
 
-def run_local(
-    config: RunConfig, workdir: str | Path, progress: Callable[[str], None] = print, use_cache: bool = True
-) -> dict:
+def run_local(config: RunConfig, workdir: str | Path, progress: Callable[[str], None] = print, use_cache: bool = True) -> dict:
     """Validate inputs, run every stage through kfp.local, and write WORKDIR/summary.json last.
 
     With ``use_cache`` every stage whose inputs, config slice and run parameters are unchanged
@@ -370,7 +391,8 @@ def run_local(
 
     bundle_dir = Path(bundle.path)
     summary = read_summary(bundle_dir).model_copy(
-        update={"timings": {"total_seconds": round(time.monotonic() - started, 1)}, "artifacts": str(bundle_dir)})
+        update={"timings": {"total_seconds": round(time.monotonic() - started, 1)}, "artifacts": str(bundle_dir)}
+    )
     try:
         with _writes_to(workdir, "the run's results"):
             for result_dir in RESULT_DIRS:

@@ -13,7 +13,8 @@ and rows: ``bench/eval_speed.py`` times both and measures their agreement, and
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -117,14 +118,17 @@ def generate_predictions(
         raise ValueError("batch_size must be >= 1")
     if not prompts:
         return []
+    from ftloop.components.modeling.scoring import contiguous_lm_head
+
     device = next(model.parameters()).device
     kwargs = _generate_kwargs(tokenizer, max_new_tokens)
     out: list[dict[str, Any]] = []
-    with _padding_side(tokenizer, "left"):
+    # generate() keeps only the last position's logits: the same sliced head input as label scoring.
+    with _padding_side(tokenizer, "left"), contiguous_lm_head(model):
         for lo in range(0, len(prompts), batch_size):
             # transformers 5: apply_chat_template(return_dict=True) gives input_ids + attention_mask.
             enc = tokenizer.apply_chat_template(
-                prompts[lo: lo + batch_size],
+                prompts[lo : lo + batch_size],
                 add_generation_prompt=True,
                 tokenize=True,
                 return_dict=True,
@@ -152,7 +156,7 @@ def per_row_generate(
     out = []
     for prompt in prompts:
         enc, generated = _generate_one(model, tokenizer, prompt, kwargs)
-        out.append(_result(tokenizer, generated[0, enc["input_ids"].shape[1]:].tolist(), kwargs["eos_token_id"], labels))
+        out.append(_result(tokenizer, generated[0, enc["input_ids"].shape[1] :].tolist(), kwargs["eos_token_id"], labels))
     return out
 
 
@@ -225,7 +229,7 @@ def published_generate(
         # special tokens are skipped in the decoded output.
         text = tokenizer.decode(generated[0], skip_special_tokens=True)
         prompt_text = tokenizer.decode(enc["input_ids"][0], skip_special_tokens=True)
-        raw = text[len(prompt_text):].strip()
+        raw = text[len(prompt_text) :].strip()
         prediction = parse_published(raw, labels)
         new_tokens = generated.shape[1] - enc["input_ids"].shape[1]
         out.append({"raw": raw, "prediction": prediction, "valid": prediction is not None, "new_tokens": new_tokens})

@@ -7,14 +7,14 @@ import importlib.metadata
 import importlib.util
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
 
 from ftloop.components.artifacts import read_model_meta
-from ftloop.components.config import is_hub_id
+from ftloop.components.config import BUILTIN_MODEL_REFS, TINY_MODEL_REF, is_hub_id
 from ftloop.components.errors import FtloopError
 from ftloop.components.records import read_json
 
@@ -69,7 +69,13 @@ def cuda_bf16() -> bool:
 
 
 def resolve_dtype(spec: str) -> torch.dtype:
-    """'auto' means bf16 where the GPU computes it natively, else fp32 (bf16 on CPU is slow and lossy)."""
+    """An explicit ``bfloat16`` or ``float32`` is honoured on any device; ``auto`` means bf16 where the GPU
+    computes it natively, else fp32, so ``auto`` stays fp32 on every CPU.
+
+    bf16 on CPU is not slow everywhere: on CPUs with AMX / avx512_bf16, SmolLM2-135M fine-tuned and
+    scored faster in bf16 than in fp32 with the same test scores (configs/demo-smollm2.yaml asks for
+    it). On CPUs without those instructions bf16 is emulated and slower; ``auto`` does not guess which.
+    """
     if spec == "float32":
         return torch.float32
     if spec == "bfloat16":
@@ -163,13 +169,20 @@ def _is_local(name_or_path: str) -> bool:
 
 
 def check_model_ref(name_or_path: str, key: str = "model.name_or_path") -> None:
-    """Fail in seconds on a reference that cannot load: a placeholder, a missing or broken
-    directory, or a value that is not a hub id either (instead of retrying the hub for a minute)."""
-    if name_or_path.startswith("builtin:"):
+    """Fail in seconds on a reference that cannot load: a ``builtin:`` placeholder (``ftloop run --local``
+    replaces those by a model directory before anything loads), a missing or broken directory, or a
+    value that is not a hub id either (instead of retrying the hub for a minute)."""
+    if name_or_path == TINY_MODEL_REF:
         raise FtloopError(
-            f"{key} {name_or_path!r} is a placeholder: build the tiny model first "
-            "(the pipeline does this) and pass its directory"
+            f"{key} {name_or_path!r} is a placeholder: build the tiny model first (the pipeline does this) and pass its directory"
         )
+    if name_or_path in BUILTIN_MODEL_REFS:
+        raise FtloopError(
+            f"{key} {name_or_path!r} is a placeholder for a cached model directory: `ftloop run --local` "
+            f"resolves it for model.name_or_path; elsewhere pass the directory `ftloop fetch-model {name_or_path}` prints"
+        )
+    if name_or_path.startswith("builtin:"):
+        raise FtloopError(f"{key}: unknown built-in model {name_or_path!r}; known: {', '.join(BUILTIN_MODEL_REFS)}")
     if _is_local(name_or_path):
         check_model_dir(Path(name_or_path))
     elif name_or_path.startswith(("/", ".")):
@@ -221,8 +234,10 @@ def check_adapter_dir(path: Path) -> None:
     if not (path / ADAPTER_WEIGHTS).is_file():
         pickled = [name for name in ("adapter_model.bin", "adapter_model.pt") if (path / name).is_file()]
         if pickled:
-            raise FtloopError(f"{path}: adapter weights are only in {pickled[0]} (pickle); ftloop loads safetensors only. "
-                              "Convert them with save_pretrained(safe_serialization=True)")
+            raise FtloopError(
+                f"{path}: adapter weights are only in {pickled[0]} (pickle); ftloop loads safetensors only. "
+                "Convert them with save_pretrained(safe_serialization=True)"
+            )
         raise FtloopError(f"{path}: no adapter weights: expected {ADAPTER_WEIGHTS}")
 
 
@@ -278,9 +293,7 @@ def load_base_model(
     except FtloopError:
         raise
     except Exception as exc:  # noqa: BLE001 - truncated or corrupt weights raise library-specific errors
-        raise FtloopError(
-            f"{key}: cannot load model {name_or_path!r}: {type(exc).__name__}: {_first_line(exc)}"
-        ) from None
+        raise FtloopError(f"{key}: cannot load model {name_or_path!r}: {type(exc).__name__}: {_first_line(exc)}") from None
     return check_no_hub_kernels(model, f"{key} {name_or_path!r}")
 
 
@@ -306,9 +319,7 @@ def load_tokenizer(name_or_path: str, revision: str | None = None, key: str = "m
 
 def chat_token_ids(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> list[int]:
     """Token ids of a rendered conversation, via the same call TRL uses to tokenize training rows."""
-    encoded = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=True
-    )
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=True)
     return list(encoded["input_ids"])
 
 
@@ -322,9 +333,7 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def load_for_inference(
-    model_dir: str | Path, base_model: str | None = None, merged: bool = False, merge_adapter: bool = True
-):
+def load_for_inference(model_dir: str | Path, base_model: str | None = None, merged: bool = False, merge_adapter: bool = True):
     """The trained model in eval mode: the base (loaded by the same rules as for training) plus the adapter,
     or, with ``merged``, the merged export written by ``train.export_merged``.
 
@@ -346,14 +355,16 @@ def load_for_inference(
 
             if not merged_dir(model_dir).is_dir():
                 raise FtloopError(
-                    f"eval.use_merged is set but {model_dir} has no {MERGED_DIR}/ export; "
-                    "train with train.export_merged: true"
+                    f"eval.use_merged is set but {model_dir} has no {MERGED_DIR}/ export; train with train.export_merged: true"
                 )
             model = load_base_model(str(merged_dir(model_dir)), None, meta.merged.dtype if meta.merged else base.dtype)
         else:
             check_adapter_dir(model_dir)  # before loading: PEFT would fall back to a pickled adapter_model.bin
             model = load_base_model(
-                base_model or base.name_or_path, base.revision, base.dtype, base.quantization,
+                base_model or base.name_or_path,
+                base.revision,
+                base.dtype,
+                base.quantization,
             )
             model = PeftModel.from_pretrained(model, str(model_dir), is_trainable=False)
             if merge_adapter and base.quantization == "none":

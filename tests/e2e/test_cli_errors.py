@@ -81,8 +81,9 @@ def test_a_failed_run_removes_an_older_runs_results(tmp_path):
 def test_a_user_error_inside_a_stage_fails_the_run_cleanly(tmp_path):
     """Caught only once the fine-tune stage tokenizes: still one clear line, exit 2, no traceback, no summary."""
     articles = write_lines(tmp_path / "articles.jsonl", corpus_subset(["returns", "shipping"], 5))
-    config = write_config(tmp_path / "run.yaml", articles, model={"name_or_path": "builtin:tiny-phi3"},
-                          train={"max_length": 8, "epochs": 1})
+    config = write_config(
+        tmp_path / "run.yaml", articles, model={"name_or_path": "builtin:tiny-phi3"}, train={"max_length": 8, "epochs": 1}
+    )
     result = run_cli("run", "--local", "--config", str(config), "--workdir", str(tmp_path / "out"), cwd=tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode == 2
@@ -101,19 +102,34 @@ def _main(args: list[str], capsys) -> tuple[int, str]:
     return code, captured.err
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("p.json", "the pipeline is written as YAML; the file name must end in .yaml or .yml"),
-    ("p.txt", "the pipeline is written as YAML; the file name must end in .yaml or .yml"),
-    ("out", "is a directory; name the pipeline file, e.g. "),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("p.json", "the pipeline is written as YAML; the file name must end in .yaml or .yml"),
+        ("p.txt", "the pipeline is written as YAML; the file name must end in .yaml or .yml"),
+        ("out", "is a directory; name the pipeline file, e.g. "),
+    ],
+)
 def test_compile_output_that_is_not_a_yaml_file_is_a_clear_error(tmp_path, capsys, name, expected):
     from tests.fixtures.data import REPO
 
     output = tmp_path / name
     if name == "out":
         output.mkdir()
-    code, err = _main(["compile", "--config", str(REPO / "configs" / "webbizz-gke.yaml"), "--output", str(output),
-                       "--image", "cpu=registry.example/ftloop-cpu:abc", "--image", "gpu=registry.example/ftloop-gpu:abc"], capsys)
+    code, err = _main(
+        [
+            "compile",
+            "--config",
+            str(REPO / "configs" / "webbizz-gke.yaml"),
+            "--output",
+            str(output),
+            "--image",
+            "cpu=registry.example/ftloop-cpu:abc",
+            "--image",
+            "gpu=registry.example/ftloop-gpu:abc",
+        ],
+        capsys,
+    )
     assert code == 2
     assert err == f"ftloop: error: --output {output}: {expected}" + (f"{output / 'pipeline.yaml'}\n" if name == "out" else "\n")
     assert list(tmp_path.iterdir()) == ([output] if name == "out" else [])  # kfp's .json path left an empty file behind
@@ -155,18 +171,44 @@ def test_tiny_model_command_writes_a_complete_model_and_replaces_an_earlier_one(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["articles.jsonl", "model", "run.yaml"]  # no temp dirs left
 
 
-@pytest.mark.parametrize("flag, value", [
-    ("--source-uri", "gs://user:hunter2@bucket/articles.jsonl"),
-    ("--source-uri", "gs://bucket/articles.jsonl?token=hunter2"),
-])
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--source-uri", "gs://user:hunter2@bucket/articles.jsonl"),
+        ("--source-uri", "gs://bucket/articles.jsonl?token=hunter2"),
+    ],
+)
 def test_credentials_in_a_compile_uri_are_refused_and_never_echoed(tmp_path, flag, value):
     from tests.fixtures.data import REPO
 
     result = subprocess.run(
-        [sys.executable, "-m", "ftloop.pipelines.cli", "compile", "--config", str(REPO / "configs" / "webbizz-gke.yaml"),
-         "--output", str(tmp_path / "p.yaml"), flag, value],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "ftloop.pipelines.cli",
+            "compile",
+            "--config",
+            str(REPO / "configs" / "webbizz-gke.yaml"),
+            "--output",
+            str(tmp_path / "p.yaml"),
+            flag,
+            value,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"{flag}: the URI contains" in result.stderr and "hunter2" not in result.stderr + result.stdout
     assert not (tmp_path / "p.yaml").exists()
+
+
+def test_the_demo_runs_the_real_model_and_the_tiny_one_on_request(monkeypatch, tmp_path):
+    from ftloop.components.config import SMOLLM2_MODEL_REF, TINY_MODEL_REF, load_config
+    from ftloop.pipelines import cli
+
+    ran: list[Path] = []
+    monkeypatch.setattr(cli, "_run", lambda config, workdir, use_cache=True: ran.append(config) or 0)
+    assert cli.main(["demo", "--workdir", str(tmp_path)]) == 0
+    assert cli.main(["demo", "--tiny", "--workdir", str(tmp_path)]) == 0
+    assert [load_config(path).model.name_or_path for path in ran] == [SMOLLM2_MODEL_REF, TINY_MODEL_REF]
