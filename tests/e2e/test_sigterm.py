@@ -26,10 +26,13 @@ REPO = Path(__file__).resolve().parents[2]
 def _small_config(tmp_path: Path, epochs: int) -> Path:
     articles = write_lines(tmp_path / "articles.jsonl", corpus_subset(["returns", "shipping", "payments"], 6))
     config = {
-        "name": "sigterm-test", "seed": 7, "data": {"articles": str(articles)},
+        "name": "sigterm-test",
+        "seed": 7,
+        "data": {"articles": str(articles)},
         "generate": {"backend": "offline", "questions_per_article": 4},
         "model": {"name_or_path": "builtin:tiny-phi3", "dtype": "float32"},
-        "train": {"epochs": epochs, "batch_size": 4, "max_length": 128, "logging_steps": 10_000},  # a quiet task
+        # a quiet task that runs every epoch: no early stop may finish it before the signal arrives
+        "train": {"epochs": epochs, "batch_size": 4, "max_length": 128, "logging_steps": 10_000, "early_stopping_metric": "none"},
         "augment": {"backend": "offline", "rounds": 1},
     }
     path = tmp_path / "run.yaml"
@@ -63,17 +66,35 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
-@pytest.mark.parametrize("signum, task, code, last_line", [
-    (signal.SIGTERM, "evaluate", 143, "ftloop: stopped by SIGTERM; 1 running task(s) stopped; no results were written to {workdir}"),
-    (signal.SIGINT, "finetune", 130, "ftloop: interrupted"),
-], ids=["sigterm-during-evaluate", "sigint-during-finetune"])
+@pytest.mark.parametrize(
+    "signum, task, code, last_line",
+    [
+        (signal.SIGTERM, "evaluate", 143, "ftloop: stopped by SIGTERM; 1 running task(s) stopped; no results were written to {workdir}"),
+        (signal.SIGINT, "finetune", 130, "ftloop: interrupted"),
+    ],
+    ids=["sigterm-during-evaluate", "sigint-during-finetune"],
+)
 def test_a_signal_stops_the_run_and_its_running_task(tmp_path, signum, task, code, last_line):
     workdir = tmp_path / "out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     ftloop = subprocess.Popen(
-        [sys.executable, "-m", "ftloop.pipelines.cli", "run", "--local", "--config", str(_small_config(tmp_path, 30 if task == "finetune" else 1)),
-         "--workdir", str(workdir)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "ftloop.pipelines.cli",
+            "run",
+            "--local",
+            "--config",
+            str(_small_config(tmp_path, 30 if task == "finetune" else 1)),
+            "--workdir",
+            str(workdir),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
+        env=env,
+        start_new_session=True,
     )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(ftloop.stdout.readline, "")), daemon=True)
