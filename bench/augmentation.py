@@ -67,8 +67,9 @@ def paired_delta_ci(runs: list[dict], split: str, labels: list[str], seed: int =
     return {"mean_delta": point, "ci95": [float(np.quantile(draws, 0.025)), float(np.quantile(draws, 0.975))]}
 
 
-def run_seed(config_path: Path, seed: int, rounds: int, label_filter: str | None, workdir: Path, verbose: bool,
-             early_stopping: str | None = None) -> dict:
+def run_seed(
+    config_path: Path, seed: int, rounds: int, label_filter: str | None, workdir: Path, verbose: bool, early_stopping: str | None = None
+) -> dict:
     from ftloop.components.config import load_config
     from ftloop.pipelines.local import run_local
 
@@ -93,14 +94,20 @@ def run_seed(config_path: Path, seed: int, rounds: int, label_filter: str | None
         "seconds": round(time.monotonic() - started, 1),
         "labels": summary["labels"],
         "metrics": {
-            model: {split: {"macro_f1": summary["models"][model][split]["macro_f1"],
-                            "ci95": summary["models"][model][split]["ci95"]["macro_f1"],
-                            "n": summary["models"][model][split]["n"]} for split in ("dev", "test")}
+            model: {
+                split: {
+                    "macro_f1": summary["models"][model][split]["macro_f1"],
+                    "ci95": summary["models"][model][split]["ci95"]["macro_f1"],
+                    "n": summary["models"][model][split]["n"],
+                }
+                for split in ("dev", "test")
+            }
             for model in ("base", "augmented", "tfidf")
         },
         "mcnemar_test_p": summary["significance"]["base->augmented"]["test"]["p_value"],
-        "rounds": [{k: r[k] for k in ("round", "errors_mined", "generated", "added", "removed")}
-                   for r in data.get("augmentation_rounds", [])],
+        "rounds": [
+            {k: r[k] for k in ("round", "errors_mined", "generated", "added", "removed")} for r in data.get("augmentation_rounds", [])
+        ],
         "loop_stopped": data.get("loop_stopped"),
         "train_rows": {"base": summary["data"]["base"]["rows"]["train"], "augmented": data["rows"]["train"]},
         "rows": rows,
@@ -131,19 +138,30 @@ def report(runs: list[dict], args: argparse.Namespace) -> str:
     for run in runs:
         m = run["metrics"]
         stopped = run["loop_stopped"]
-        loop = f"{len(run['rounds'])} round(s) trained" + (f"; stopped in round {stopped['round']}: {stopped['decision']}" if stopped else "")
+        loop = f"{len(run['rounds'])} round(s) trained" + (
+            f"; stopped in round {stopped['round']}: {stopped['decision']}" if stopped else ""
+        )
         for split in ("dev", "test"):
             delta = m["augmented"][split]["macro_f1"] - m["base"][split]["macro_f1"]
             p = f"{run['mcnemar_test_p']:.3f}" if split == "test" else ""
             rows = f"{run['train_rows']['base']} -> {run['train_rows']['augmented']}" if split == "dev" else ""
-            lines.append(f"| {run['seed']} | {split} | {fmt(m['base'][split])} | {fmt(m['augmented'][split])} | "
-                         f"{fmt(m['tfidf'][split])} | {delta:+.3f} | {p} | {rows} | {loop if split == 'dev' else ''} |")
-    lines += ["", "Pooled over seeds (rows of all seeds together; bootstrap 95% CI):", "",
-              "| split | base | augmented | TF-IDF | mean paired delta [95% CI] |", "|---|---|---|---|---|"]
+            lines.append(
+                f"| {run['seed']} | {split} | {fmt(m['base'][split])} | {fmt(m['augmented'][split])} | "
+                f"{fmt(m['tfidf'][split])} | {delta:+.3f} | {p} | {rows} | {loop if split == 'dev' else ''} |"
+            )
+    lines += [
+        "",
+        "Pooled over seeds (rows of all seeds together; bootstrap 95% CI):",
+        "",
+        "| split | base | augmented | TF-IDF | mean paired delta [95% CI] |",
+        "|---|---|---|---|---|",
+    ]
     for split in ("dev", "test"):
         d = paired_delta_ci(runs, split, labels)
-        lines.append(f"| {split} | {fmt(pooled_ci(runs, 'base', split, labels))} | {fmt(pooled_ci(runs, 'augmented', split, labels))} | "
-                     f"{fmt(pooled_ci(runs, 'tfidf', split, labels))} | {d['mean_delta']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] |")
+        lines.append(
+            f"| {split} | {fmt(pooled_ci(runs, 'base', split, labels))} | {fmt(pooled_ci(runs, 'augmented', split, labels))} | "
+            f"{fmt(pooled_ci(runs, 'tfidf', split, labels))} | {d['mean_delta']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] |"
+        )
     return "\n".join(lines)
 
 
@@ -153,8 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--label-filter", choices=["tfidf", "model", "none"], default=None)
-    parser.add_argument("--early-stopping", choices=["dev_macro_f1", "dev_loss", "none"], default=None,
-                        help="override train.early_stopping_metric (e.g. 'none' to train every epoch)")
+    parser.add_argument(
+        "--early-stopping",
+        choices=["dev_macro_f1", "dev_loss", "none"],
+        default=None,
+        help="override train.early_stopping_metric (e.g. 'none' to train every epoch)",
+    )
     parser.add_argument("--workdir", default="/tmp/ftloop-bench-augmentation")
     parser.add_argument("--json", help="write per-seed results (without prediction rows) here")
     parser.add_argument("--verbose", action="store_true", help="show the pipeline's own output")
@@ -163,16 +185,16 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for seed in args.seeds:
         print(f"seed {seed}: running the local pipeline ...", file=sys.stderr, flush=True)
-        run = run_seed(Path(args.config), seed, args.rounds, args.label_filter, Path(args.workdir), args.verbose,
-                       args.early_stopping)
+        run = run_seed(Path(args.config), seed, args.rounds, args.label_filter, Path(args.workdir), args.verbose, args.early_stopping)
         print(f"seed {seed}: done in {run['seconds']} s", file=sys.stderr, flush=True)
         runs.append(run)
     text = report(runs, args)
     print(text)
     if args.json:
-        Path(args.json).write_text(json.dumps(
-            {"args": vars(args), "runs": [{k: v for k, v in r.items() if k != "rows"} for r in runs], "report": text},
-            indent=2), encoding="utf-8")
+        Path(args.json).write_text(
+            json.dumps({"args": vars(args), "runs": [{k: v for k, v in r.items() if k != "rows"} for r in runs], "report": text}, indent=2),
+            encoding="utf-8",
+        )
     return 0
 
 

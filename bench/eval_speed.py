@@ -42,8 +42,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -133,8 +134,10 @@ def prepare_tiny(workdir: Path, rows: int, train_rows: int, epochs: float, seed:
     # one-class plateau for its first epochs, where a shorter patience stops it.
     config = demo_config(tiny, epochs=epochs, early_stopping_patience=8).model_copy(update={"seed": seed})
     meta = finetune(config, formatted, workdir / "adapter", progress=lambda line: None)
-    log(f"fine-tuned tiny model: {meta['n_train_rows']} rows, {epochs:g} epochs, {meta['steps']} steps, "
-        f"{meta['wall_time_s']:.1f}s on {meta['device']}, mean train loss {meta['train_loss']:.3f}")
+    log(
+        f"fine-tuned tiny model: {meta['n_train_rows']} rows, {epochs:g} epochs, {meta['steps']} steps, "
+        f"{meta['wall_time_s']:.1f}s on {meta['device']}, mean train loss {meta['train_loss']:.3f}"
+    )
     eval_rows = read_split(formatted, "test", LABELS)[:rows]
     return workdir / "adapter", eval_rows
 
@@ -191,8 +194,7 @@ def bench_cpu(args, workdir: Path, log) -> dict[str, Any]:
     result = {
         "rows": n,
         "batch_size": args.batch_size,
-        "max_new_tokens": {"published": PUBLISHED_MAX_NEW_TOKENS, "per_row": args.max_new_tokens,
-                           "batched": args.max_new_tokens},
+        "max_new_tokens": {"published": PUBLISHED_MAX_NEW_TOKENS, "per_row": args.max_new_tokens, "batched": args.max_new_tokens},
         "repeats": args.repeats,
         "seconds": median,
         "seconds_all": times,
@@ -213,8 +215,7 @@ def bench_cpu(args, workdir: Path, log) -> dict[str, Any]:
         "torch_threads": threads,
     }
     result["targets"] = {
-        f"score >= {SPEEDUP_TARGET:g}x faster than the published per-row generate":
-            result["speedup_vs_published"] >= SPEEDUP_TARGET,
+        f"score >= {SPEEDUP_TARGET:g}x faster than the published per-row generate": result["speedup_vs_published"] >= SPEEDUP_TARGET,
         "score accuracy >= published accuracy": result["accuracy"]["score"] >= result["accuracy"]["published"],
         "score: zero invalid outputs": result["invalid_rate"]["score"] == 0.0,
     }
@@ -238,16 +239,14 @@ def bench_gpu(args, tiny_dir: Path, log, device: str = "cuda", config=None) -> d
     torch.manual_seed(args.seed)
     with torch.device(device):
         # SDPA, as the evaluate stage loads it: label scoring's shared-prefix cache is tested there
-        model = Phi3ForCausalLM._from_config(config, dtype=dtype,
-                                             attn_implementation=attn_implementation(dtype, prefer_flash=False))
+        model = Phi3ForCausalLM._from_config(config, dtype=dtype, attn_implementation=attn_implementation(dtype, prefer_flash=False))
     model.eval()
     model.generation_config = GenerationConfig(
         eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id
     )
     n_params = sum(p.numel() for p in model.parameters())
     device_name = torch.cuda.get_device_name(0) if on_cuda else device
-    log(f"gpu: random-init Phi3Config() model, {n_params / 1e9:.2f}B params, {dtype}, "
-        f"{model.config._attn_implementation}, {device_name}")
+    log(f"gpu: random-init Phi3Config() model, {n_params / 1e9:.2f}B params, {dtype}, {model.config._attn_implementation}, {device_name}")
 
     per_label = math.ceil(args.gpu_rows / len(LABELS))
     questions = [r["text"] for r in synthetic_examples(per_label, args.seed, "gpu-bench")][: args.gpu_rows]
@@ -307,35 +306,47 @@ def bench_gpu(args, tiny_dir: Path, log, device: str = "cuda", config=None) -> d
 def print_report(res: dict[str, Any]) -> None:
     cpu = res["cpu"]
     print()
-    print(f"CPU, tiny Phi-3 + LoRA, {cpu['rows']} rows, torch {res['env']['versions']['torch']}, "
-          f"{res['env']['cpu_count']} cores, median of {cpu['repeats']}")
+    print(
+        f"CPU, tiny Phi-3 + LoRA, {cpu['rows']} rows, torch {res['env']['versions']['torch']}, "
+        f"{res['env']['cpu_count']} cores, median of {cpu['repeats']}"
+    )
     print(f"torch threads {cpu['torch_threads']}, load average {res['env']['loadavg_start']} at the start")
     print(f"{'method':<44} {'seconds':>8} {'rows/s':>9} {'accuracy':>9} {'invalid':>8}")
-    names = {"score": f"label scoring (batch {cpu['batch_size']})",
-             "published": f"published per-row generate ({cpu['max_new_tokens']['published']} tokens)",
-             "per_row": "strict per-row generate (stops on <|end|>)",
-             "batched": f"batched generate (batch {cpu['batch_size']})"}
+    names = {
+        "score": f"label scoring (batch {cpu['batch_size']})",
+        "published": f"published per-row generate ({cpu['max_new_tokens']['published']} tokens)",
+        "per_row": "strict per-row generate (stops on <|end|>)",
+        "batched": f"batched generate (batch {cpu['batch_size']})",
+    }
     for key, name in names.items():
-        print(f"{name:<44} {cpu['seconds'][key]:>8.3f} {cpu['rows_per_s'][key]:>9.1f} "
-              f"{cpu['accuracy'][key]:>9.3f} {cpu['invalid_rate'][key]:>8.3f}")
-    print(f"speedup scoring vs published per-row generate: {cpu['speedup_vs_published']:.1f}x; "
-          f"vs strict per-row generate: {cpu['speedup_vs_per_row']:.1f}x "
-          f"(batched generate vs strict per-row: {cpu['speedup_batched_generate_vs_per_row']:.1f}x)")
-    print(f"agreement scoring vs published: {cpu['agreement_vs_published']:.3f}; "
-          f"vs strict per-row generate: {cpu['agreement']:.3f}")
+        print(
+            f"{name:<44} {cpu['seconds'][key]:>8.3f} {cpu['rows_per_s'][key]:>9.1f} "
+            f"{cpu['accuracy'][key]:>9.3f} {cpu['invalid_rate'][key]:>8.3f}"
+        )
+    print(
+        f"speedup scoring vs published per-row generate: {cpu['speedup_vs_published']:.1f}x; "
+        f"vs strict per-row generate: {cpu['speedup_vs_per_row']:.1f}x "
+        f"(batched generate vs strict per-row: {cpu['speedup_batched_generate_vs_per_row']:.1f}x)"
+    )
+    print(f"agreement scoring vs published: {cpu['agreement_vs_published']:.3f}; vs strict per-row generate: {cpu['agreement']:.3f}")
     gpu = res.get("gpu")
     if gpu:
         print()
-        print(f"GPU, {gpu['device']}, random Phi-3-mini ({gpu['params'] / 1e9:.2f}B, {gpu['dtype']}, "
-              f"{gpu['attn_implementation']})")
-        print(f"label scoring {gpu['rows']} questions (batch {gpu['batch_size']}): {gpu['score_seconds']:.2f} s "
-              f"({gpu['score_rows_per_s']:.0f} rows/s)")
-        print(f"per-row generate {gpu['generate_sample_rows']} rows, max_new_tokens {gpu['generate_max_new_tokens']}: "
-              f"{gpu['generate_sample_seconds']:.2f} s -> {gpu['generate_seconds_extrapolated']:.1f} s per "
-              f"{gpu['rows']} (extrapolated), speedup {gpu['speedup_vs_per_row']:.1f}x")
-        print(f"published per-row generate {gpu['generate_sample_rows']} rows, {gpu['published_max_new_tokens']} tokens: "
-              f"{gpu['published_sample_seconds']:.2f} s -> {gpu['published_seconds_extrapolated']:.1f} s per "
-              f"{gpu['rows']} (extrapolated), speedup {gpu['speedup_vs_published']:.1f}x")
+        print(f"GPU, {gpu['device']}, random Phi-3-mini ({gpu['params'] / 1e9:.2f}B, {gpu['dtype']}, {gpu['attn_implementation']})")
+        print(
+            f"label scoring {gpu['rows']} questions (batch {gpu['batch_size']}): {gpu['score_seconds']:.2f} s "
+            f"({gpu['score_rows_per_s']:.0f} rows/s)"
+        )
+        print(
+            f"per-row generate {gpu['generate_sample_rows']} rows, max_new_tokens {gpu['generate_max_new_tokens']}: "
+            f"{gpu['generate_sample_seconds']:.2f} s -> {gpu['generate_seconds_extrapolated']:.1f} s per "
+            f"{gpu['rows']} (extrapolated), speedup {gpu['speedup_vs_per_row']:.1f}x"
+        )
+        print(
+            f"published per-row generate {gpu['generate_sample_rows']} rows, {gpu['published_max_new_tokens']} tokens: "
+            f"{gpu['published_sample_seconds']:.2f} s -> {gpu['published_seconds_extrapolated']:.1f} s per "
+            f"{gpu['rows']} (extrapolated), speedup {gpu['speedup_vs_published']:.1f}x"
+        )
     else:
         print(f"\nGPU section: {res['gpu_skipped']}")
     print()
@@ -351,18 +362,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="OUT", help="write all results as JSON to OUT")
     p.add_argument("--train-rows", type=int, default=200, help="synthetic train rows for the tiny fine-tune")
     p.add_argument("--epochs", type=float, default=20, help="tiny fine-tune epochs (rest: the demo settings)")
-    p.add_argument("--batch-size", type=int, default=demo_eval_batch_size(),
-                   help="CPU batch size of label scoring and batched generate (default: configs/demo.yaml's eval.batch_size)")
-    p.add_argument("--max-new-tokens", type=int, default=8,
-                   help="strict/batched generate budget on CPU (the model stops earlier); the published method always runs 5")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=demo_eval_batch_size(),
+        help="CPU batch size of label scoring and batched generate (default: configs/demo.yaml's eval.batch_size)",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=8,
+        help="strict/batched generate budget on CPU (the model stops earlier); the published method always runs 5",
+    )
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per method, interleaved; the median is reported")
     p.add_argument("--gpu-rows", type=int, default=1000)
     p.add_argument("--gpu-generate-rows", type=int, default=50)
     p.add_argument("--gpu-batch-size", type=int, default=64)
     p.add_argument("--gpu-max-new-tokens", type=int, default=2)
-    p.add_argument("--threads", type=int,
-                   help="torch CPU threads for every method (default: what the pipeline's evaluation uses, "
-                        "finetune.cpu_threads_for: 1 for the tiny model)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads for every method (default: what the pipeline's evaluation uses, "
+        "finetune.cpu_threads_for: 1 for the tiny model)",
+    )
     p.add_argument("--no-gpu", action="store_true", help="skip the GPU section even when CUDA is available")
     p.add_argument("--workdir", help="keep the tiny model and adapter here (default: a temp dir)")
     args = p.parse_args(argv)
@@ -374,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
 
     res: dict[str, Any] = {
         "env": {
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(),

@@ -42,8 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # tests.fixtures.ml holds the synthetic data
 
 # Phi-3's structure (fused qkv and gate_up, SwiGLU, RMSNorm, RoPE) and depth (32 layers), small widths.
-STACK = {"num_hidden_layers": 32, "hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128,
-         "vocab_size": 512}
+STACK = {"num_hidden_layers": 32, "hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128, "vocab_size": 512}
 CONFIGS = {
     "eager_shared": {"compile": False, "share_prompt_prefix": True},
     "eager": {"compile": False, "share_prompt_prefix": False},
@@ -115,14 +114,17 @@ def count_ops_per_step(trainer, warmup: int, steps: int) -> dict[str, Any]:
     start = time.perf_counter()
     result = trainer.train()
     out = summarize(state["profiler"].events(), steps)
-    out.update(steps=steps, warmup=warmup, train_seconds=time.perf_counter() - start,
-               seconds_per_profiled_step=sorted(state["seconds"])[len(state["seconds"]) // 2],
-               train_loss=float(result.training_loss))
+    out.update(
+        steps=steps,
+        warmup=warmup,
+        train_seconds=time.perf_counter() - start,
+        seconds_per_profiled_step=sorted(state["seconds"])[len(state["seconds"]) // 2],
+        train_loss=float(result.training_loss),
+    )
     return out
 
 
-def measure(model_dir: Path, formatted: Path, out: Path, warmup: int, steps: int, batch_size: int,
-            **train: Any) -> dict[str, Any]:
+def measure(model_dir: Path, formatted: Path, out: Path, warmup: int, steps: int, batch_size: int, **train: Any) -> dict[str, Any]:
     """Ops per step of ftloop's trainer (demo settings, dev evaluation off) with these ``train`` settings."""
     from ftloop.components.modeling.loading import cpu_threads_for, peft_deprecation_silenced, quiet_progress_bars
     from ftloop.components.modeling.trainer import build_trainer
@@ -133,8 +135,12 @@ def measure(model_dir: Path, formatted: Path, out: Path, warmup: int, steps: int
         trainer, info = build_trainer(config, formatted, out, progress=lambda line: None)
         with cpu_threads_for(trainer.model):
             result = count_ops_per_step(trainer, warmup, steps)
-    return {**result, "shared_prefix": info["shared_prefix"], "compiled_layers": info["compiled_layers"],
-            "target_modules": info["target_modules"]}
+    return {
+        **result,
+        "shared_prefix": info["shared_prefix"],
+        "compiled_layers": info["compiled_layers"],
+        "target_modules": info["target_modules"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,27 +160,36 @@ def main(argv: list[str] | None = None) -> int:
     inductor_config.cpp.enable_kernel_profile = True  # inductor's CPU kernels appear in the profile
     names = [c.strip() for c in args.configs.split(",") if c.strip()]
     rows = -(-(args.warmup + args.steps) * args.batch_size // 8) + 1  # 8 labels; enough rows for every step
-    results: dict[str, Any] = {"args": vars(args), "stack": {**STACK, "num_hidden_layers": args.layers},
-                               "torch": torch.__version__, "transformers": transformers.__version__, "runs": {}}
+    results: dict[str, Any] = {
+        "args": vars(args),
+        "stack": {**STACK, "num_hidden_layers": args.layers},
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "runs": {},
+    }
     with tempfile.TemporaryDirectory(prefix="ftloop-ops-per-step-") as tmp:
         model_dir, formatted = build_stack(Path(tmp), rows, num_hidden_layers=args.layers)
         for name in names:
-            run = measure(model_dir, formatted, Path(tmp) / f"out-{name}", args.warmup, args.steps, args.batch_size,
-                          **CONFIGS[name])
+            run = measure(model_dir, formatted, Path(tmp) / f"out-{name}", args.warmup, args.steps, args.batch_size, **CONFIGS[name])
             results["runs"][name] = run
-            print(f"{name:<13} aten/step {run['aten']:>9,.0f}  top-level {run['top_level']:>8,.0f}  fused {run['fused']:>6,.0f}"
-                  f"  launches {run['launches']:>8,.0f}  s/step {run['seconds_per_profiled_step']:.2f}"
-                  f"  (train {run['train_seconds']:.0f} s, shared prefix {run['shared_prefix']},"
-                  f" compiled layers {run['compiled_layers']})", flush=True)
+            print(
+                f"{name:<13} aten/step {run['aten']:>9,.0f}  top-level {run['top_level']:>8,.0f}  fused {run['fused']:>6,.0f}"
+                f"  launches {run['launches']:>8,.0f}  s/step {run['seconds_per_profiled_step']:.2f}"
+                f"  (train {run['train_seconds']:.0f} s, shared prefix {run['shared_prefix']},"
+                f" compiled layers {run['compiled_layers']})",
+                flush=True,
+            )
     runs = results["runs"]
     if "compiled" in runs:
         for before in ("eager_shared", "eager"):
             if before in runs:
                 ratio = {k: runs[before][k] / runs["compiled"][k] for k in ("aten", "top_level", "launches")}
                 results[f"reduction_vs_{before}"] = ratio
-                print(f"{before} / compiled: aten {ratio['aten']:.1f}x, top-level {ratio['top_level']:.1f}x, "
-                      f"launches {ratio['launches']:.1f}x  ({'PASS' if ratio['launches'] >= REDUCTION_TARGET else 'FAIL'}"
-                      f" >= {REDUCTION_TARGET:g}x fewer launches)")
+                print(
+                    f"{before} / compiled: aten {ratio['aten']:.1f}x, top-level {ratio['top_level']:.1f}x, "
+                    f"launches {ratio['launches']:.1f}x  ({'PASS' if ratio['launches'] >= REDUCTION_TARGET else 'FAIL'}"
+                    f" >= {REDUCTION_TARGET:g}x fewer launches)"
+                )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return 0

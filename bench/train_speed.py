@@ -92,7 +92,7 @@ def published_sample(question: str, label: str, labels: list[str]) -> str:
     bullets = "\n".join(f"- {x}" for x in labels)
     return (
         "### Instruction:\n"
-        "You are given a customer question as the Input. Return under \"Output\" the category of the "
+        'You are given a customer question as the Input. Return under "Output" the category of the '
         "Input, choosing exactly one of the following categories:\n"
         f"{bullets}\n"
         "Return only the single most relevant category and nothing else.\n"
@@ -151,7 +151,7 @@ class PeakRss:
             self.peak = max(self.peak, self.process.memory_info().rss)
             time.sleep(self.interval_s)
 
-    def __enter__(self) -> "PeakRss":
+    def __enter__(self) -> PeakRss:
         self._thread.start()
         return self
 
@@ -184,8 +184,9 @@ def param_counts(model) -> dict[str, int]:
     return counts
 
 
-def training_flops(params: dict[str, int], layers: int, hidden: int, real_tokens: int, loss_tokens: int,
-                   sequences: int, checkpointing: bool) -> dict[str, float]:
+def training_flops(
+    params: dict[str, int], layers: int, hidden: int, real_tokens: int, loss_tokens: int, sequences: int, checkpointing: bool
+) -> dict[str, float]:
     """Model and hardware FLOPs of a training run over the counted tokens, for LoRA on a frozen base.
 
     Per token, each frozen matmul weight costs 2 FLOPs forward and 2 backward (the input
@@ -217,13 +218,15 @@ def _ours_config(model_dir: Path, epochs: float, gpu_recipe: bool):
     from tests.fixtures.ml import demo_config
 
     if gpu_recipe:
-        config = RunConfig.model_validate({
-            "seed": 0, "data": {"questions": "unused.jsonl"},
-            "model": {"name_or_path": str(model_dir), "dtype": "bfloat16"},
-            "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
-            "train": {"epochs": epochs, "learning_rate": 2e-4, "batch_size": 16, "max_length": 256,
-                      "warmup_ratio": 0.03},
-        })
+        config = RunConfig.model_validate(
+            {
+                "seed": 0,
+                "data": {"questions": "unused.jsonl"},
+                "model": {"name_or_path": str(model_dir), "dtype": "bfloat16"},
+                "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
+                "train": {"epochs": epochs, "learning_rate": 2e-4, "batch_size": 16, "max_length": 256, "warmup_ratio": 0.03},
+            }
+        )
     else:
         config = demo_config(model_dir, epochs=epochs)
     # Dev evaluation / early stopping (when build_trainer has them) is not training throughput.
@@ -247,9 +250,14 @@ def build_ours(model_dir: Path, formatted: Path, out: Path, epochs: float, gpu_r
     checkpoints = trainer.args.save_strategy != SaveStrategy.NO
     if checkpoints and not trainer.args.load_best_model_at_end:
         trainer.args.save_strategy = SaveStrategy.NO
-    return trainer, {"n_train_rows": info["n_train_rows"], "target_modules": info["target_modules"],
-                     "quantization": None, "max_length": trainer.args.max_length,
-                     "shared_prefix": info["shared_prefix"], "checkpoint_saving_switched_off": checkpoints}
+    return trainer, {
+        "n_train_rows": info["n_train_rows"],
+        "target_modules": info["target_modules"],
+        "quantization": None,
+        "max_length": trainer.args.max_length,
+        "shared_prefix": info["shared_prefix"],
+        "checkpoint_saving_switched_off": checkpoints,
+    }
 
 
 def build_published(model_dir: Path, formatted: Path, out: Path, epochs: float, gpu_recipe: bool):
@@ -286,7 +294,9 @@ def build_published(model_dir: Path, formatted: Path, out: Path, epochs: float, 
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="nf4",
+            load_in_4bit=True,
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_quant_type="nf4",
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
         kwargs["device_map"] = {"": 0}
@@ -294,8 +304,7 @@ def build_published(model_dir: Path, formatted: Path, out: Path, epochs: float, 
     model.config.pretraining_tp = 1
     if quantize:
         model = prepare_model_for_kbit_training(model)
-    peft_config = LoraConfig(r=128, lora_alpha=128, lora_dropout=0.1, bias="all",
-                             target_modules=PUBLISHED_TARGETS, task_type="CAUSAL_LM")
+    peft_config = LoraConfig(r=128, lora_alpha=128, lora_dropout=0.1, bias="all", target_modules=PUBLISHED_TARGETS, task_type="CAUSAL_LM")
     args = SFTConfig(
         output_dir=str(out),
         num_train_epochs=epochs,
@@ -324,15 +333,26 @@ def build_published(model_dir: Path, formatted: Path, out: Path, epochs: float, 
         completion_only_loss=False,
         dataloader_num_workers=0,
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list([{"sample": s} for s in samples]),
-                         processing_class=tokenizer, peft_config=peft_config)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list([{"sample": s} for s in samples]),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
     targets = sorted({n.rsplit(".", 1)[-1] for n, m in trainer.model.named_modules() if hasattr(m, "base_layer")})
-    return trainer, {"n_train_rows": len(rows), "target_modules": targets,
-                     "quantization": "nf4" if quantize else None, "max_length": max_length, "shared_prefix": False}
+    return trainer, {
+        "n_train_rows": len(rows),
+        "target_modules": targets,
+        "quantization": "nf4" if quantize else None,
+        "max_length": max_length,
+        "shared_prefix": False,
+    }
 
 
-def worker(kind: str, model_dir: Path, formatted: Path, epochs: float, result_path: Path, gpu_recipe: bool,
-           peak_tflops: float | None = None) -> None:
+def worker(
+    kind: str, model_dir: Path, formatted: Path, epochs: float, result_path: Path, gpu_recipe: bool, peak_tflops: float | None = None
+) -> None:
     """One training run in this (fresh) process; writes its measurements to result_path.
 
     ``gpu_recipe``: both recipes' GPU settings, whether or not CUDA is here (the GPU section's
@@ -345,8 +365,7 @@ def worker(kind: str, model_dir: Path, formatted: Path, epochs: float, result_pa
     from ftloop.components.modeling.loading import cpu_threads_for, peft_deprecation_silenced, quiet_progress_bars
 
     on_cuda = torch.cuda.is_available()
-    with tempfile.TemporaryDirectory(prefix=f"ftloop-train-speed-{kind}-") as out, quiet_progress_bars(), \
-            peft_deprecation_silenced():
+    with tempfile.TemporaryDirectory(prefix=f"ftloop-train-speed-{kind}-") as out, quiet_progress_bars(), peft_deprecation_silenced():
         build = build_ours if kind == "ours" else build_published
         trainer, info = build(model_dir, formatted, Path(out), epochs, gpu_recipe)
         trainer.remove_callback(PrinterCallback)
@@ -367,10 +386,10 @@ def worker(kind: str, model_dir: Path, formatted: Path, epochs: float, result_pa
             seconds = time.perf_counter() - start
 
     base_config = model.get_base_model().config
-    checkpointing = bool(getattr(trainer.args, "activation_checkpointing", False)
-                         or getattr(trainer.args, "gradient_checkpointing", False))
-    flops = training_flops(counts, base_config.num_hidden_layers, base_config.hidden_size, counter.real,
-                           counter.loss, counter.sequences, checkpointing)
+    checkpointing = bool(getattr(trainer.args, "activation_checkpointing", False) or getattr(trainer.args, "gradient_checkpointing", False))
+    flops = training_flops(
+        counts, base_config.num_hidden_layers, base_config.hidden_size, counter.real, counter.loss, counter.sequences, checkpointing
+    )
     device_name = torch.cuda.get_device_name(0) if on_cuda else "cpu"
     peak = peak_tflops if peak_tflops is not None else (bf16_peak_tflops(device_name) if on_cuda else None)
     record = {
@@ -415,15 +434,35 @@ def worker(kind: str, model_dir: Path, formatted: Path, epochs: float, result_pa
 # ---------------------------------------------------------------------- driver
 
 
-def run_worker(kind: str, model_dir: Path, formatted: Path, epochs: float, workdir: Path, device: str,
-               gpu_recipe: bool, peak_tflops: float | None = None) -> dict:
+def run_worker(
+    kind: str,
+    model_dir: Path,
+    formatted: Path,
+    epochs: float,
+    workdir: Path,
+    device: str,
+    gpu_recipe: bool,
+    peak_tflops: float | None = None,
+) -> dict:
     """One run in a fresh process (spawned, never forked: CUDA cannot be used in a forked child)."""
     result = workdir / f"result-{kind}-{time.monotonic_ns()}.json"
     env = dict(os.environ)
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU run stays on the CPU even on a GPU machine
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--model-dir", str(model_dir),
-           "--formatted", str(formatted), "--epochs", str(epochs), "--result", str(result)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        kind,
+        "--model-dir",
+        str(model_dir),
+        "--formatted",
+        str(formatted),
+        "--epochs",
+        str(epochs),
+        "--result",
+        str(result),
+    ]
     if gpu_recipe:
         cmd.append("--gpu-recipe")
     if peak_tflops is not None:
@@ -454,23 +493,44 @@ def tokenizer_granularity(model_dir: Path, formatted: Path) -> dict[str, Any]:
     texts = [r["text"] for r in read_jsonl(formatted / "train.jsonl")]
     tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
     words = sum(len(t.split()) for t in texts)
-    return {"vocab": len(tokenizer), "tokens_per_question_word": tokens / words,
-            "tokens_per_question": tokens / len(texts)}
+    return {"vocab": len(tokenizer), "tokens_per_question_word": tokens / words, "tokens_per_question": tokens / len(texts)}
 
 
 def compare(runs: dict[str, list[dict]]) -> dict[str, Any]:
     """Medians per kind and the ratios the targets are about."""
-    keys = ("seconds_per_epoch", "tokens_fed_per_s", "tokens_real_per_s", "peak_rss_mb",
-            "rss_rise_during_training_mb", "achieved_model_tflops_per_s")
+    keys = (
+        "seconds_per_epoch",
+        "tokens_fed_per_s",
+        "tokens_real_per_s",
+        "peak_rss_mb",
+        "rss_rise_during_training_mb",
+        "achieved_model_tflops_per_s",
+    )
     summary: dict[str, Any] = {}
     for kind, results in runs.items():
         first = results[0]
         summary[kind] = {
-            **{k: first[k] for k in ("tokens_fed_per_epoch", "tokens_real_per_epoch", "tokens_in_loss_per_epoch",
-                                     "sequences_per_epoch", "padding_fraction", "steps", "max_length",
-                                     "target_modules", "quantization", "gradient_checkpointing", "params",
-                                     "device", "torch_threads", "save_strategy", "attn_implementation",
-                                     "shared_prefix")},
+            **{
+                k: first[k]
+                for k in (
+                    "tokens_fed_per_epoch",
+                    "tokens_real_per_epoch",
+                    "tokens_in_loss_per_epoch",
+                    "sequences_per_epoch",
+                    "padding_fraction",
+                    "steps",
+                    "max_length",
+                    "target_modules",
+                    "quantization",
+                    "gradient_checkpointing",
+                    "params",
+                    "device",
+                    "torch_threads",
+                    "save_strategy",
+                    "attn_implementation",
+                    "shared_prefix",
+                )
+            },
             **{k: statistics.median(r[k] for r in results) for k in keys},
             "seconds_per_epoch_all": [r["seconds_per_epoch"] for r in results],
             "train_loss": [r["train_loss"] for r in results],
@@ -485,7 +545,8 @@ def compare(runs: dict[str, list[dict]]) -> dict[str, Any]:
     # Runs alternate, so run i of each recipe saw similar load: the median of the paired
     # ratios is the less noisy estimate on a shared machine.
     summary["epoch_speedup_paired"] = statistics.median(
-        p["seconds_per_epoch"] / o["seconds_per_epoch"] for p, o in zip(runs["published"], runs["ours"]))
+        p["seconds_per_epoch"] / o["seconds_per_epoch"] for p, o in zip(runs["published"], runs["ours"])
+    )
     return summary
 
 
@@ -514,28 +575,31 @@ def print_section(title: str, s: dict[str, Any]) -> None:
         if all(v is None for v in vals):
             continue
         print(f"{name:<34} " + " ".join(f"{(fmt.format(v) if v is not None else '-'):>14}" for v in vals))
-    print(f"ours / published tokens per epoch: {s['token_ratio_fed']:.3f} fed, {s['token_ratio_real']:.3f} non-pad; "
-          f"epoch speedup {s['epoch_speedup']:.2f}x (median of paired runs: {s['epoch_speedup_paired']:.2f}x; per-run s/epoch: published {s['published']['seconds_per_epoch_all']}, "
-          f"ours {s['ours']['seconds_per_epoch_all']})")
+    print(
+        f"ours / published tokens per epoch: {s['token_ratio_fed']:.3f} fed, {s['token_ratio_real']:.3f} non-pad; "
+        f"epoch speedup {s['epoch_speedup']:.2f}x (median of paired runs: {s['epoch_speedup_paired']:.2f}x; per-run s/epoch: published {s['published']['seconds_per_epoch_all']}, "
+        f"ours {s['ours']['seconds_per_epoch_all']})"
+    )
     for kind in ("published", "ours"):
         k = s[kind]
-        print(f"{kind}: LoRA on {', '.join(k['target_modules'])}, {k['params']['trainable']:,} trainable params, "
-              f"max_length {k['max_length']}, grad checkpointing {k['gradient_checkpointing']}, "
-              f"quantization {k['quantization']}, {k['attn_implementation']}, shared prompt prefix "
-              f"{k['shared_prefix']}, {k['torch_threads']} threads")
+        print(
+            f"{kind}: LoRA on {', '.join(k['target_modules'])}, {k['params']['trainable']:,} trainable params, "
+            f"max_length {k['max_length']}, grad checkpointing {k['gradient_checkpointing']}, "
+            f"quantization {k['quantization']}, {k['attn_implementation']}, shared prompt prefix "
+            f"{k['shared_prefix']}, {k['torch_threads']} threads"
+        )
 
 
 def targets(s: dict[str, Any], gpu: bool) -> dict[str, bool]:
     out = {
-        f"ours processes <= 1/3 of the published tokens per epoch (fed: {s['token_ratio_fed']:.3f})":
-            s["token_ratio_fed"] <= TOKEN_RATIO_TARGET,
-        f"ours trains >= {EPOCH_SPEEDUP_TARGET:g}x faster per epoch ({s['epoch_speedup']:.2f}x)":
-            s["epoch_speedup"] >= EPOCH_SPEEDUP_TARGET,
+        f"ours processes <= 1/3 of the published tokens per epoch (fed: {s['token_ratio_fed']:.3f})": s["token_ratio_fed"]
+        <= TOKEN_RATIO_TARGET,
+        f"ours trains >= {EPOCH_SPEEDUP_TARGET:g}x faster per epoch ({s['epoch_speedup']:.2f}x)": s["epoch_speedup"]
+        >= EPOCH_SPEEDUP_TARGET,
     }
     if gpu:
         mfu = s["ours"]["mfu"]
-        out[f"ours LoRA training MFU >= {MFU_TARGET:.0%} ({mfu if mfu is None else round(mfu, 3)})"] = (
-            mfu is not None and mfu >= MFU_TARGET)
+        out[f"ours LoRA training MFU >= {MFU_TARGET:.0%} ({mfu if mfu is None else round(mfu, 3)})"] = mfu is not None and mfu >= MFU_TARGET
     return out
 
 
@@ -548,8 +612,9 @@ def build_phi3_mini_dir(path: Path, tokenizer_dir: Path, device: str = "cuda", c
     from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    config = config or Phi3Config(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                  pad_token_id=tokenizer.pad_token_id)
+    config = config or Phi3Config(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
     torch.manual_seed(0)
     with torch.device(device):
         model = Phi3ForCausalLM._from_config(config, dtype=torch.bfloat16)
@@ -570,9 +635,10 @@ def bench_gpu(args, tiny_dir: Path, workdir: Path, device: str = "cuda", config=
     """
     formatted, _ = prepare_data(workdir / "gpu", args.gpu_rows_per_label, args.seed)
     model_dir = build_phi3_mini_dir(workdir / "gpu" / "phi3-mini-random", tiny_dir, device, config)
-    runs = {kind: [run_worker(kind, model_dir, formatted, args.gpu_epochs, workdir, device, gpu_recipe=True,
-                              peak_tflops=args.gpu_peak_tflops)]
-            for kind in ("ours", "published")}
+    runs = {
+        kind: [run_worker(kind, model_dir, formatted, args.gpu_epochs, workdir, device, gpu_recipe=True, peak_tflops=args.gpu_peak_tflops)]
+        for kind in ("ours", "published")
+    }
     section = compare(runs)
     section["runs"] = runs
     section["targets"] = targets(section, gpu=True)
@@ -587,13 +653,19 @@ def print_report(res: dict[str, Any]) -> None:
     args, env = res["args"], res["env"]
     if "cpu" in res:
         cpu = res["cpu"]
-        print_section(f"CPU, tiny Phi-3, {cpu['ours']['params']['total']:,} params, "
-                      f"{args['rows_per_label'] * len(LABELS)} train rows, {args['epochs']:g} epochs, median of "
-                      f"{args['repeats']} (load average {env['loadavg_start'][0]:.1f} at the start)", cpu)
+        print_section(
+            f"CPU, tiny Phi-3, {cpu['ours']['params']['total']:,} params, "
+            f"{args['rows_per_label'] * len(LABELS)} train rows, {args['epochs']:g} epochs, median of "
+            f"{args['repeats']} (load average {env['loadavg_start'][0]:.1f} at the start)",
+            cpu,
+        )
     if "gpu" in res:
         gpu = res["gpu"]
-        print_section(f"GPU, {gpu['ours']['device']}, random Phi-3-mini, {gpu['ours']['params']['total']:,} params, "
-                      f"{args['gpu_rows_per_label'] * len(LABELS)} train rows, {args['gpu_epochs']:g} epoch(s)", gpu)
+        print_section(
+            f"GPU, {gpu['ours']['device']}, random Phi-3-mini, {gpu['ours']['params']['total']:,} params, "
+            f"{args['gpu_rows_per_label'] * len(LABELS)} train rows, {args['gpu_epochs']:g} epoch(s)",
+            gpu,
+        )
         if "note" in gpu:
             print(gpu["note"])
     elif "gpu_error" in res:
@@ -612,13 +684,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=float, default=3, help="epochs per run, the same for both recipes")
     p.add_argument("--repeats", type=int, default=5, help="runs per recipe, alternating; medians are reported")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vocab-size", type=int, default=STAND_IN_VOCAB,
-                   help="BPE vocabulary of the stand-in tokenizer (the tiny demo model uses 512)")
+    p.add_argument(
+        "--vocab-size", type=int, default=STAND_IN_VOCAB, help="BPE vocabulary of the stand-in tokenizer (the tiny demo model uses 512)"
+    )
     p.add_argument("--json", metavar="OUT", help="write all results as JSON to OUT")
     p.add_argument("--gpu-rows-per-label", type=int, default=250)
     p.add_argument("--gpu-epochs", type=float, default=1)
-    p.add_argument("--gpu-peak-tflops", type=float,
-                   help="dense bf16 peak of the GPU in TFLOPS, for MFU (default: looked up by device name)")
+    p.add_argument(
+        "--gpu-peak-tflops", type=float, help="dense bf16 peak of the GPU in TFLOPS, for MFU (default: looked up by device name)"
+    )
     p.add_argument("--no-gpu", action="store_true", help="skip the GPU section even when CUDA is available")
     p.add_argument("--workdir", help="keep data, models and raw results here (default: a temp dir)")
     p.add_argument("--worker", choices=["ours", "published"], help=argparse.SUPPRESS)
@@ -630,8 +704,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     if args.worker:
-        worker(args.worker, Path(args.model_dir), Path(args.formatted), args.epochs, Path(args.result),
-               args.gpu_recipe, args.peak_tflops)
+        worker(args.worker, Path(args.model_dir), Path(args.formatted), args.epochs, Path(args.result), args.gpu_recipe, args.peak_tflops)
         return 0
     if args.repeats < 1 or args.epochs <= 0 or args.rows_per_label < 1:
         p.error("--repeats, --epochs and --rows-per-label must be positive")
@@ -645,7 +718,7 @@ def main(argv: list[str] | None = None) -> int:
     worker_only = ("worker", "model_dir", "formatted", "result", "gpu_recipe", "peak_tflops")
     res: dict[str, Any] = {
         "env": {
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "platform": platform.platform(),
             "cpu_count": os.cpu_count(),
             "cuda": torch.cuda.is_available(),
@@ -661,14 +734,16 @@ def main(argv: list[str] | None = None) -> int:
         formatted, texts = prepare_data(workdir / "cpu", args.rows_per_label, args.seed)
         tiny = build_tiny_model(workdir / "cpu" / "tiny", texts, LABELS, seed=args.seed, vocab_size=args.vocab_size)
         res["tokenizer"] = tokenizer_granularity(tiny, formatted)
-        print(f"stand-in tokenizer: {res['tokenizer']['vocab']} tokens, "
-              f"{res['tokenizer']['tokens_per_question_word']:.2f} tokens per question word", flush=True)
+        print(
+            f"stand-in tokenizer: {res['tokenizer']['vocab']} tokens, "
+            f"{res['tokenizer']['tokens_per_question_word']:.2f} tokens per question word",
+            flush=True,
+        )
         runs: dict[str, list[dict]] = {"ours": [], "published": []}
         for i in range(args.repeats):
             for kind in ("ours", "published") if i % 2 == 0 else ("published", "ours"):
                 runs[kind].append(run_worker(kind, tiny, formatted, args.epochs, workdir, "cpu", gpu_recipe=False))
-                print(f"cpu run {i + 1}/{args.repeats} {kind}: {runs[kind][-1]['seconds_per_epoch']:.2f} s/epoch",
-                      flush=True)
+                print(f"cpu run {i + 1}/{args.repeats} {kind}: {runs[kind][-1]['seconds_per_epoch']:.2f} s/epoch", flush=True)
         res["cpu"] = compare(runs)
         res["cpu"]["runs"] = runs
         res["cpu"]["targets"] = targets(res["cpu"], gpu=False)

@@ -7,8 +7,9 @@ field (``models.base.train.accuracy``), never a pydantic traceback.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Callable, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
 from pydantic import (
     AfterValidator,
@@ -127,9 +128,15 @@ def _fail(problem: str, *at: str | int) -> PydanticCustomError:
 
 
 _EXPECTED = {
-    "float_type": "a number", "int_type": "an integer", "string_type": "a string", "bool_type": "a boolean",
-    "dict_type": "an object", "model_type": "an object", "model_attributes_type": "an object",
-    "list_type": "a list", "tuple_type": "a list",
+    "float_type": "a number",
+    "int_type": "an integer",
+    "string_type": "a string",
+    "bool_type": "a boolean",
+    "dict_type": "an object",
+    "model_type": "an object",
+    "model_attributes_type": "an object",
+    "list_type": "a list",
+    "tuple_type": "a list",
 }
 
 
@@ -408,10 +415,19 @@ def write_predictions(
             if generated is not None:
                 prediction = generated[split][i]["prediction"]
                 extra = {"raw": generated[split][i]["raw"]}
-            predictions.append(PredictionRow(
-                id=row["id"], text=row["text"], label=row["label"], group=row.get("group"), origin=row.get("origin"),
-                prediction=prediction, scores=probs, correct=prediction == row["label"], **extra,
-            ))
+            predictions.append(
+                PredictionRow(
+                    id=row["id"],
+                    text=row["text"],
+                    label=row["label"],
+                    group=row.get("group"),
+                    origin=row.get("origin"),
+                    prediction=prediction,
+                    scores=probs,
+                    correct=prediction == row["label"],
+                    **extra,
+                )
+            )
         write_jsonl(predictions_path(output_dir, split), (p.to_json() for p in predictions))
         m = compute_metrics([r["label"] for r in rows], [p.prediction for p in predictions], labels)
         # Label scoring always yields a label; generate-and-parse may not.
@@ -466,8 +482,7 @@ def write_split_report(split_dir: str | Path, report: dict[str, Any]) -> SplitRe
 
 
 def _bounds(value: Any) -> Any:
-    if not (isinstance(value, list) and len(value) == 2
-            and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in value)):
+    if not (isinstance(value, list) and len(value) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in value)):
         raise _fail(f"expected [low, high], got {_json_type(value)}")
     return value
 
@@ -601,9 +616,15 @@ class Summary(Artifact):
             for split in SPLITS:
                 matrix = getattr(model, split).confusion_matrix
                 n = len(self.labels or []) or len(matrix or [])
-                if matrix and (len(matrix) != n or not all(
-                        isinstance(row, list) and len(row) == n
-                        and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in row) for row in matrix)):
+                if matrix and (
+                    len(matrix) != n
+                    or not all(
+                        isinstance(row, list)
+                        and len(row) == n
+                        and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in row)
+                        for row in matrix
+                    )
+                ):
                     raise _fail(f"expected {n} rows of {n} numbers, one per label", "models", name, split, "confusion_matrix")
         return self
 

@@ -11,7 +11,6 @@ Each task gets ``config_slice``, the compile-time part of the run config its sta
 picking from the wrapper's arguments exactly the run parameters the slice lists.
 """
 
-
 from typing import NamedTuple
 
 from kfp import dsl
@@ -205,8 +204,14 @@ def augment_from_errors(
         from ftloop.components.stages import augment_from_errors
 
         meta = augment_from_errors.run(
-            RunConfig.from_slice(config_slice, locals()), splits.path, evaluation.path, augmented.path, round=round,
-            reference_eval_dir=reference_evaluation.path, reference_split_dir=reference_splits.path, model_dir=model.path,
+            RunConfig.from_slice(config_slice, locals()),
+            splits.path,
+            evaluation.path,
+            augmented.path,
+            round=round,
+            reference_eval_dir=reference_evaluation.path,
+            reference_split_dir=reference_splits.path,
+            model_dir=model.path,
         )
         augmented.metadata.update(meta)
         return namedtuple("AugmentDecision", ["decision", "reason"])(meta["decision"], meta["stop_reason"])
@@ -268,7 +273,9 @@ def select_final_model(
             reference=RoundArtifacts(reference_model.path, reference_evaluation.path, reference_splits.path),
             out=RoundArtifacts(kept_model.path, kept_evaluation.path, kept_splits.path),
         )
-        sources = (reference_model, reference_evaluation, reference_splits) if result["kept"] == "reference" else (model, evaluation, splits)
+        sources = (
+            (reference_model, reference_evaluation, reference_splits) if result["kept"] == "reference" else (model, evaluation, splits)
+        )
         for src, dst in zip(sources, (kept_model, kept_evaluation, kept_splits)):
             dst.metadata.update({**src.metadata, "kept": result["kept"], "reason": result["reason"]})
         return result["kept"]

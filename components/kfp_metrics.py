@@ -11,8 +11,15 @@ from ftloop.components.reports.escape import kfp_label
 # as ``<split>_<metric>``: one scheme, so the Compare page lines the tasks and the runs up. Bootstrap intervals are
 # not here: they are computed once, over the rows of all models, when summary.json is built (comparison_scalars).
 KFP_SCALARS = (
-    "accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall", "ece", "invalid_rate",
-    "rows_per_second", "mean_batch_seconds",
+    "accuracy",
+    "macro_f1",
+    "weighted_f1",
+    "macro_precision",
+    "macro_recall",
+    "ece",
+    "invalid_rate",
+    "rows_per_second",
+    "mean_batch_seconds",
 )
 
 

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-DEFAULT_SYSTEM_PROMPT = (
-    "Classify the customer question into exactly one intent. "
-    "Answer with the intent name only. Intents: {labels}."
-)
+DEFAULT_SYSTEM_PROMPT = "Classify the customer question into exactly one intent. Answer with the intent name only. Intents: {labels}."
 
 Message = dict[str, str]
 

@@ -15,9 +15,10 @@ import os
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 from ftloop.components.errors import FtloopError, InputFileError
 
@@ -50,7 +51,7 @@ class Example:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, row: dict[str, Any]) -> "Example":
+    def from_dict(cls, row: dict[str, Any]) -> Example:
         return cls(**{k: row[k] for k in cls.__dataclass_fields__ if k in row})
 
 
@@ -70,13 +71,12 @@ def decode_text(path: str | Path, data: bytes) -> str:
     except UnicodeDecodeError as exc:
         at = start + exc.start
         line, column = line_and_column(at)
-        raise InputFileError(
-            str(path), f"not UTF-8 text: byte 0x{data[at]:02x} at column {column}; save the file as UTF-8", line
-        ) from None
+        raise InputFileError(str(path), f"not UTF-8 text: byte 0x{data[at]:02x} at column {column}; save the file as UTF-8", line) from None
     if "\0" in text:  # valid UTF-8, but no text file has one: UTF-16 without a byte-order mark, or a binary file
         line, column = line_and_column(data.index(b"\0"))
-        raise InputFileError(str(path), f"a NUL byte at column {column}: this is not a UTF-8 text file "
-                                        "(UTF-16, or binary?); save the file as UTF-8", line)
+        raise InputFileError(
+            str(path), f"a NUL byte at column {column}: this is not a UTF-8 text file (UTF-16, or binary?); save the file as UTF-8", line
+        )
     return text
 
 
@@ -104,8 +104,11 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError as exc:
             raise InputFileError(str(path), f"malformed JSON: {exc.msg} (column {exc.colno})", lineno) from None
         except RecursionError:  # the parser recurses once per [ or {: 100,000 of them is a RecursionError
-            raise InputFileError(str(path), f"nested too deeply (limit about {sys.getrecursionlimit()} levels); "
-                                            "a row is one flat JSON object of text fields", lineno) from None
+            raise InputFileError(
+                str(path),
+                f"nested too deeply (limit about {sys.getrecursionlimit()} levels); a row is one flat JSON object of text fields",
+                lineno,
+            ) from None
         if not isinstance(row, dict):
             raise InputFileError(str(path), f"expected a JSON object, got {type(row).__name__}", lineno)
         row["__line__"] = lineno
@@ -222,9 +225,7 @@ def _check_labels(path: str, items: list[tuple[str, int | None]], allowed: list[
     allowed_set = set(allowed)
     for label, lineno in items:
         if label not in allowed_set:
-            raise InputFileError(
-                path, f"label '{label}' is not one of the configured labels {sorted(allowed_set)}", lineno, "label"
-            )
+            raise InputFileError(path, f"label '{label}' is not one of the configured labels {sorted(allowed_set)}", lineno, "label")
 
 
 def _check_unique_ids(path: str, items: list[tuple[str, int | None]]) -> None:
@@ -300,17 +301,27 @@ def _csv_error(path: str, exc: csv.Error, start: int, end: int) -> InputFileErro
     """Name the row where a broken quote starts, not where the parser noticed it (often the end of the file)."""
     reason = str(exc)
     if reason == "unexpected end of data":
-        return InputFileError(path, "unterminated quoted field: the quote opened in this row is never closed; "
-                                    'close it (write a quote inside a field as "")', start)
+        return InputFileError(
+            path,
+            'unterminated quoted field: the quote opened in this row is never closed; close it (write a quote inside a field as "")',
+            start,
+        )
     if reason.endswith("expected after '\"'"):
         if end > start:
-            return InputFileError(path, f"unterminated quoted field: the quote opened in this row runs on to line {end}, "
-                                        'where text follows its closing quote; close it (write a quote inside a field as "")',
-                                  start)
+            return InputFileError(
+                path,
+                f"unterminated quoted field: the quote opened in this row runs on to line {end}, "
+                'where text follows its closing quote; close it (write a quote inside a field as "")',
+                start,
+            )
         return InputFileError(path, 'text after a closing quote; quote the whole field and write a quote inside it as ""', start)
     if reason.startswith("field larger than field limit"):
-        return InputFileError(path, f"a field is longer than {csv.field_size_limit()} characters; a question is a line "
-                                    "of text, not a document (or a quote opened in this row is never closed)", start)
+        return InputFileError(
+            path,
+            f"a field is longer than {csv.field_size_limit()} characters; a question is a line "
+            "of text, not a document (or a quote opened in this row is never closed)",
+            start,
+        )
     return InputFileError(path, f"malformed CSV: {reason}", start)
 
 
@@ -334,11 +345,18 @@ def _read_csv(path: str) -> list[dict[str, Any]]:
             header = [h.strip() for h in record]
             for column, name in enumerate(header, start=1):
                 if not name:
-                    raise InputFileError(path, f"header column {column} has no name; name it or delete the column "
-                                               "(a trailing comma adds an empty one)", start)
+                    raise InputFileError(
+                        path,
+                        f"header column {column} has no name; name it or delete the column (a trailing comma adds an empty one)",
+                        start,
+                    )
                 if header.index(name) + 1 != column:
-                    raise InputFileError(path, f"header names column '{name}' twice (columns {header.index(name) + 1} "
-                                               f"and {column}); the second would silently replace the first", start)
+                    raise InputFileError(
+                        path,
+                        f"header names column '{name}' twice (columns {header.index(name) + 1} "
+                        f"and {column}); the second would silently replace the first",
+                        start,
+                    )
             missing = {"text", "label"} - set(header)
             if missing:
                 raise InputFileError(path, f"header lacks required column(s) {sorted(missing)}", start)

@@ -98,8 +98,9 @@ def remote_source(config: RunConfig, override: str | None = None) -> str | None:
     """The object-store URI a cluster run reads its data from (``override`` first), or None for a local path."""
     secret = url_credentials(override) if override is not None else None
     if secret:  # never echoed: the value is the secret
-        raise FtloopError(f"--source-uri: the URI contains {secret}; the pipeline's service account reads the bucket, "
-                          "so no credentials belong in the URI")
+        raise FtloopError(
+            f"--source-uri: the URI contains {secret}; the pipeline's service account reads the bucket, so no credentials belong in the URI"
+        )
     if override is not None and not override.startswith(REMOTE_SCHEMES):
         raise FtloopError(f"--source-uri '{override}': expected an object-store URI such as gs://BUCKET/articles.jsonl")
     uri = override or config.data.source_path
@@ -112,8 +113,7 @@ def with_source(config: RunConfig, uri: str) -> RunConfig:
     return config.model_copy(update={"data": config.data.model_copy(update={key: uri})})
 
 
-def compile_pipeline(config: RunConfig, output: str | Path, images: dict[str, str] | None = None,
-                     source_uri: str | None = None) -> Path:
+def compile_pipeline(config: RunConfig, output: str | Path, images: dict[str, str] | None = None, source_uri: str | None = None) -> Path:
     """Write the cluster pipeline for ``config`` (images overridden by ``images``) to ``output``.
 
     A gs:// source (``source_uri`` or the config's data path) becomes the default of the

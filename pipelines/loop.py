@@ -8,7 +8,8 @@ every later round stops at once. ``dsl.OneOf`` hands whichever branch ran to the
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from kfp import dsl
 
@@ -36,8 +37,13 @@ class LoopOutputs(NamedTuple):
 
 
 def augmentation_round(
-    r: int, config: RunConfig, place: Placement, args: Callable[[str], dict[str, Any]], formatted: Any,
-    current: RoundOutputs, reference: RoundOutputs,
+    r: int,
+    config: RunConfig,
+    place: Placement,
+    args: Callable[[str], dict[str, Any]],
+    formatted: Any,
+    current: RoundOutputs,
+    reference: RoundOutputs,
 ) -> RoundOutputs:
     """Round ``r``: augment ``current``'s errors and retrain, or stop and keep a model.
 
@@ -47,28 +53,40 @@ def augmentation_round(
     ``args(stage)`` gives a stage's config slice and run parameters (``pipeline.stage_arguments``).
     """
     augment = c.augment_from_errors(
-        round=r, splits=current.splits, evaluation=current.evaluation, model=current.model,
-        reference_splits=reference.splits, reference_evaluation=reference.evaluation, **args("augment_from_errors"),
+        round=r,
+        splits=current.splits,
+        evaluation=current.evaluation,
+        model=current.model,
+        reference_splits=reference.splits,
+        reference_evaluation=reference.evaluation,
+        **args("augment_from_errors"),
     )
     place.generation(augment, f"augment round {r}", config.augment.backend, needs_gpu=config.augment.label_filter == "model")
     with dsl.If(augment.outputs["decision"] == "continue", name=f"round-{r}-continue"):
-        round_formatted = place.data(place.cpu(c.format_chat(splits=augment.outputs["augmented"], **args("format_chat")),
-                                               f"format round {r} data"))
-        round_model = place.training(place.gpu(c.finetune(formatted=round_formatted.output, **args("finetune")),
-                                               f"fine-tune round {r}"))
+        round_formatted = place.data(
+            place.cpu(c.format_chat(splits=augment.outputs["augmented"], **args("format_chat")), f"format round {r} data")
+        )
+        round_model = place.training(place.gpu(c.finetune(formatted=round_formatted.output, **args("finetune")), f"fine-tune round {r}"))
         # Same rows as the base evaluation, so the models are compared pairwise.
-        round_eval = place.training(place.gpu(
-            c.evaluate(model_name="augmented", model=round_model.output, formatted=formatted, **args("evaluate")),
-            f"evaluate round {r}",
-        ))
+        round_eval = place.training(
+            place.gpu(
+                c.evaluate(model_name="augmented", model=round_model.output, formatted=formatted, **args("evaluate")),
+                f"evaluate round {r}",
+            )
+        )
     with dsl.Else(name=f"round-{r}-stop"):
-        kept = place.data(place.cpu(
-            c.carry_forward(
-                decision=augment.outputs["decision"], model=current.model, evaluation=current.evaluation,
-                reference_model=reference.model, reference_evaluation=reference.evaluation,
-            ),
-            f"round {r}: loop stopped, keep model",
-        ))
+        kept = place.data(
+            place.cpu(
+                c.carry_forward(
+                    decision=augment.outputs["decision"],
+                    model=current.model,
+                    evaluation=current.evaluation,
+                    reference_model=reference.model,
+                    reference_evaluation=reference.evaluation,
+                ),
+                f"round {r}: loop stopped, keep model",
+            )
+        )
     return RoundOutputs(
         model=dsl.OneOf(round_model.output, kept.outputs["kept_model"]),
         evaluation=dsl.OneOf(round_eval.outputs["results"], kept.outputs["kept_evaluation"]),
@@ -78,7 +96,11 @@ def augmentation_round(
 
 
 def augmentation_rounds(
-    config: RunConfig, place: Placement, args: Callable[[str], dict[str, Any]], formatted: Any, base: RoundOutputs,
+    config: RunConfig,
+    place: Placement,
+    args: Callable[[str], dict[str, Any]],
+    formatted: Any,
+    base: RoundOutputs,
 ) -> LoopOutputs:
     """``config.augment.rounds`` rounds starting from the base model; round 1 compares against the base itself."""
     current = reference = base

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import inspect
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset
@@ -31,6 +32,7 @@ SOURCE_PARAMETER = "source_uri"
 
 def stage_arguments(config: RunConfig, parameters: dict[str, Any]) -> Callable[[str], dict[str, Any]]:
     """``args(stage)``: a stage's config slice and the run parameters inside it, as task arguments."""
+
     def args(stage: str) -> dict[str, Any]:
         text = config.slice(stage)
         return {"config_slice": text, **{param_name(f): parameters[param_name(f)] for f in json.loads(text)["runtime"]}}
@@ -41,11 +43,13 @@ def stage_arguments(config: RunConfig, parameters: dict[str, Any]) -> Callable[[
 def pipeline_signature(config: RunConfig, source_default: str | None) -> inspect.Signature:
     """``source_uri`` (required when None) and one typed parameter per runtime field, defaulting to the config's value."""
     kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
-    source = inspect.Parameter(SOURCE_PARAMETER, kind, annotation=str,
-                               default=inspect.Parameter.empty if source_default is None else source_default)
+    source = inspect.Parameter(
+        SOURCE_PARAMETER, kind, annotation=str, default=inspect.Parameter.empty if source_default is None else source_default
+    )
     values = config.runtime_values()
-    typed = [inspect.Parameter(param_name(f), kind, annotation=runtime_field_type(f), default=values[param_name(f)])
-             for f in RUNTIME_FIELDS]
+    typed = [
+        inspect.Parameter(param_name(f), kind, annotation=runtime_field_type(f), default=values[param_name(f)]) for f in RUNTIME_FIELDS
+    ]
     return inspect.Signature([source, *typed], return_annotation=Artifact)
 
 
@@ -55,8 +59,7 @@ PARAMETER_DOCS = "\n".join(
 )
 
 
-def build_pipeline(config: RunConfig, for_cluster: bool = False, source_sha256: str | None = None,
-                   use_cache: bool = True) -> Callable:
+def build_pipeline(config: RunConfig, for_cluster: bool = False, source_sha256: str | None = None, use_cache: bool = True) -> Callable:
     """Return the ``@dsl.pipeline`` for this config (cluster settings only when compiling for a cluster).
 
     ``source_sha256`` (local runs) keys the local cache to the source file's content, not just its
@@ -82,16 +85,21 @@ def build_pipeline(config: RunConfig, for_cluster: bool = False, source_sha256: 
 
         # Baselines on the same rows: what a fine-tune has to beat. Like `evaluate`, each logs the same
         # <split>_<metric> scalars and the test confusion matrix.
-        tfidf = place.data(place.cpu(c.tfidf_baseline(formatted=formatted.output, **args("tfidf_baseline")),
-                                     "baseline: TF-IDF + logistic regression"))
-        zero_shot = place.training(place.gpu(c.evaluate_zero_shot(formatted=formatted.output, **args("evaluate_zero_shot")),
-                                             "baseline: zero-shot base model"))
+        tfidf = place.data(
+            place.cpu(c.tfidf_baseline(formatted=formatted.output, **args("tfidf_baseline")), "baseline: TF-IDF + logistic regression")
+        )
+        zero_shot = place.training(
+            place.gpu(c.evaluate_zero_shot(formatted=formatted.output, **args("evaluate_zero_shot")), "baseline: zero-shot base model")
+        )
 
         # 4-5. Fine-tune the base model and evaluate it.
         base_model = place.training(place.gpu(c.finetune(formatted=formatted.output, **args("finetune")), "fine-tune base"))
-        base_eval = place.training(place.gpu(
-            c.evaluate(model_name="base", model=base_model.output, formatted=formatted.output, **args("evaluate")), "evaluate base",
-        ))
+        base_eval = place.training(
+            place.gpu(
+                c.evaluate(model_name="base", model=base_model.output, formatted=formatted.output, **args("evaluate")),
+                "evaluate base",
+            )
+        )
 
         # 6-7. `augment.rounds` rounds of augment-from-errors -> fine-tune -> evaluate, each able to stop the loop.
         base = RoundOutputs(model=base_model.output, evaluation=base_eval.outputs["results"], splits=splits.output)
@@ -99,14 +107,20 @@ def build_pipeline(config: RunConfig, for_cluster: bool = False, source_sha256: 
 
         # The rule between rounds, applied once more after the last one: a last round that lowered
         # dev macro-F1 is not the final model.
-        final = place.data(place.cpu(
-            c.select_final_model(
-                model=last.model, evaluation=last.evaluation, splits=last.splits,
-                reference_model=previous.model, reference_evaluation=previous.evaluation, reference_splits=previous.splits,
-                **args("select_final_model"),
-            ),
-            "keep the better of the last two rounds",
-        ))
+        final = place.data(
+            place.cpu(
+                c.select_final_model(
+                    model=last.model,
+                    evaluation=last.evaluation,
+                    splits=last.splits,
+                    reference_model=previous.model,
+                    reference_evaluation=previous.evaluation,
+                    reference_splits=previous.splits,
+                    **args("select_final_model"),
+                ),
+                "keep the better of the last two rounds",
+            )
+        )
         augmented_eval, augmented_splits = final.outputs["kept_evaluation"], final.outputs["kept_splits"]
 
         # 8. Compare: summary.json and the reports; its Metrics output puts every model's scalars
@@ -129,8 +143,9 @@ def build_pipeline(config: RunConfig, for_cluster: bool = False, source_sha256: 
         # Optionally, both evaluations to Okareo.
         if config.generators.okareo.upload_eval:
             place.generation(
-                c.upload_to_okareo(base_evaluation=base_eval.outputs["results"], augmented_evaluation=augmented_eval,
-                                   **args("upload_to_okareo")),
+                c.upload_to_okareo(
+                    base_evaluation=base_eval.outputs["results"], augmented_evaluation=augmented_eval, **args("upload_to_okareo")
+                ),
                 "upload evaluation to Okareo",
                 "okareo",
             )

@@ -65,8 +65,9 @@ def code_fingerprint() -> str:
     return f"ftloop-{ftloop.__version__}-code-{code.hexdigest()[:16]}"
 
 
-def local_cache_key(task: PipelineTask, upstream: dict[str, str], parameters: dict[str, Any], source_sha256: str,
-                    nonce: str | None = None) -> str:
+def local_cache_key(
+    task: PipelineTask, upstream: dict[str, str], parameters: dict[str, Any], source_sha256: str, nonce: str | None = None
+) -> str:
     """The kfp.local cache key of ``task``: everything its output depends on, upstream tasks included.
 
     kfp.local 2.17.3 hashes only the component name and this custom key (the task's arguments
@@ -78,6 +79,7 @@ def local_cache_key(task: PipelineTask, upstream: dict[str, str], parameters: di
     ``nonce`` (a task that is not cached) makes the key unique to this run, so nothing
     downstream of a rerun task is served from an earlier run.
     """
+
     def encode(value: Any) -> Any:
         if isinstance(value, OneOfMixin):
             return {"one_of": [encode(channel) for channel in value.channels]}
@@ -162,8 +164,7 @@ class LocalPlacement(Placement):
     (``local_cache_key``); the cacheable ones are cached under it. Without a source hash
     (``source_sha256`` None) or with ``use_cache`` off nothing is cached."""
 
-    def __init__(self, parameters: dict[str, Any], source_sha256: str | None = None, cache_training: bool = True,
-                 use_cache: bool = True):
+    def __init__(self, parameters: dict[str, Any], source_sha256: str | None = None, cache_training: bool = True, use_cache: bool = True):
         self.parameters = parameters
         self.source_sha256 = source_sha256
         self.cache_training = cache_training
@@ -180,8 +181,7 @@ class LocalPlacement(Placement):
         return task
 
     def _cache(self, task: PipelineTask, cached: bool) -> PipelineTask:
-        key = local_cache_key(task, self.keys, self.parameters, self.source_sha256 or "none",
-                              nonce=None if cached else self.nonce)
+        key = local_cache_key(task, self.keys, self.parameters, self.source_sha256 or "none", nonce=None if cached else self.nonce)
         self.keys[task.name] = key
         cached = cached and self.enabled
         task.set_caching_options(cached, cache_key=key if cached else None)
@@ -270,9 +270,7 @@ class ClusterPlacement(Placement):
         if backend == "okareo":
             self.attach_okareo_secret(task)
         if backend == "openai" and self.openai.secret_name:
-            kubernetes.use_secret_as_env(
-                task, secret_name=self.openai.secret_name, secret_key_to_env={"api-key": self.openai.api_key_env}
-            )
+            kubernetes.use_secret_as_env(task, secret_name=self.openai.secret_name, secret_key_to_env={"api-key": self.openai.api_key_env})
         return task
 
     def mount_model_cache(self, task: PipelineTask) -> PipelineTask:
@@ -290,14 +288,14 @@ class ClusterPlacement(Placement):
     def attach_okareo_secret(self, task: PipelineTask) -> PipelineTask:
         """OKAREO_API_KEY from the cluster Secret, on this task only; the value never enters the pipeline spec."""
         kubernetes.use_secret_as_env(
-            task, secret_name=self.cluster.okareo_secret_name,
+            task,
+            secret_name=self.cluster.okareo_secret_name,
             secret_key_to_env={self.cluster.okareo_secret_key: OKAREO_ENV},
         )
         return task
 
 
-def placement_for(config: RunConfig, for_cluster: bool, source_sha256: str | None = None,
-                  use_cache: bool = True) -> Placement:
+def placement_for(config: RunConfig, for_cluster: bool, source_sha256: str | None = None, use_cache: bool = True) -> Placement:
     """The cluster policy, or the local one keyed to ``source_sha256`` (no hash or ``use_cache`` off: no cache)."""
     if for_cluster:
         return ClusterPlacement(config.cluster, config.generators.openai)

@@ -114,7 +114,9 @@ def kube_credentials(kubeconfig: str | None, context: str | None, kfp_namespace:
     paths = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
     where = f"--kubeconfig {paths}" if kubeconfig else f"kubeconfig {paths}"
     if not any(Path(p).expanduser().is_file() for p in paths.split(os.pathsep) if p):
-        raise FtloopError(f"{where}: file not found (run 'gcloud container clusters get-credentials CLUSTER --region REGION', or pass --kubeconfig)")
+        raise FtloopError(
+            f"{where}: file not found (run 'gcloud container clusters get-credentials CLUSTER --region REGION', or pass --kubeconfig)"
+        )
     configuration = k8s_client.Configuration()
     configuration.host = ""
     errors: list[str] = []
@@ -138,15 +140,20 @@ def kube_credentials(kubeconfig: str | None, context: str | None, kfp_namespace:
         raise FtloopError(f"{label}: its cluster has no server URL")
     header = configuration.api_key.get("authorization")
     if header and not header.startswith("Bearer "):
-        raise FtloopError(f"{label}: the user authenticates with a username and password; use a token, an exec plugin or a client certificate")
-    token = header[len("Bearer "):] if header else None
+        raise FtloopError(
+            f"{label}: the user authenticates with a username and password; use a token, an exec plugin or a client certificate"
+        )
+    token = header[len("Bearer ") :] if header else None
     client_cert = (configuration.cert_file, configuration.key_file) if configuration.cert_file and configuration.key_file else None
     if not token and client_cert is None:
         detail = f" ({errors[0]})" if errors else ""
         raise FtloopError(f"{label}: gave no credentials{detail}; check that 'kubectl get ns' works with it")
     return KubeCredentials(
-        host=kube_proxy_host(configuration.host, kfp_namespace), token=token,
-        ssl_ca_cert=configuration.ssl_ca_cert, client_cert=client_cert, verify_ssl=bool(configuration.verify_ssl),
+        host=kube_proxy_host(configuration.host, kfp_namespace),
+        token=token,
+        ssl_ca_cert=configuration.ssl_ca_cert,
+        client_cert=client_cert,
+        verify_ssl=bool(configuration.verify_ssl),
     )
 
 
@@ -217,8 +224,10 @@ def make_client(target: Target):
     kwargs: dict = {"host": target.host, "namespace": target.namespace}
     if target.auth == "none":
         if not target.host:
-            raise FtloopError("--auth none needs --host (a port-forward such as http://localhost:8080, $KF_PIPELINES_ENDPOINT "
-                              "or cluster.kfp_host); to go through your kubeconfig use --auth kubeconfig")
+            raise FtloopError(
+                "--auth none needs --host (a port-forward such as http://localhost:8080, $KF_PIPELINES_ENDPOINT "
+                "or cluster.kfp_host); to go through your kubeconfig use --auth kubeconfig"
+            )
     elif target.auth == "kubeconfig":
         if target.host:
             raise FtloopError("--auth kubeconfig reaches KFP through the Kubernetes API server's service proxy; drop --host")
@@ -229,7 +238,9 @@ def make_client(target: Target):
         kwargs["host"] = target.host or in_cluster_host(target.kfp_namespace)
         path = target.token_path or os.environ.get("KF_PIPELINES_SA_TOKEN_PATH", DEFAULT_TOKEN_PATH)
         if not Path(path).is_file():
-            raise FtloopError(f"--auth in-cluster: no service-account token at {path} (mount a projected token with audience pipelines.kubeflow.org)")
+            raise FtloopError(
+                f"--auth in-cluster: no service-account token at {path} (mount a projected token with audience pipelines.kubeflow.org)"
+            )
         kwargs["credentials"] = ServiceAccountTokenVolumeCredentials(path=path)
     elif target.auth == "iap":
         if not target.iap_client_id:
@@ -254,7 +265,9 @@ def _call(fn, where: str):
         return fn()
     except kfp_server_api.ApiException as exc:
         detail = (exc.body or "").strip().replace("\n", " ")[:300] if isinstance(exc.body, str) else ""
-        raise FtloopError(f"{where}: KFP API answered HTTP {exc.status} {exc.reason or ''}".rstrip() + (f": {detail}" if detail else "")) from None
+        raise FtloopError(
+            f"{where}: KFP API answered HTTP {exc.status} {exc.reason or ''}".rstrip() + (f": {detail}" if detail else "")
+        ) from None
     except urllib3.exceptions.HTTPError as exc:
         reason = getattr(exc, "reason", None) or exc
         raise FtloopError(f"{where}: cannot reach the KFP API: {reason}") from None
@@ -285,9 +298,11 @@ def parse_sets(items: list[str] | None) -> dict[str, str]:
             raise FtloopError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.learning_rate=1e-4")
         kind = config_key_kind(key)
         if kind == "compile-time":
-            raise FtloopError(f"--set {key}: is fixed when the pipeline is compiled (it shapes the graph or is built "
-                              f"into its tasks); change it in the run config and compile again. Per-run keys: "
-                              f"{', '.join(RUNTIME_FIELDS)}")
+            raise FtloopError(
+                f"--set {key}: is fixed when the pipeline is compiled (it shapes the graph or is built "
+                f"into its tasks); change it in the run config and compile again. Per-run keys: "
+                f"{', '.join(RUNTIME_FIELDS)}"
+            )
         if kind is None:
             raise FtloopError(f"--set {key}: no such run config key; per-run keys: {', '.join(RUNTIME_FIELDS)}")
         values[key] = value
@@ -312,12 +327,15 @@ def check_arguments(package: Path, config: RunConfig, arguments: dict) -> None:
                 continue
             stage = json.loads(constant)["stage"]
             if constant != config.slice(stage):
-                raise FtloopError(f"{package}: task {name} was compiled from other settings than the run's config "
-                                  f"(its {stage} slice differs); compile the pipeline again from this config")
+                raise FtloopError(
+                    f"{package}: task {name} was compiled from other settings than the run's config "
+                    f"(its {stage} slice differs); compile the pipeline again from this config"
+                )
 
 
-def _prepare(config: RunConfig, images: dict[str, str] | None, source_uri: str | None, workdir: str,
-             sets: dict[str, str] | None = None) -> tuple[RunConfig, Path, dict]:
+def _prepare(
+    config: RunConfig, images: dict[str, str] | None, source_uri: str | None, workdir: str, sets: dict[str, str] | None = None
+) -> tuple[RunConfig, Path, dict]:
     uri = source_uri_for(config, source_uri)
     config = with_source(with_images(config, images), uri)  # the data the run reads (compare_models records it)
     package = compile_pipeline(config, Path(workdir) / "pipeline.yaml")
@@ -343,9 +361,15 @@ def _existing_run(client, experiment_id: str, run_name: str, where: str) -> str 
     return runs[0].run_id if runs else None
 
 
-def submit_run(config: RunConfig, target: Target, run_name: str | None = None,
-               images: dict[str, str] | None = None, source_uri: str | None = None,
-               skip_existing: bool = False, sets: dict[str, str] | None = None) -> dict:
+def submit_run(
+    config: RunConfig,
+    target: Target,
+    run_name: str | None = None,
+    images: dict[str, str] | None = None,
+    source_uri: str | None = None,
+    skip_existing: bool = False,
+    sets: dict[str, str] | None = None,
+) -> dict:
     """Compile the config's cluster pipeline and start one run; returns ids for the caller to print.
 
     With ``skip_existing`` the run is named after the resolved config (unless ``run_name`` is
@@ -365,9 +389,13 @@ def submit_run(config: RunConfig, target: Target, run_name: str | None = None,
                 return {"run_id": existing, "experiment_id": experiment.experiment_id, "run_name": name, "skipped": True}
         result = _call(
             lambda: client.create_run_from_pipeline_package(
-                str(package), arguments=arguments, run_name=name,
-                experiment_id=experiment.experiment_id, namespace=target.namespace,
-                pipeline_root=config.cluster.pipeline_root, service_account=target.service_account,
+                str(package),
+                arguments=arguments,
+                run_name=name,
+                experiment_id=experiment.experiment_id,
+                namespace=target.namespace,
+                pipeline_root=config.cluster.pipeline_root,
+                service_account=target.service_account,
             ),
             where,
         )
@@ -421,9 +449,17 @@ def check_cron(expr: str) -> str:
     return expr
 
 
-def schedule_run(config: RunConfig, target: Target, cron: str, name: str | None = None,
-                 images: dict[str, str] | None = None, source_uri: str | None = None,
-                 max_concurrency: int = 1, catchup: bool = False, sets: dict[str, str] | None = None) -> dict:
+def schedule_run(
+    config: RunConfig,
+    target: Target,
+    cron: str,
+    name: str | None = None,
+    images: dict[str, str] | None = None,
+    source_uri: str | None = None,
+    max_concurrency: int = 1,
+    catchup: bool = False,
+    sets: dict[str, str] | None = None,
+) -> dict:
     """Create a recurring run of the config's pipeline on a cron schedule."""
     cron = check_cron(cron)
     if max_concurrency < 1:
@@ -435,10 +471,16 @@ def schedule_run(config: RunConfig, target: Target, cron: str, name: str | None 
         experiment = _call(lambda: client.create_experiment(name=target.experiment, namespace=target.namespace), where)
         recurring = _call(
             lambda: client.create_recurring_run(
-                experiment_id=experiment.experiment_id, job_name=name or f"{config.name}-schedule",
-                cron_expression=cron, max_concurrency=max_concurrency, no_catchup=not catchup,
-                params=arguments, pipeline_package_path=str(package), enabled=True,
-                pipeline_root=config.cluster.pipeline_root, service_account=target.service_account,
+                experiment_id=experiment.experiment_id,
+                job_name=name or f"{config.name}-schedule",
+                cron_expression=cron,
+                max_concurrency=max_concurrency,
+                no_catchup=not catchup,
+                params=arguments,
+                pipeline_package_path=str(package),
+                enabled=True,
+                pipeline_root=config.cluster.pipeline_root,
+                service_account=target.service_account,
             ),
             where,
         )

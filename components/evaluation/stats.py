@@ -6,8 +6,9 @@ often noise; these numbers say how much of a difference is real.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from math import comb
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -52,7 +53,7 @@ def resampled_scores(
     draws = np.atleast_2d(np.asarray(draws, dtype=int))
     # Blocks of resamples keep memory bounded for large eval sets; the numbers do not depend on the block size.
     block = max(1, 4_000_000 // max(1, draws.shape[1]))
-    parts = [_scores(t[d], p[d], len(labels)) for d in (draws[i:i + block] for i in range(0, len(draws), block))]
+    parts = [_scores(t[d], p[d], len(labels)) for d in (draws[i : i + block] for i in range(0, len(draws), block))]
     return np.concatenate([a for a, _ in parts]), np.concatenate([f for _, f in parts])
 
 

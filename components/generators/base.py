@@ -25,9 +25,7 @@ class Generator(Protocol):
 
     def questions(self, articles: list[Article], n: int) -> list[Example]: ...
 
-    def rephrase(
-        self, examples: list[Example], n: int, hint: dict[str, str] | None = None, round: int | None = None
-    ) -> list[Example]:
+    def rephrase(self, examples: list[Example], n: int, hint: dict[str, str] | None = None, round: int | None = None) -> list[Example]:
         """``n`` rephrasings per example; ``hint`` maps example id -> the label it was confused with;
         ``round`` (default: the parent's round + 1) goes into each new row's id and ``round``."""
         ...
@@ -196,16 +194,14 @@ class PromptedGenerator:
                 self.checkpoint.put(key, items)
             if transport is not None:
                 raise GeneratorError(
-                    f"{self.name} backend: {transport}; {len(results)} of {len(keys)} requests completed"
-                    + self._saved_note()
+                    f"{self.name} backend: {transport}; {len(results)} of {len(keys)} requests completed" + self._saved_note()
                 )
             pending = failed
         if pending:
             key = pending[0][0]
             raise GeneratorError(
                 f"{self.name} backend: {len(pending)} of {len(keys)} requests gave no parseable list after "
-                f"{self.max_attempts} attempt(s) (e.g. request {key[:8]}: {last_problem.get(key, 'no reply')})"
-                + self._saved_note()
+                f"{self.max_attempts} attempt(s) (e.g. request {key[:8]}: {last_problem.get(key, 'no reply')})" + self._saved_note()
             )
         return results
 
@@ -222,20 +218,21 @@ class PromptedGenerator:
             for i, text in enumerate(results[key], start=1):
                 rows.append(
                     Example(
-                        id=f"{article.id}-q{i:02d}", text=text, label=article.label, group=article.id,
-                        origin="generated", parent_id=article.id, generator=f"{self.name}:{self.identity}", round=0,
+                        id=f"{article.id}-q{i:02d}",
+                        text=text,
+                        label=article.label,
+                        group=article.id,
+                        origin="generated",
+                        parent_id=article.id,
+                        generator=f"{self.name}:{self.identity}",
+                        round=0,
                     )
                 )
         return rows
 
-    def rephrase(
-        self, examples: list[Example], n: int, hint: dict[str, str] | None = None, round: int | None = None
-    ) -> list[Example]:
+    def rephrase(self, examples: list[Example], n: int, hint: dict[str, str] | None = None, round: int | None = None) -> list[Example]:
         hint = hint or {}
-        jobs = [
-            (request_key(self.identity, m, n), m, n)
-            for m in (rephrase_messages(e, n, hint.get(e.id)) for e in examples)
-        ]
+        jobs = [(request_key(self.identity, m, n), m, n) for m in (rephrase_messages(e, n, hint.get(e.id)) for e in examples)]
         results = self._run(jobs)
         rows: list[Example] = []
         for example, (key, _, _) in zip(examples, jobs):
@@ -243,8 +240,14 @@ class PromptedGenerator:
             for i, text in enumerate(results[key], start=1):
                 rows.append(
                     Example(
-                        id=f"{example.id}-r{r}.{i}", text=text, label=example.label, group=example.group,
-                        origin="rephrased", parent_id=example.id, generator=f"{self.name}:{self.identity}", round=r,
+                        id=f"{example.id}-r{r}.{i}",
+                        text=text,
+                        label=example.label,
+                        group=example.group,
+                        origin="rephrased",
+                        parent_id=example.id,
+                        generator=f"{self.name}:{self.identity}",
+                        round=r,
                         meta={"confused_with": hint[example.id]} if example.id in hint else {},
                     )
                 )

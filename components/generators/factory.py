@@ -13,7 +13,7 @@ from ftloop.components.generators.base import Generator
 from ftloop.components.generators.offline import OfflineGenerator
 
 
-def make_generator(backend: str, config: "RunConfig", checkpoint_dir: str | Path | None = None) -> Generator:
+def make_generator(backend: str, config: RunConfig, checkpoint_dir: str | Path | None = None) -> Generator:
     """The configured backend; prompted backends checkpoint completed requests under ``checkpoint_dir``."""
     checkpoint = Path(checkpoint_dir) / f"{backend}-requests.jsonl" if checkpoint_dir else None
     if backend == "offline":
@@ -33,8 +33,6 @@ def make_generator(backend: str, config: "RunConfig", checkpoint_dir: str | Path
     raise ValueError(f"unknown generator backend {backend!r}")
 
 
-def generate_questions(
-    articles: list[Article], config: "RunConfig", checkpoint_dir: str | Path | None = None
-) -> list[Example]:
+def generate_questions(articles: list[Article], config: RunConfig, checkpoint_dir: str | Path | None = None) -> list[Example]:
     backend = config.generate.backend
     return make_generator(backend, config, checkpoint_dir).questions(articles, config.generate.questions_per_article)

@@ -16,8 +16,8 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from dataclasses import replace
-from typing import Iterable
 
 from ftloop.components.config import FiltersConfig
 from ftloop.components.records import SPLITS, Example
@@ -92,13 +92,7 @@ def quality_problem(text: str, labels: Iterable[str], cfg: FiltersConfig) -> str
     lowered = text.lower().strip()
     for label in labels:
         name = label.lower()
-        if (
-            lowered == name
-            or lowered.startswith(f"{name}:")
-            or f"[{name}]" in lowered
-            or f"({name})" in lowered
-            or f"<{name}>" in lowered
-        ):
+        if lowered == name or lowered.startswith(f"{name}:") or f"[{name}]" in lowered or f"({name})" in lowered or f"<{name}>" in lowered:
             return "label_leak"
     if _LEAK.search(text):
         return "label_leak"

@@ -35,8 +35,7 @@ class HFGenerator(PromptedGenerator):
             from ftloop.components.modeling.loading import load_base_model, load_tokenizer, quiet_progress_bars
 
             with quiet_progress_bars():
-                model = load_base_model(self.cfg.name_or_path, self.cfg.revision, self.cfg.dtype, prefer_flash=True,
-                                        key=CONFIG_KEY)
+                model = load_base_model(self.cfg.name_or_path, self.cfg.revision, self.cfg.dtype, prefer_flash=True, key=CONFIG_KEY)
                 tokenizer = load_tokenizer(self.cfg.name_or_path, self.cfg.revision, key=CONFIG_KEY)
             if torch.cuda.is_available():
                 model.to("cuda")
@@ -64,8 +63,8 @@ class HFGenerator(PromptedGenerator):
                 input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
                 mask = torch.zeros((len(batch), width), dtype=torch.long)
                 for i, ids in enumerate(batch):  # left padding: every prompt ends where generation starts
-                    input_ids[i, width - len(ids):] = torch.tensor(ids)
-                    mask[i, width - len(ids):] = 1
+                    input_ids[i, width - len(ids) :] = torch.tensor(ids)
+                    mask[i, width - len(ids) :] = 1
                 torch.manual_seed(self.seed * 1_000_003 + start * 101 + attempt)
                 out = model.generate(
                     input_ids=input_ids.to(device),

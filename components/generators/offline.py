@@ -59,7 +59,7 @@ def _tokens(text: str) -> list[str]:
     return [w.lower() for w in _WORD.findall(text)]
 
 
-def key_phrases(article: Article, stats: "CorpusStats", limit: int = 8) -> list[str]:
+def key_phrases(article: Article, stats: CorpusStats, limit: int = 8) -> list[str]:
     """Phrases a customer would ask about: frequent in the article, in its title, and specific to its label.
 
     Ranked by tf x title boost x label specificity (share of the articles
@@ -123,7 +123,7 @@ class OfflineGenerator:
             while len(seen) < n and attempts < n * 20:
                 attempts += 1
                 template = rng.choice(QUESTION_TEMPLATES)
-                a, b = (rng.sample(phrases, 2) if len(phrases) > 1 else (phrases[0], phrases[0]))
+                a, b = rng.sample(phrases, 2) if len(phrases) > 1 else (phrases[0], phrases[0])
                 text = template.format(a=a, b=b)
                 text = text[0].upper() + text[1:]
                 if text.lower() in seen:
@@ -143,9 +143,7 @@ class OfflineGenerator:
                 )
         return rows
 
-    def rephrase(
-        self, examples: list[Example], n: int, hint: dict[str, str] | None = None, round: int | None = None
-    ) -> list[Example]:
+    def rephrase(self, examples: list[Example], n: int, hint: dict[str, str] | None = None, round: int | None = None) -> list[Example]:
         """Surface rewrites (fillers, synonyms, casing); ``hint`` maps example id -> confused label."""
         hint = hint or {}
         out: list[Example] = []

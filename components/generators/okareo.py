@@ -31,8 +31,9 @@ import os
 import time
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from ftloop.components.config import OkareoConfig
 from ftloop.components.errors import ConfigError
@@ -69,9 +70,7 @@ def _reply_being_parsed(exc: BaseException) -> Any:
     tb = exc.__traceback__
     while tb is not None:
         frame = tb.tb_frame
-        if frame.f_code.co_name == "_parse_response" and str(frame.f_globals.get("__name__", "")).startswith(
-            "okareo_api_client."
-        ):
+        if frame.f_code.co_name == "_parse_response" and str(frame.f_globals.get("__name__", "")).startswith("okareo_api_client."):
             return frame.f_locals.get("response")
         tb = tb.tb_next
     return None
@@ -228,15 +227,21 @@ class OkareoGenerator:
         for article_id, text in pairs:
             counter[article_id] += 1
             article = by_id[article_id]
-            rows.append(Example(
-                id=f"{article_id}-q{counter[article_id]:02d}", text=text, label=article.label, group=article.id,
-                origin="generated", parent_id=article.id, generator="okareo:TEXT_REVERSE_QUESTION", round=0,
-            ))
+            rows.append(
+                Example(
+                    id=f"{article_id}-q{counter[article_id]:02d}",
+                    text=text,
+                    label=article.label,
+                    group=article.id,
+                    origin="generated",
+                    parent_id=article.id,
+                    generator="okareo:TEXT_REVERSE_QUESTION",
+                    round=0,
+                )
+            )
         return rows
 
-    def rephrase(
-        self, examples: list[Example], n: int, hint: dict[str, str] | None = None, round: int | None = None
-    ) -> list[Example]:
+    def rephrase(self, examples: list[Example], n: int, hint: dict[str, str] | None = None, round: int | None = None) -> list[Example]:
         if not examples:
             return []
         hint = hint or {}
@@ -248,11 +253,19 @@ class OkareoGenerator:
             counter[parent_id] += 1
             parent = by_id[parent_id]
             r = parent.round + 1 if round is None else round
-            rows.append(Example(
-                id=f"{parent_id}-r{r}.{counter[parent_id]}", text=text, label=parent.label, group=parent.group,
-                origin="rephrased", parent_id=parent_id, generator="okareo:REPHRASE_INVARIANT", round=r,
-                meta={"confused_with": hint[parent_id]} if parent_id in hint else {},
-            ))
+            rows.append(
+                Example(
+                    id=f"{parent_id}-r{r}.{counter[parent_id]}",
+                    text=text,
+                    label=parent.label,
+                    group=parent.group,
+                    origin="rephrased",
+                    parent_id=parent_id,
+                    generator="okareo:REPHRASE_INVARIANT",
+                    round=r,
+                    meta={"confused_with": hint[parent_id]} if parent_id in hint else {},
+                )
+            )
         return rows
 
 
@@ -293,10 +306,7 @@ def upload_evaluation(
             scenarios[split] = session.scenario(f"{cfg.name_prefix}-{run_name}-{split}-{_digest(pairs)}", pairs)
     links: dict[str, dict[str, str]] = {}
     for model_name, eval_dir in eval_dirs.items():
-        predictions = {
-            split: {r["text"]: r["prediction"] for r in read_jsonl(predictions_path(eval_dir, split))}
-            for split in scenarios
-        }
+        predictions = {split: {r["text"]: r["prediction"] for r in read_jsonl(predictions_path(eval_dir, split))} for split in scenarios}
         merged = {text: pred for split_preds in predictions.values() for text, pred in split_preds.items()}
         mut = session.call(
             f"register model {model_name!r}",

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -87,7 +86,7 @@ class OpenAIGenerator(PromptedGenerator):
                 raise err from None
             hint = f" (is {self.cfg.api_key_env} set?)" if exc.code in (401, 403) else ""
             raise GeneratorError(f"{self.url}: HTTP {exc.code}{hint}: {detail}") from None
-        except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as exc:
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
             reason = getattr(exc, "reason", exc)
             raise TransientError(f"connection failed: {reason}") from None
         try:

@@ -14,8 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 from ftloop.components.config import RunConfig
 from ftloop.components.errors import FtloopError
@@ -25,11 +26,11 @@ CHECKPOINT_PREFIX = "checkpoint-"
 
 
 def checkpoint_step(name: str) -> int:
-    return int(name[len(CHECKPOINT_PREFIX):])
+    return int(name[len(CHECKPOINT_PREFIX) :])
 
 
 def is_checkpoint_name(name: str) -> bool:
-    return name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit()
+    return name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX) :].isdigit()
 
 
 def training_fingerprint(config: RunConfig, data_sha256: str) -> str:
@@ -105,7 +106,7 @@ class GcsStore:
     def __init__(self, uri: str, client=None):
         from google.cloud import storage
 
-        bucket, _, prefix = uri[len("gs://"):].partition("/")
+        bucket, _, prefix = uri[len("gs://") :].partition("/")
         if not bucket:
             raise FtloopError(f"train.checkpoint_uri: {uri!r} names no bucket")
         self.uri = uri.rstrip("/")
@@ -125,7 +126,7 @@ class GcsStore:
         base = self._key() + "/" if self._prefix else ""
         names = set()
         for blob in self._client.list_blobs(self._bucket, prefix=base, retry=self._retry()):
-            rest = blob.name[len(base):]
+            rest = blob.name[len(base) :]
             parts = rest.split("/")
             if len(parts) == 2 and parts[1] == COMPLETE_MARKER:
                 names.add(parts[0])
@@ -135,15 +136,13 @@ class GcsStore:
         for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
             rel = path.relative_to(local_dir).as_posix()
             self._bucket.blob(self._key(local_dir.name, rel)).upload_from_filename(str(path), retry=self._retry())
-        self._bucket.blob(self._key(local_dir.name, COMPLETE_MARKER)).upload_from_string(
-            "complete\n", retry=self._retry()
-        )
+        self._bucket.blob(self._key(local_dir.name, COMPLETE_MARKER)).upload_from_string("complete\n", retry=self._retry())
 
     def download(self, name: str, dest: Path) -> None:
         shutil.rmtree(dest, ignore_errors=True)
         prefix = self._key(name) + "/"
         for blob in self._client.list_blobs(self._bucket, prefix=prefix, retry=self._retry()):
-            rel = blob.name[len(prefix):]
+            rel = blob.name[len(prefix) :]
             if rel == COMPLETE_MARKER or not rel:
                 continue
             target = dest / rel

@@ -55,23 +55,42 @@ def _fmt(value: Any, digits: int = 4) -> str:
 def model_card(meta: dict[str, Any]) -> str:
     base, dev, train = meta["base_model"], meta["dev"], meta["train"]
     revision = f" @ `{base['revision']}`" if base.get("revision") else ""
-    history = "\n".join(
-        f"| {h.get('epoch', 0):.2f} | {h.get('step', '')} | {_fmt(h.get('eval_loss'))} | {_fmt(h.get('eval_macro_f1'))} |"
-        for h in dev["history"]
-    ) or "| - | - | - | - |"
+    history = (
+        "\n".join(
+            f"| {h.get('epoch', 0):.2f} | {h.get('step', '')} | {_fmt(h.get('eval_loss'))} | {_fmt(h.get('eval_macro_f1'))} |"
+            for h in dev["history"]
+        )
+        or "| - | - | - | - |"
+    )
     merged = meta.get("merged")
     merged_note = (
         f"A merged export (adapter folded into the {merged['dtype']} base) is in `{merged['path']}/`."
-        + (" It was merged into the unquantized base although training ran on NF4 weights, so its outputs "
-           "differ slightly from base + adapter." if merged.get("from_quantized_base") else "")
-        if merged else "No merged export was written (`train.export_merged: false`)."
+        + (
+            " It was merged into the unquantized base although training ran on NF4 weights, so its outputs "
+            "differ slightly from base + adapter."
+            if merged.get("from_quantized_base")
+            else ""
+        )
+        if merged
+        else "No merged export was written (`train.export_merged: false`)."
     )
-    hyper = {k: train[k] for k in ("epochs", "learning_rate", "batch_size", "gradient_accumulation_steps",
-                                   "max_length", "lr_scheduler", "warmup_ratio", "early_stopping_metric",
-                                   "early_stopping_patience")}
+    hyper = {
+        k: train[k]
+        for k in (
+            "epochs",
+            "learning_rate",
+            "batch_size",
+            "gradient_accumulation_steps",
+            "max_length",
+            "lr_scheduler",
+            "warmup_ratio",
+            "early_stopping_metric",
+            "early_stopping_patience",
+        )
+    }
     peak = meta.get("peak_gpu_memory_bytes") or meta.get("peak_rss_bytes")
     peak_label = "GPU memory allocated" if meta.get("peak_gpu_memory_bytes") else "process RSS"
-    return f"""# Intent classifier: LoRA adapter for {base['name_or_path']}
+    return f"""# Intent classifier: LoRA adapter for {base["name_or_path"]}
 
 A LoRA adapter trained by ftloop to answer a customer question
 with exactly one intent label. Evaluate it by label scoring (one forward pass, a
@@ -83,22 +102,22 @@ probability per label), as ftloop's evaluate step does.
 
 ## Base model
 
-- `{base['name_or_path']}`{revision}, weights {base.get('quantization', 'none') if base.get('quantization') not in (None, 'none') else base['dtype']}
-- LoRA r={meta['lora']['r']}, alpha={meta['lora']['alpha']}, dropout={meta['lora']['dropout']} on {", ".join(f"`{m}`" for m in meta['target_modules'])}
-- {meta['trainable_params']:,} of {meta['total_params']:,} parameters trained
+- `{base["name_or_path"]}`{revision}, weights {base.get("quantization", "none") if base.get("quantization") not in (None, "none") else base["dtype"]}
+- LoRA r={meta["lora"]["r"]}, alpha={meta["lora"]["alpha"]}, dropout={meta["lora"]["dropout"]} on {", ".join(f"`{m}`" for m in meta["target_modules"])}
+- {meta["trainable_params"]:,} of {meta["total_params"]:,} parameters trained
 
 ## Training
 
-- data sha256 `{meta['data_sha256']}`: {meta['n_train_rows']} train rows, {meta['n_dev_rows']} dev rows; seed {meta['seed']}
+- data sha256 `{meta["data_sha256"]}`: {meta["n_train_rows"]} train rows, {meta["n_dev_rows"]} dev rows; seed {meta["seed"]}
 - hyperparameters: {json.dumps(hyper)}
-- {meta['steps']} of {meta['max_steps']} steps ({meta['epochs_completed']} epochs){', stopped early' if meta['stopped_early'] else ''}{f", resumed from {meta['resumed_from']}" if meta.get('resumed_from') else ''}
-- tokens seen: {_fmt(meta.get('tokens_seen'))}; train loss {_fmt(meta['train_loss'])}
-- wall time {_fmt(meta.get('wall_time_s'), 1)} s on {meta['device']}; peak {peak_label} {(peak or 0) / 2**30:.2f} GiB
-- libraries: {", ".join(f"{k} {v}" for k, v in meta['versions'].items())}
+- {meta["steps"]} of {meta["max_steps"]} steps ({meta["epochs_completed"]} epochs){", stopped early" if meta["stopped_early"] else ""}{f", resumed from {meta['resumed_from']}" if meta.get("resumed_from") else ""}
+- tokens seen: {_fmt(meta.get("tokens_seen"))}; train loss {_fmt(meta["train_loss"])}
+- wall time {_fmt(meta.get("wall_time_s"), 1)} s on {meta["device"]}; peak {peak_label} {(peak or 0) / 2**30:.2f} GiB
+- libraries: {", ".join(f"{k} {v}" for k, v in meta["versions"].items())}
 
 ## Dev evaluation during training
 
-Kept checkpoint: step {_fmt(dev.get('best_step'))}, {dev['metric']} = {_fmt(dev.get('best_metric'))}.
+Kept checkpoint: step {_fmt(dev.get("best_step"))}, {dev["metric"]} = {_fmt(dev.get("best_metric"))}.
 
 | epoch | step | dev loss | dev macro-F1 |
 |---|---|---|---|
@@ -113,7 +132,7 @@ seen during training or checkpoint selection.
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-base = AutoModelForCausalLM.from_pretrained("{base['name_or_path']}"{f', revision="{base["revision"]}"' if base.get('revision') else ''}, dtype="auto")
+base = AutoModelForCausalLM.from_pretrained("{base["name_or_path"]}"{f', revision="{base["revision"]}"' if base.get("revision") else ""}, dtype="auto")
 model = PeftModel.from_pretrained(base, "path/to/this/directory")
 tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")
 ```

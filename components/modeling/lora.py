@@ -38,7 +38,6 @@ def resolve_target_modules(model: nn.Module, spec: str | list[str]) -> list[str]
     missing = [n for n in names if n not in available]
     if missing or not names:
         raise FtloopError(
-            f"lora.target_modules: {missing or names} not found among the model's linear layers; "
-            f"available: {sorted(available)}"
+            f"lora.target_modules: {missing or names} not found among the model's linear layers; available: {sorted(available)}"
         )
     return names

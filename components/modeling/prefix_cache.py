@@ -13,7 +13,8 @@ tests/unit/test_prefix_training.py compare each against the plain computation.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

@@ -119,15 +119,12 @@ def estimate_training_memory(
     return MemoryEstimate(total, lora, weights, lora * 16, int(activations), overhead)
 
 
-def preflight(
-    config: RunConfig, model_config, target_modules: list[str], device: DeviceInfo, weight_dtype: torch.dtype
-) -> dict[str, Any]:
+def preflight(config: RunConfig, model_config, target_modules: list[str], device: DeviceInfo, weight_dtype: torch.dtype) -> dict[str, Any]:
     """Refuse a config the device cannot run; otherwise return the report that goes into the model metadata."""
     if config.model.quantization == "nf4":
         if device.kind != "cuda":
             raise FtloopError(
-                "model.quantization: nf4 (QLoRA) needs a CUDA GPU; this machine has none. "
-                "Use model.quantization: none (bf16/fp32 LoRA)"
+                "model.quantization: nf4 (QLoRA) needs a CUDA GPU; this machine has none. Use model.quantization: none (bf16/fp32 LoRA)"
             )
         if not device.bitsandbytes:
             raise FtloopError(

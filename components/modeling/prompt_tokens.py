@@ -53,8 +53,11 @@ def _only_last_content_differs(prompts: list[list[Message]]) -> bool:
     if not first or set(first[-1]) != {"role", "content"}:
         return False
     return all(
-        len(p) == len(first) and p[:-1] == first[:-1] and set(p[-1]) == {"role", "content"}
-        and p[-1]["role"] == first[-1]["role"] and isinstance(p[-1]["content"], str)
+        len(p) == len(first)
+        and p[:-1] == first[:-1]
+        and set(p[-1]) == {"role", "content"}
+        and p[-1]["role"] == first[-1]["role"]
+        and isinstance(p[-1]["content"], str)
         for p in prompts
     )
 
@@ -79,7 +82,7 @@ def _splice_plan(tokenizer, context: list[Message], role: str) -> dict[str, Any]
     start = rendered[0].find(PROBES[0])
     if start < 0 or rendered[0].count(PROBES[0]) != 1:
         return None
-    head, tail = rendered[0][:start], rendered[0][start + len(PROBES[0]):]
+    head, tail = rendered[0][:start], rendered[0][start + len(PROBES[0]) :]
     if rendered[1] != head + PROBES[1] + tail:
         return None  # the template does not insert the content verbatim
     bounds = _boundary_tokens(tokenizer, head, tail)

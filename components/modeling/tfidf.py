@@ -22,7 +22,4 @@ class TfidfClassifier:
     def scores(self, texts: list[str]) -> list[dict[str, float]]:
         """A probability per label for each text; labels absent from train get 0, so every label has a score."""
         proba = self.model.predict_proba(texts) if texts else []
-        return [
-            {label: float(p[self.classes.index(label)]) if label in self.classes else 0.0 for label in self.labels}
-            for p in proba
-        ]
+        return [{label: float(p[self.classes.index(label)]) if label in self.classes else 0.0 for label in self.labels} for p in proba]

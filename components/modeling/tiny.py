@@ -225,7 +225,12 @@ def _build(output_dir: Path, texts: list[str], labels: list[str], seed: int, dim
         model.save_pretrained(output_dir)  # safetensors is the only format transformers 5 writes
         tokenizer.save_pretrained(output_dir)
     # Written last: with the fingerprint it marks a complete model built from these inputs.
-    meta = {"seed": seed, "size": dims, "labels": list(labels), "n_texts": len(texts),
-            "fingerprint": tiny_model_fingerprint(texts, labels, seed, dims)}
+    meta = {
+        "seed": seed,
+        "size": dims,
+        "labels": list(labels),
+        "n_texts": len(texts),
+        "fingerprint": tiny_model_fingerprint(texts, labels, seed, dims),
+    }
     with open(output_dir / MARKER, "w", encoding="utf-8") as handle:
         handle.write(json.dumps(meta, indent=2) + "\n")

@@ -142,8 +142,7 @@ def _eager():
     return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
-def resolve_compile(setting: str | bool, cuda: bool, shares_prefix: bool, gradient_checkpointing: bool,
-                    quantized: bool) -> bool:
+def resolve_compile(setting: str | bool, cuda: bool, shares_prefix: bool, gradient_checkpointing: bool, quantized: bool) -> bool:
     """Whether ``train.compile`` compiles the decoder layers (see TrainConfig.compile).
 
     auto stays off on CPU: compiling the tiny demo model's layers (tens of seconds) costs more than
@@ -239,11 +238,10 @@ def build_trainer(
     # gradient checkpointing) FlashAttention-2's padding-free batches are the next best thing.
     # Compiled layers cannot share it: each layer's cache slot would be a separate compiled graph.
     try_sharing = train.share_prompt_prefix and not train.gradient_checkpointing and train.compile is not True
-    compile_layers = resolve_compile(train.compile, torch.cuda.is_available(), try_sharing, train.gradient_checkpointing,
-                                     config.model.quantization != "none")
-    model = load_base_model(
-        name, config.model.revision, config.model.dtype, config.model.quantization, prefer_flash=not try_sharing
+    compile_layers = resolve_compile(
+        train.compile, torch.cuda.is_available(), try_sharing, train.gradient_checkpointing, config.model.quantization != "none"
     )
+    model = load_base_model(name, config.model.revision, config.model.dtype, config.model.quantization, prefer_flash=not try_sharing)
 
     # With FlashAttention the batch is flattened without pad tokens (TRL's padding-free mode);
     # TRL then wants max_length=None, which the length filter above makes safe. Otherwise

@@ -75,7 +75,7 @@ def _render(fig, key: str, title: str) -> Chart:
         fig.savefig(png_buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     svg = svg_buffer.getvalue().decode("utf-8")
-    svg = svg[svg.index("<svg"):]  # no XML declaration or DOCTYPE: an inline SVG is part of the HTML document
+    svg = svg[svg.index("<svg") :]  # no XML declaration or DOCTYPE: an inline SVG is part of the HTML document
     return Chart(key, title, chart_file(key), _scoped_ids(svg, key), png_buffer.getvalue())
 
 
@@ -104,7 +104,8 @@ def confusion_chart(matrix: list[list[Any]], labels: list[str], key: str, title:
     fig, ax = _figure(figsize=(size + 1.2, size))
     with plt.rc_context(_RC):
         display = ConfusionMatrixDisplay(confusion_matrix=data, display_labels=shown).plot(
-            ax=ax, cmap="Blues", xticks_rotation=45, colorbar=False, values_format="d" if data.dtype.kind in "iu" else ".3g")
+            ax=ax, cmap="Blues", xticks_rotation=45, colorbar=False, values_format="d" if data.dtype.kind in "iu" else ".3g"
+        )
         # The display draws the cells as a raster image, which an SVG can only carry as a data: URI; draw them as
         # vector cells with the same colours instead, and keep its labels, ticks and cell values.
         image = display.im_

@@ -62,19 +62,30 @@ def render_html(summary: dict[str, Any], charts: list[Chart] | None = None) -> s
     section = flip_section(summary)
     if section is not None:
         key, before, after, test, rows = section
-        flips = {"key": key, "before": before, "after": after, "fixed": test["fixed"], "broken": test["broken"],
-                 "p": format_p(test["p_value"]), "rows": [flip_cells(f) for f in rows[:HTML_FLIPS]],
-                 "more": max(0, len(rows) - HTML_FLIPS)}
-    return environment().get_template(TEMPLATE).render(
-        run_name=summary.get("run_name") or "",
-        headline=headline(summary),
-        models=model_order(summary),
-        labels=summary.get("labels") or [],
-        comparison={"header": comparison_header(summary), "rows": comparison_rows(summary)},
-        detail={"header": TEST_DETAIL_HEADER, "rows": test_detail_rows(summary)},
-        pairwise={"header": PAIRWISE_HEADER, "rows": pairwise_rows(summary)} if summary.get("significance") else None,
-        charts=[{"title": c.title, "file": c.file, "svg": Markup(c.svg)} for c in charts],
-        flips=flips,
-        augmentation=augmentation_lines(summary),
-        data=data_lines(summary),
+        flips = {
+            "key": key,
+            "before": before,
+            "after": after,
+            "fixed": test["fixed"],
+            "broken": test["broken"],
+            "p": format_p(test["p_value"]),
+            "rows": [flip_cells(f) for f in rows[:HTML_FLIPS]],
+            "more": max(0, len(rows) - HTML_FLIPS),
+        }
+    return (
+        environment()
+        .get_template(TEMPLATE)
+        .render(
+            run_name=summary.get("run_name") or "",
+            headline=headline(summary),
+            models=model_order(summary),
+            labels=summary.get("labels") or [],
+            comparison={"header": comparison_header(summary), "rows": comparison_rows(summary)},
+            detail={"header": TEST_DETAIL_HEADER, "rows": test_detail_rows(summary)},
+            pairwise={"header": PAIRWISE_HEADER, "rows": pairwise_rows(summary)} if summary.get("significance") else None,
+            charts=[{"title": c.title, "file": c.file, "svg": Markup(c.svg)} for c in charts],
+            flips=flips,
+            augmentation=augmentation_lines(summary),
+            data=data_lines(summary),
+        )
     )

@@ -45,26 +45,41 @@ def render_markdown(summary: dict[str, Any], charts: list[Chart] | None = None) 
     verdict = headline(summary)
     if verdict:
         lines += ["**Verdict:** " + " ".join(md(s) for s in verdict), ""]
-    lines += [f"Models: {', '.join(md(m) for m in model_order(summary))}. "
-              f"Labels: {', '.join(md(label) for label in summary.get('labels') or [])}.", ""]
+    lines += [
+        f"Models: {', '.join(md(m) for m in model_order(summary))}. "
+        f"Labels: {', '.join(md(label) for label in summary.get('labels') or [])}.",
+        "",
+    ]
     lines += md_table(header, comparison_rows(summary), ["l", "l", *("r" * (len(header) - 2))])
     lines += ["", "## Test split: 95% bootstrap intervals, calibration, invalid outputs, speed", ""]
     lines += md_table(TEST_DETAIL_HEADER, test_detail_rows(summary), "lrrrrr")
     if summary.get("significance"):
-        lines += ["", "## Pairwise comparisons (McNemar's exact test, paired on the same rows)", "",
-                  "Δ = after - before; fixed = rows wrong before and right after, broken = the reverse.", ""]
+        lines += [
+            "",
+            "## Pairwise comparisons (McNemar's exact test, paired on the same rows)",
+            "",
+            "Δ = after - before; fixed = rows wrong before and right after, broken = the reverse.",
+            "",
+        ]
         lines += md_table(PAIRWISE_HEADER, pairwise_rows(summary), "llrrrrr")
     section = flip_section(summary)
     if section is not None:
         key, before, after, test, flips = section
-        lines += ["", f"## Test rows that flipped: {md(before)} -> {md(after)}", "",
-                  f"{test['fixed']} fixed, {test['broken']} broken, McNemar p = {format_p(test['p_value'])}."]
+        lines += [
+            "",
+            f"## Test rows that flipped: {md(before)} -> {md(after)}",
+            "",
+            f"{test['fixed']} fixed, {test['broken']} broken, McNemar p = {format_p(test['p_value'])}.",
+        ]
         if flips:
-            lines += [""] + md_table(["change", "id", "question", "label", before, after],
-                                     [flip_cells(f) for f in flips[:MARKDOWN_FLIPS]], "llllll")
+            lines += [""] + md_table(
+                ["change", "id", "question", "label", before, after], [flip_cells(f) for f in flips[:MARKDOWN_FLIPS]], "llllll"
+            )
             if len(flips) > MARKDOWN_FLIPS:
-                lines += ["", f"... and {len(flips) - MARKDOWN_FLIPS} more (all in summary.json: "
-                              f"`significance` > {md(key)} > `test_flips`)."]
+                lines += [
+                    "",
+                    f"... and {len(flips) - MARKDOWN_FLIPS} more (all in summary.json: `significance` > {md(key)} > `test_flips`).",
+                ]
     if charts:
         lines += ["", "## Charts (PNG files beside this report)", ""]
         lines += [f"- {md(c.title)}: {md(c.file)}" for c in charts]

@@ -64,21 +64,28 @@ def test_detail_rows(summary: dict[str, Any]) -> list[list[str]]:
     A difference between two models is only worth reading next to these intervals; summaries
     written before the intervals existed show the point values alone.
     """
+
+    def scored(test: dict[str, Any], metric: str) -> str:
+        bounds = (test.get("ci95") or {}).get(metric)
+        interval = f" [{bounds[0]:.3f}, {bounds[1]:.3f}]" if bounds else ""
+        return f"{test[metric]:.4f}{interval}"
+
+    def plain(test: dict[str, Any], metric: str, fmt: str) -> str:
+        return format(test[metric], fmt) if test.get(metric) is not None else ""
+
     rows = []
     for name in model_order(summary):
         test = summary["models"][name]["test"]
-        ci = test.get("ci95") or {}
-
-        def scored(metric: str) -> str:
-            bounds = ci.get(metric)
-            interval = f" [{bounds[0]:.3f}, {bounds[1]:.3f}]" if bounds else ""
-            return f"{test[metric]:.4f}{interval}"
-
-        def plain(metric: str, fmt: str) -> str:
-            return format(test[metric], fmt) if test.get(metric) is not None else ""
-
-        rows.append([name, scored("accuracy"), scored("macro_f1"), plain("ece", ".4f"), plain("invalid_rate", ".4f"),
-                     plain("rows_per_second", ",.0f")])
+        rows.append(
+            [
+                name,
+                scored(test, "accuracy"),
+                scored(test, "macro_f1"),
+                plain(test, "ece", ".4f"),
+                plain(test, "invalid_rate", ".4f"),
+                plain(test, "rows_per_second", ",.0f"),
+            ]
+        )
     return rows
 
 
@@ -134,8 +141,17 @@ def pairwise_rows(summary: dict[str, Any]) -> list[list[str]]:
         result = summary["significance"][key]
         for split in SIGNIFICANCE_SPLITS:
             test = result[split]
-            rows.append([key, split, _pair_delta(summary, key, split, "accuracy"), _pair_delta(summary, key, split, "macro_f1"),
-                         str(test["fixed"]), str(test["broken"]), format_p(test["p_value"])])
+            rows.append(
+                [
+                    key,
+                    split,
+                    _pair_delta(summary, key, split, "accuracy"),
+                    _pair_delta(summary, key, split, "macro_f1"),
+                    str(test["fixed"]),
+                    str(test["broken"]),
+                    format_p(test["p_value"]),
+                ]
+            )
     return rows
 
 
@@ -157,16 +173,20 @@ def flip_section(summary: dict[str, Any]) -> tuple[str, str, str, dict[str, Any]
 
 def flip_cells(flip: dict[str, Any]) -> list[str]:
     text = flip.get("text")
-    return [str(flip["change"]), str(flip["id"]), "" if text is None else str(text), str(flip["label"]),
-            shown(flip["before"]), shown(flip["after"])]
+    return [
+        str(flip["change"]),
+        str(flip["id"]),
+        "" if text is None else str(text),
+        str(flip["label"]),
+        shown(flip["before"]),
+        shown(flip["after"]),
+    ]
 
 
 def model_pairs(names: list[str] | tuple[str, ...]) -> list[tuple[str, str]]:
     """Every (before, after) pair of ``names``: base, tfidf, zero-shot against augmented, the baselines against base, ..."""
     ranked = [n for n in PAIR_RANK if n in names] + sorted(n for n in names if n not in PAIR_RANK)
-    return [(before, after) for i, after in enumerate(ranked) for before in ranked[i + 1:]]
-
-
+    return [(before, after) for i, after in enumerate(ranked) for before in ranked[i + 1 :]]
 
 
 def augmentation_lines(summary: dict[str, Any]) -> list[str]:
@@ -197,5 +217,7 @@ def data_lines(summary: dict[str, Any]) -> list[str]:
     base = (summary.get("data") or {}).get("base")
     if not base:
         return []
-    return [f"rows per split: {base['rows']}; groups per split: {base['groups']}",
-            f"groups shared between splits (leakage check): {base['group_overlap']}"]
+    return [
+        f"rows per split: {base['rows']}; groups per split: {base['groups']}",
+        f"groups shared between splits (leakage check): {base['group_overlap']}",
+    ]

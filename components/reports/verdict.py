@@ -93,8 +93,10 @@ def baseline_sentence(summary: dict[str, Any]) -> str | None:
         if name in groups:
             parts.append(f"only the {name} model beats {_names(groups[name])}")
     if "none" in groups:
-        parts.append(f"{_names(groups['none'])} {'does' if len(groups['none']) == 1 else 'do'} at least as well as "
-                     + ("both fine-tuned models" if len(tuned) == 2 else f"the {tuned[0]} model"))
+        parts.append(
+            f"{_names(groups['none'])} {'does' if len(groups['none']) == 1 else 'do'} at least as well as "
+            + ("both fine-tuned models" if len(tuned) == 2 else f"the {tuned[0]} model")
+        )
     text = "; ".join(parts)
     return text[0].upper() + text[1:] + "."
 

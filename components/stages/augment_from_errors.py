@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from ftloop.components.artifacts import PredictionRow, read_dev_macro_f1, read_predictions, read_split_report
 from ftloop.components.config import RunConfig
@@ -170,14 +171,16 @@ def run(
             removed["label_inconsistent"] = ok.count(False)
             kept = [e for e, good in zip(kept, ok) if good]
         kept, removed["class_cap"] = cap_per_class(kept, a.max_per_class)
-        info.update({
-            "generated": len(generated),
-            "removed": removed,
-            "added": len(kept),
-            "added_per_class": dict(sorted(Counter(e.label for e in kept).items())),
-            "dev_groups_in_train": len({e.group for e in kept} & {e.group for e in splits["dev"]}),
-            "generator_stats": dict(getattr(generator, "stats", {}) or {}),
-        })
+        info.update(
+            {
+                "generated": len(generated),
+                "removed": removed,
+                "added": len(kept),
+                "added_per_class": dict(sorted(Counter(e.label for e in kept).items())),
+                "dev_groups_in_train": len({e.group for e in kept} & {e.group for e in splits["dev"]}),
+                "generator_stats": dict(getattr(generator, "stats", {}) or {}),
+            }
+        )
         if not kept:
             decision, reason = STOP_KEEP_CURRENT, "no rephrasing survived the filters"
     info["decision"], info["stop_reason"] = decision, reason

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ftloop.components.artifacts import (
     HEADLINE_METRICS,
@@ -39,8 +40,12 @@ def _index_rows(rows: list[PredictionRow], path: Path) -> dict[str, PredictionRo
     by_id: dict[str, PredictionRow] = {}
     for row in rows:
         if row.id in by_id:
-            raise InputFileError(str(path), f"duplicate id {_short(row.id)} (first on line {by_id[row.id].line}); "
-                                            "every row must be evaluated exactly once", row.line, "id")
+            raise InputFileError(
+                str(path),
+                f"duplicate id {_short(row.id)} (first on line {by_id[row.id].line}); every row must be evaluated exactly once",
+                row.line,
+                "id",
+            )
         by_id[row.id] = row
     return by_id
 
@@ -52,17 +57,17 @@ def check_same_rows(reference: list[PredictionRow], reference_path: Path, rows: 
     for row_id, a in ref.items():
         b = other.get(row_id)
         if b is None:
-            raise FtloopError(f"{where}: id {_short(row_id)} is only in the first file; "
-                              "the models were not evaluated on the same rows")
+            raise FtloopError(f"{where}: id {_short(row_id)} is only in the first file; the models were not evaluated on the same rows")
         for field in ("label", "text"):
             first, second = getattr(a, field), getattr(b, field)
             if first is not None and second is not None and first != second:
-                raise FtloopError(f"{where}: id {_short(row_id)}: field '{field}' differs "
-                                  f"({_short(first)} vs {_short(second)}); the models were not evaluated on the same rows")
+                raise FtloopError(
+                    f"{where}: id {_short(row_id)}: field '{field}' differs "
+                    f"({_short(first)} vs {_short(second)}); the models were not evaluated on the same rows"
+                )
     extra = next((row_id for row_id in other if row_id not in ref), None)
     if extra is not None:
-        raise FtloopError(f"{where}: id {_short(extra)} is only in the second file; "
-                          "the models were not evaluated on the same rows")
+        raise FtloopError(f"{where}: id {_short(extra)} is only in the second file; the models were not evaluated on the same rows")
 
 
 def _correct(row: PredictionRow) -> bool:
@@ -90,13 +95,18 @@ def compare_pair(
         out[split] = mcnemar_exact([_correct(b) for b, _ in paired], [_correct(a) for _, a in paired])
         if split == "test":
             flips = [
-                {"id": b.id, "text": b.text, "label": b.label, "before": b.prediction,
-                 "after": a.prediction, "change": "fixed" if _correct(a) else "broken"}
-                for b, a in paired if _correct(b) != _correct(a)
+                {
+                    "id": b.id,
+                    "text": b.text,
+                    "label": b.label,
+                    "before": b.prediction,
+                    "after": a.prediction,
+                    "change": "fixed" if _correct(a) else "broken",
+                }
+                for b, a in paired
+                if _correct(b) != _correct(a)
             ]
-    out["deltas"] = {
-        split: {k: after_metrics[split][k] - before_metrics[split][k] for k in HEADLINE_METRICS} for split in SPLITS
-    }
+    out["deltas"] = {split: {k: after_metrics[split][k] - before_metrics[split][k] for k in HEADLINE_METRICS} for split in SPLITS}
     out["test_flips"] = flips
     return out
 
@@ -122,13 +132,27 @@ def summarize(
                 labels, labels_from = m.labels, metrics_path(eval_dir)
             elif m.labels != labels:
                 # per-class scores and confusion matrices are indexed by label: different lists cannot share a table
-                raise FtloopError(f"{labels_from} and {metrics_path(eval_dir)}: {split}: the label lists differ "
-                                  f"({labels} vs {m.labels}); the models were not evaluated on the same labels")
+                raise FtloopError(
+                    f"{labels_from} and {metrics_path(eval_dir)}: {split}: the label lists differ "
+                    f"({labels} vs {m.labels}); the models were not evaluated on the same labels"
+                )
             recorded = m.to_json()
             models[name][split] = {
                 **{k: recorded[k] for k in ("accuracy", "macro_f1", "weighted_f1", "n")},
-                **{k: recorded[k] for k in ("macro_precision", "macro_recall", "weighted_precision", "weighted_recall",
-                                            "ece", "invalid_rate", "rows_per_second", "mean_batch_seconds") if k in recorded},
+                **{
+                    k: recorded[k]
+                    for k in (
+                        "macro_precision",
+                        "macro_recall",
+                        "weighted_precision",
+                        "weighted_recall",
+                        "ece",
+                        "invalid_rate",
+                        "rows_per_second",
+                        "mean_batch_seconds",
+                    )
+                    if k in recorded
+                },
                 "per_class": recorded.get("per_class"),
                 "confusion_matrix": recorded.get("confusion_matrix"),
                 "predictions": bundle_predictions_file(name, split),
@@ -138,8 +162,12 @@ def summarize(
         reference = model_order({"models": models})[0]
         for name in names:
             for split in SPLITS:
-                check_same_rows(predictions[reference][split], predictions_path(eval_dirs[reference], split),
-                                predictions[name][split], predictions_path(eval_dirs[name], split))
+                check_same_rows(
+                    predictions[reference][split],
+                    predictions_path(eval_dirs[reference], split),
+                    predictions[name][split],
+                    predictions_path(eval_dirs[name], split),
+                )
     data = {name: read_split_report(d).to_json() for name, d in split_dirs.items()}
     seed = int(run_info.get("seed", 0))
     for name in models:
@@ -148,8 +176,11 @@ def summarize(
             ci = bootstrap_ci([r.label for r in rows], [r.prediction for r in rows], labels or [], seed=seed)
             models[name][split]["ci95"] = {k: list(v) for k, v in ci.items()}
     significance = {
-        f"{before}->{after}": {"before": before, "after": after,
-                               **compare_pair(predictions[before], predictions[after], models[before], models[after])}
+        f"{before}->{after}": {
+            "before": before,
+            "after": after,
+            **compare_pair(predictions[before], predictions[after], models[before], models[after]),
+        }
         for before, after in model_pairs(names)
     }
     return {
@@ -191,6 +222,5 @@ def run(
     check_summary(summary, summary_path(bundle_dir))  # the contract the reports and `ftloop report` read
     reports = render_reports(summary)
     write_bundle(summary, eval_dirs, bundle_dir)
-    write_reports(reports, (report_md_path(bundle_dir), report_html_path(bundle_dir)), (markdown_path, html_path),
-                  bundle_dir=bundle_dir)
+    write_reports(reports, (report_md_path(bundle_dir), report_html_path(bundle_dir)), (markdown_path, html_path), bundle_dir=bundle_dir)
     return summary

@@ -19,8 +19,15 @@ from ftloop.components.progress import Progress
 from ftloop.components.records import SPLITS
 
 
-def predict_splits(config: RunConfig, model, tokenizer, splits: dict[str, list[dict[str, Any]]], labels: list[str],
-                   output_dir: str | Path, progress: Progress) -> dict[str, Any]:
+def predict_splits(
+    config: RunConfig,
+    model,
+    tokenizer,
+    splits: dict[str, list[dict[str, Any]]],
+    labels: list[str],
+    output_dir: str | Path,
+    progress: Progress,
+) -> dict[str, Any]:
     """Predict every split in ``eval.mode``, timed per split; write predictions/<split>.jsonl and metrics.json.
 
     Label scoring gives every label's probability; generate mode (parity with the published
@@ -59,9 +66,7 @@ def run(
     labels = read_labels(formatted_dir)
     meta = read_model_meta(model_dir)
     if meta.labels is not None and meta.labels != labels:
-        raise FtloopError(
-            f"{labels_path(formatted_dir)} lists {labels} but the model in {model_dir} was trained on {meta.labels}"
-        )
+        raise FtloopError(f"{labels_path(formatted_dir)} lists {labels} but the model in {model_dir} was trained on {meta.labels}")
     splits = {split: read_split(formatted_dir, split, labels) for split in SPLITS}
     recorded = meta.base_model.name_or_path
     model, tokenizer = load_for_inference(

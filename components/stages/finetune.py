@@ -8,8 +8,9 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ftloop.components.artifacts import labels_path, split_path, write_model_meta
 from ftloop.components.config import RunConfig
@@ -88,25 +89,36 @@ class SigtermStop:
             return  # already stopping
         self.requested = True
         if not self.training:
-            raise StoppedBySignal("stopped by SIGTERM outside training (loading the model or writing the artifact); "
-                                  "nothing was kept in the task's output, so the retry runs this task again")
+            raise StoppedBySignal(
+                "stopped by SIGTERM outside training (loading the model or writing the artifact); "
+                "nothing was kept in the task's output, so the retry runs this task again"
+            )
         # otherwise the trainer callback saves at the end of the current step and calls finish()
 
     def finish(self, step: int) -> None:
         """Raise the one-line stop message, after the stop checkpoint (if any) was mirrored."""
         name = f"checkpoint-{step}"
         if self.store is None:
-            raise StoppedBySignal(f"stopped by SIGTERM at step {step}; no checkpoint was kept "
-                                  "(train.checkpoint_uri is not set), so the retry trains from the start")
+            raise StoppedBySignal(
+                f"stopped by SIGTERM at step {step}; no checkpoint was kept "
+                "(train.checkpoint_uri is not set), so the retry trains from the start"
+            )
         if self.mirror is not None and self.mirror.mirrored == name:
-            raise StoppedBySignal(f"stopped by SIGTERM at step {step}; checkpoint saved to {self.store.uri}/{name}; "
-                                  "the retry resumes from it")
-        raise StoppedBySignal(f"stopped by SIGTERM at step {step}; {name} could not be mirrored to {self.store.uri} "
-                              "(see the warning above), so the retry resumes from the newest complete checkpoint there")
+            raise StoppedBySignal(
+                f"stopped by SIGTERM at step {step}; checkpoint saved to {self.store.uri}/{name}; the retry resumes from it"
+            )
+        raise StoppedBySignal(
+            f"stopped by SIGTERM at step {step}; {name} could not be mirrored to {self.store.uri} "
+            "(see the warning above), so the retry resumes from the newest complete checkpoint there"
+        )
 
 
 def _train_and_write(
-    config: RunConfig, formatted_dir: Path, output_dir: Path, progress: Progress, start: float,
+    config: RunConfig,
+    formatted_dir: Path,
+    output_dir: Path,
+    progress: Progress,
+    start: float,
     stop: SigtermStop | None = None,
 ) -> dict[str, Any]:
     from ftloop.components.modeling.checkpoints import mirror_callback, open_store, restore_latest, training_fingerprint
@@ -132,8 +144,9 @@ def _train_and_write(
                 f"train {info['n_train_rows']} rows on {device_description()}: LoRA r={config.lora.r} on "
                 f"{', '.join(info['target_modules'])} ({trainable:,} of {total:,} params trainable)"
             )
-            with cpu_threads_for(trainer.model), _writes_to(
-                staging, "training checkpoints", " (checkpoints are staged in the temp dir: point TMPDIR at a larger disk)"
+            with (
+                cpu_threads_for(trainer.model),
+                _writes_to(staging, "training checkpoints", " (checkpoints are staged in the temp dir: point TMPDIR at a larger disk)"),
             ):
                 result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
             if stop.requested:  # SIGTERM after the last step's end (final evaluation, loading the best checkpoint)
@@ -195,8 +208,10 @@ def _train_and_write(
         "versions": library_versions(),
     }
     if stopped_early:
-        progress(f"stopped early at step {state.global_step}/{state.max_steps}: no dev improvement in "
-                 f"{config.train.early_stopping_patience} evaluations")
+        progress(
+            f"stopped early at step {state.global_step}/{state.max_steps}: no dev improvement in "
+            f"{config.train.early_stopping_patience} evaluations"
+        )
     if state.best_metric is not None:
         progress(f"kept the best checkpoint: step {meta['dev']['best_step']}, {config.train.early_stopping_metric} {state.best_metric:.4f}")
     with _writes_to(output_dir, "the model artifact"):

@@ -75,12 +75,18 @@ def dedupe_questions(
                 where, line = first.meta.get("line"), row.meta.get("line")
                 if kind == "duplicate":
                     raise InputFileError(
-                        source, f"text also appears at line {where} with label '{first.label}' (here '{row.label}'): "
-                                "conflicting labels; correct the wrong one, or set data.conflicting_labels: drop", line)
+                        source,
+                        f"text also appears at line {where} with label '{first.label}' (here '{row.label}'): "
+                        "conflicting labels; correct the wrong one, or set data.conflicting_labels: drop",
+                        line,
+                    )
                 raise InputFileError(
-                    source, f"text nearly duplicates line {where} (label '{first.label}', here '{row.label}'): "
-                            "conflicting labels for near-identical questions; correct the wrong one, or set "
-                            "data.conflicting_labels: drop", line)
+                    source,
+                    f"text nearly duplicates line {where} (label '{first.label}', here '{row.label}'): "
+                    "conflicting labels for near-identical questions; correct the wrong one, or set "
+                    "data.conflicting_labels: drop",
+                    line,
+                )
             conflicted.add(head)
         dropped[head].append(f"dropped_{kind}_text")
     kept = []
@@ -115,8 +121,9 @@ def prepare_source(
     path = path or data.source_path
     if "://" in path:  # on the cluster the importer hands the stage a local copy
         key = "data.articles" if data.articles is not None else "data.questions"
-        raise InputFileError(path, f"remote URIs are for cluster runs (ftloop submit); a local run reads a local file: "
-                                   f"download it and set {key} to its path")
+        raise InputFileError(
+            path, f"remote URIs are for cluster runs (ftloop submit); a local run reads a local file: download it and set {key} to its path"
+        )
     counts: dict[str, int] = {}
     where = path
     if data.articles is not None:
@@ -127,7 +134,8 @@ def prepare_source(
             examples, filtered = filter_rows(generated, {}, labels, config.filters)
             if not examples:
                 raise InputFileError(
-                    path, f"the {config.generate.backend} generator produced {len(generated)} question(s) and none passed the filters {filtered}"
+                    path,
+                    f"the {config.generate.backend} generator produced {len(generated)} question(s) and none passed the filters {filtered}",
                 )
             counts = summarize_counts(filtered)
         else:

@@ -25,8 +25,10 @@ def run(config: RunConfig, current: RoundArtifacts, reference: RoundArtifacts, o
         now, before = dev_macro_f1(current.evaluation), dev_macro_f1(reference.evaluation)
         if now - before <= min_improvement:
             keep = "reference"
-            reason = (f"round {rounds} did not improve dev macro-F1 by more than {min_improvement:g} "
-                      f"({before:.4f} -> {now:.4f}); keeping the earlier model")
+            reason = (
+                f"round {rounds} did not improve dev macro-F1 by more than {min_improvement:g} "
+                f"({before:.4f} -> {now:.4f}); keeping the earlier model"
+            )
     chosen = reference if keep == "reference" else current
     for src, dst in ((chosen.model, out.model), (chosen.evaluation, out.evaluation)):
         shutil.copytree(src, dst, dirs_exist_ok=True)

@@ -65,7 +65,8 @@ def check_splittable(examples: list[Example], dev: float, test: float, source: s
             )
     if problems:
         raise SplitError(
-            f"{source}: cannot split without leaking: " + "; ".join(problems)
+            f"{source}: cannot split without leaking: "
+            + "; ".join(problems)
             + ". Add more articles (or question groups) for these labels, or remove them."
         )
 

@@ -23,42 +23,57 @@ def _rows(n: int, accuracy: float, rng: random.Random, prefix: str = "r") -> lis
     for i in range(n):
         label = LABELS[i % len(LABELS)]
         wrong = [x for x in LABELS if x != label]
-        rows.append({"id": f"{prefix}{i}", "label": label,
-                     "prediction": label if rng.random() < accuracy else rng.choice(wrong)})
+        rows.append({"id": f"{prefix}{i}", "label": label, "prediction": label if rng.random() < accuracy else rng.choice(wrong)})
     return rows
 
 
 def _run(seed: int, base_acc: float, aug_acc: float, n: int = 60) -> dict:
     rng = random.Random(seed)
-    rows = {model: {split: _rows(n, acc, rng) for split in ("dev", "test")}
-            for model, acc in (("base", base_acc), ("augmented", aug_acc), ("tfidf", 0.5))}
+    rows = {
+        model: {split: _rows(n, acc, rng) for split in ("dev", "test")}
+        for model, acc in (("base", base_acc), ("augmented", aug_acc), ("tfidf", 0.5))
+    }
 
     def metrics(model):
-        return {split: {"macro_f1": f1_score([r["label"] for r in rows[model][split]],
-                                             [r["prediction"] for r in rows[model][split]],
-                                             labels=LABELS, average="macro", zero_division=0),
-                        "ci95": [0.1, 0.9], "n": n} for split in ("dev", "test")}
+        return {
+            split: {
+                "macro_f1": f1_score(
+                    [r["label"] for r in rows[model][split]],
+                    [r["prediction"] for r in rows[model][split]],
+                    labels=LABELS,
+                    average="macro",
+                    zero_division=0,
+                ),
+                "ci95": [0.1, 0.9],
+                "n": n,
+            }
+            for split in ("dev", "test")
+        }
 
-    return {"seed": seed, "seconds": 1.0, "labels": LABELS,
-            "metrics": {m: metrics(m) for m in ("base", "augmented", "tfidf")},
-            "mcnemar_test_p": 0.5, "rounds": [{"round": 1, "errors_mined": 5, "generated": 15, "added": 12, "removed": 0}],
-            "loop_stopped": {"round": 2, "decision": "stop_keep_current"},
-            "train_rows": {"base": 100, "augmented": 112}, "rows": rows}
+    return {
+        "seed": seed,
+        "seconds": 1.0,
+        "labels": LABELS,
+        "metrics": {m: metrics(m) for m in ("base", "augmented", "tfidf")},
+        "mcnemar_test_p": 0.5,
+        "rounds": [{"round": 1, "errors_mined": 5, "generated": 15, "added": 12, "removed": 0}],
+        "loop_stopped": {"round": 2, "decision": "stop_keep_current"},
+        "train_rows": {"base": 100, "augmented": 112},
+        "rows": rows,
+    }
 
 
 def test_macro_f1_equals_sklearn():
     rng = np.random.default_rng(0)
     for _ in range(50):
         t, p = rng.integers(0, 4, 40), rng.integers(0, 4, 40)
-        assert augmentation.macro_f1(t, p, 4) == pytest.approx(
-            f1_score(t, p, labels=range(4), average="macro", zero_division=0), abs=1e-12)
+        assert augmentation.macro_f1(t, p, 4) == pytest.approx(f1_score(t, p, labels=range(4), average="macro", zero_division=0), abs=1e-12)
 
 
 def test_paired_delta_is_the_mean_over_seeds_and_its_interval_covers_it():
     runs = [_run(0, 0.5, 0.8), _run(1, 0.6, 0.7)]
     got = augmentation.paired_delta_ci(runs, "test", LABELS, resamples=300)
-    expected = np.mean([run["metrics"]["augmented"]["test"]["macro_f1"] - run["metrics"]["base"]["test"]["macro_f1"]
-                        for run in runs])
+    expected = np.mean([run["metrics"]["augmented"]["test"]["macro_f1"] - run["metrics"]["base"]["test"]["macro_f1"] for run in runs])
     assert got["mean_delta"] == pytest.approx(expected, abs=1e-12)
     lo, hi = got["ci95"]
     assert lo < got["mean_delta"] < hi and lo > 0  # a real improvement on 60 rows per seed
@@ -82,8 +97,9 @@ def test_pooled_interval_uses_the_rows_of_every_seed():
     pooled = augmentation.pooled_ci(runs, "base", "test", LABELS)
     rows = runs[0]["rows"]["base"]["test"] + runs[1]["rows"]["base"]["test"]
     assert pooled["n"] == len(rows) == 120
-    assert pooled["macro_f1"] == pytest.approx(f1_score([r["label"] for r in rows], [r["prediction"] for r in rows],
-                                                        labels=LABELS, average="macro", zero_division=0), abs=1e-12)
+    assert pooled["macro_f1"] == pytest.approx(
+        f1_score([r["label"] for r in rows], [r["prediction"] for r in rows], labels=LABELS, average="macro", zero_division=0), abs=1e-12
+    )
     assert pooled["ci95"][0] <= pooled["macro_f1"] <= pooled["ci95"][1]
 
 

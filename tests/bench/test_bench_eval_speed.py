@@ -33,8 +33,23 @@ def test_scoring_invalid_counts_rows_that_are_not_a_distribution_over_the_labels
 
 def test_cpu_section_end_to_end_on_a_small_budget(tmp_path, capsys):
     out = tmp_path / "eval_speed.json"
-    code = eval_speed.main(["--rows", "16", "--train-rows", "16", "--epochs", "1", "--repeats", "1",
-                            "--no-gpu", "--workdir", str(tmp_path / "work"), "--json", str(out)])
+    code = eval_speed.main(
+        [
+            "--rows",
+            "16",
+            "--train-rows",
+            "16",
+            "--epochs",
+            "1",
+            "--repeats",
+            "1",
+            "--no-gpu",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     cpu = json.loads(out.read_text())["cpu"]
     assert cpu["rows"] == 16 and cpu["batch_size"] == eval_speed.demo_eval_batch_size()
@@ -51,11 +66,18 @@ def test_gpu_section_runs_on_cpu_with_a_small_config(tiny_model_dir):
     from transformers import AutoTokenizer, Phi3Config
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
-    config = Phi3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                        num_key_value_heads=2, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    args = argparse.Namespace(seed=0, gpu_rows=12, gpu_generate_rows=4, gpu_batch_size=8, gpu_max_new_tokens=2,
-                              repeats=1)
+    config = Phi3Config(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    args = argparse.Namespace(seed=0, gpu_rows=12, gpu_generate_rows=4, gpu_batch_size=8, gpu_max_new_tokens=2, repeats=1)
     result = eval_speed.bench_gpu(args, tiny_model_dir, log=lambda line: None, device="cpu", config=config)
     assert result["rows"] == 12 and result["generate_sample_rows"] == 4
     assert result["attn_implementation"] == "sdpa"

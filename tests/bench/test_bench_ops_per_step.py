@@ -39,8 +39,14 @@ def test_summarize_counts_top_level_aten_ops_and_fused_kernels():
             self.name, self.cpu_parent = name, parent
 
     linear = Event("aten::linear", Event("Phi3MLP"))
-    events = [linear, Event("aten::t", linear), Event("aten::addmm", linear), Event("aten::mul"),
-              Event("graph_0_cpp_fused_mul_silu_0", Event("CompiledFunction")), Event("Optimizer.step")]
+    events = [
+        linear,
+        Event("aten::t", linear),
+        Event("aten::addmm", linear),
+        Event("aten::mul"),
+        Event("graph_0_cpp_fused_mul_silu_0", Event("CompiledFunction")),
+        Event("Optimizer.step"),
+    ]
     got = ops_per_step.summarize(events, steps=2)
     assert (got["aten"], got["top_level"], got["fused"], got["launches"]) == (2.0, 1.0, 0.5, 1.5)
 
@@ -49,10 +55,10 @@ def test_summarize_counts_top_level_aten_ops_and_fused_kernels():
 def test_compiled_layers_dispatch_fewer_ops_per_step(stack, tmp_path):
     """The counting works end to end, and train.compile cuts the ops of a 2-layer stack (32 layers: bench/README.md)."""
     model_dir, formatted = stack
-    eager = ops_per_step.measure(model_dir, formatted, tmp_path / "eager", warmup=2, steps=2, batch_size=4,
-                                 compile=False, share_prompt_prefix=False)
-    compiled = ops_per_step.measure(model_dir, formatted, tmp_path / "compiled", warmup=2, steps=2, batch_size=4,
-                                    compile=True)
+    eager = ops_per_step.measure(
+        model_dir, formatted, tmp_path / "eager", warmup=2, steps=2, batch_size=4, compile=False, share_prompt_prefix=False
+    )
+    compiled = ops_per_step.measure(model_dir, formatted, tmp_path / "compiled", warmup=2, steps=2, batch_size=4, compile=True)
     assert eager["compiled_layers"] == 0 and compiled["compiled_layers"] == 2
     assert not compiled["shared_prefix"]  # compile switches sharing off
     assert eager["top_level"] > 500 and eager["fused"] == 0

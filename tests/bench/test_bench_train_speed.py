@@ -31,12 +31,18 @@ def test_published_sample_has_their_shape():
 
 def test_counting_collator_counts_padding_and_sequences():
     def padded(features):
-        return {"input_ids": torch.tensor([[5, 6, 7], [5, 0, 0]]), "attention_mask": torch.tensor([[1, 1, 1], [1, 0, 0]]),
-                "labels": torch.tensor([[-100, 6, 7], [-100, -100, -100]])}
+        return {
+            "input_ids": torch.tensor([[5, 6, 7], [5, 0, 0]]),
+            "attention_mask": torch.tensor([[1, 1, 1], [1, 0, 0]]),
+            "labels": torch.tensor([[-100, 6, 7], [-100, -100, -100]]),
+        }
 
     def padding_free(features):
-        return {"input_ids": torch.tensor([[5, 6, 7, 5, 6]]), "position_ids": torch.tensor([[0, 1, 2, 0, 1]]),
-                "labels": torch.tensor([[-100, 6, 7, -100, 6]])}
+        return {
+            "input_ids": torch.tensor([[5, 6, 7, 5, 6]]),
+            "position_ids": torch.tensor([[0, 1, 2, 0, 1]]),
+            "labels": torch.tensor([[-100, 6, 7, -100, 6]]),
+        }
 
     counter = train_speed.CountingCollator(padded)
     counter([])
@@ -52,10 +58,12 @@ def test_counting_collator_counts_a_shared_prefix_once():
     from ftloop.components.modeling.prefix_cache import SHARED_PREFIX_KEY
 
     def shared(features):
-        return {SHARED_PREFIX_KEY: torch.tensor([[1, 2]]),
-                "input_ids": torch.tensor([[5, 6, 7], [5, 0, 0]]),
-                "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]),
-                "labels": torch.tensor([[-100, 6, 7], [-100, 6, -100]])}
+        return {
+            SHARED_PREFIX_KEY: torch.tensor([[1, 2]]),
+            "input_ids": torch.tensor([[5, 6, 7], [5, 0, 0]]),
+            "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]),
+            "labels": torch.tensor([[-100, 6, 7], [-100, 6, -100]]),
+        }
 
     counter = train_speed.CountingCollator(shared)
     counter([])
@@ -97,20 +105,16 @@ def test_training_flops_match_hand_counted_numbers():
     Adapters: forward, input gradient and weight gradient = 6 per weight per token: 5 * 6 * 28 = 840.
     Head on loss tokens only, frozen: 3 * 4 * 60 = 720. Total 2520; the recompute adds 5 * 2 * (48 + 28) = 760."""
     params = {"body": 48, "head": 60, "lora": 28}
-    f = train_speed.training_flops(params, layers=0, hidden=6, real_tokens=5, loss_tokens=3, sequences=1,
-                                   checkpointing=False)
+    f = train_speed.training_flops(params, layers=0, hidden=6, real_tokens=5, loss_tokens=3, sequences=1, checkpointing=False)
     assert f == {"model": 2520.0, "hardware": 2520.0}
-    g = train_speed.training_flops(params, layers=0, hidden=6, real_tokens=5, loss_tokens=3, sequences=1,
-                                   checkpointing=True)
+    g = train_speed.training_flops(params, layers=0, hidden=6, real_tokens=5, loss_tokens=3, sequences=1, checkpointing=True)
     assert g == {"model": 2520.0, "hardware": 2520.0 + 760.0}
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_training_flops_match_what_torch_counts(checkpointing):
-    measured, params = _counted_training_flops(d_in=8, d_out=6, r=2, vocab=10, tokens=5, loss_tokens=3,
-                                               checkpointing=checkpointing)
-    f = train_speed.training_flops(params, layers=0, hidden=6, real_tokens=5, loss_tokens=3, sequences=1,
-                                   checkpointing=checkpointing)
+    measured, params = _counted_training_flops(d_in=8, d_out=6, r=2, vocab=10, tokens=5, loss_tokens=3, checkpointing=checkpointing)
+    f = train_speed.training_flops(params, layers=0, hidden=6, real_tokens=5, loss_tokens=3, sequences=1, checkpointing=checkpointing)
     assert f["hardware"] == measured
     assert measured == (2520 + 760 if checkpointing else 2520)  # the hand count above, from torch's own counter
 
@@ -127,9 +131,15 @@ def test_attention_flops_are_half_of_full_attention_for_causal_masks():
             (torch.softmax(q @ k.transpose(1, 2), -1) @ v).sum().backward()
     full = counter.get_total_flops()
     assert full == layers * sequences * 3 * (2 * seq_len * seq_len * hidden) * 2  # fwd + 2x bwd, two matmuls
-    f = train_speed.training_flops({"body": 0, "head": 0, "lora": 0}, layers=layers, hidden=hidden,
-                                   real_tokens=sequences * seq_len, loss_tokens=0, sequences=sequences,
-                                   checkpointing=False)
+    f = train_speed.training_flops(
+        {"body": 0, "head": 0, "lora": 0},
+        layers=layers,
+        hidden=hidden,
+        real_tokens=sequences * seq_len,
+        loss_tokens=0,
+        sequences=sequences,
+        checkpointing=False,
+    )
     assert f["model"] == full / 2
 
 
@@ -150,10 +160,19 @@ def test_param_counts_split_body_head_and_adapters(tiny_model_dir):
     assert counts["lora"] == sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
 
 
-@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),
-                                        ("NVIDIA H200", 989.0), ("NVIDIA H200 NVL", 835.0),
-                                        ("NVIDIA L4", 121.0), ("NVIDIA L40S", 362.0), ("NVIDIA L40", 181.0),
-                                        ("Tesla T4", None)])
+@pytest.mark.parametrize(
+    "name, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989.0),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA H200", 989.0),
+        ("NVIDIA H200 NVL", 835.0),
+        ("NVIDIA L4", 121.0),
+        ("NVIDIA L40S", 362.0),
+        ("NVIDIA L40", 181.0),
+        ("Tesla T4", None),
+    ],
+)
 def test_bf16_peak_by_device_name(name, peak):
     assert train_speed.bf16_peak_tflops(name) == peak
 
@@ -169,11 +188,20 @@ def gpu_section(tiny_model_dir, tmp_path_factory):
     from transformers import AutoTokenizer, Phi3Config
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
-    config = Phi3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                        num_key_value_heads=2, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    section = train_speed.bench_gpu(argparse.Namespace(**GPU_ARGS), tiny_model_dir,
-                                    tmp_path_factory.mktemp("train-speed-gpu"), device="cpu", config=config)
+    config = Phi3Config(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    section = train_speed.bench_gpu(
+        argparse.Namespace(**GPU_ARGS), tiny_model_dir, tmp_path_factory.mktemp("train-speed-gpu"), device="cpu", config=config
+    )
     return section, config
 
 
@@ -189,9 +217,15 @@ def test_gpu_section_runs_on_cpu_with_a_small_config(gpu_section):
         assert run["params"]["body"] == layers * (d * 3 * d + d * d + d * 2 * inter + inter * d)
         assert run["params"]["head"] == d * config.vocab_size
         # MFU is the counted tokens' model FLOPs / time / the given peak; HFU adds only the recompute.
-        flops = train_speed.training_flops(run["params"], layers, d, run["tokens_real_per_epoch"],
-                                           run["tokens_in_loss_per_epoch"], run["sequences_per_epoch"],
-                                           run["gradient_checkpointing"])
+        flops = train_speed.training_flops(
+            run["params"],
+            layers,
+            d,
+            run["tokens_real_per_epoch"],
+            run["tokens_in_loss_per_epoch"],
+            run["sequences_per_epoch"],
+            run["gradient_checkpointing"],
+        )
         assert math.isclose(run["model_tflops"], flops["model"] / 1e12)
         assert run["bf16_peak_tflops"] == GPU_ARGS["gpu_peak_tflops"]
         assert math.isclose(run["mfu"], flops["model"] / run["seconds"] / (GPU_ARGS["gpu_peak_tflops"] * 1e12))
@@ -241,8 +275,22 @@ def test_a_failed_gpu_section_keeps_the_cpu_results(gpu_section, tmp_path, monke
     monkeypatch.setattr(train_speed, "bench_gpu", gpu_fails)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     out = tmp_path / "train_speed.json"
-    code = train_speed.main(["--repeats", "1", "--rows-per-label", "2", "--epochs", "1", "--vocab-size", "512",
-                             "--workdir", str(tmp_path / "work"), "--json", str(out)])
+    code = train_speed.main(
+        [
+            "--repeats",
+            "1",
+            "--rows-per-label",
+            "2",
+            "--epochs",
+            "1",
+            "--vocab-size",
+            "512",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 1
     res = json.loads(out.read_text())
     assert res["gpu_error"] == "RuntimeError: published worker failed (1): CUDA out of memory"

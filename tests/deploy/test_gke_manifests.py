@@ -144,17 +144,23 @@ def test_l4_pools_spot_and_on_demand_scale_from_zero(rendered, overlay):
     for name, spec in pools.items():
         node = spec["nodeConfig"]
         assert node["machineType"] == "g2-standard-8"
-        assert node["guestAccelerator"] == [{"type": "nvidia-l4", "count": 1, "gpuDriverInstallationConfig": {"gpuDriverVersion": "LATEST"}}]
+        assert node["guestAccelerator"] == [
+            {"type": "nvidia-l4", "count": 1, "gpuDriverInstallationConfig": {"gpuDriverVersion": "LATEST"}}
+        ]
         assert spec["autoscaling"]["totalMinNodeCount"] == 0 and spec["autoscaling"]["totalMaxNodeCount"] >= 1
         assert node["workloadMetadataConfig"] == {"mode": "GKE_METADATA"}
         assert node.get("spot", False) == (name == "ftloop-l4-spot")
     # The pipeline's Spot toleration (pipelines/placement.py) matches the taint on the Spot pool.
-    assert pools["ftloop-l4-spot"]["nodeConfig"]["taint"] == [{"key": "cloud.google.com/gke-spot", "value": "true", "effect": "NO_SCHEDULE"}]
+    assert pools["ftloop-l4-spot"]["nodeConfig"]["taint"] == [
+        {"key": "cloud.google.com/gke-spot", "value": "true", "effect": "NO_SCHEDULE"}
+    ]
 
 
 def test_overlays_differ_where_they_should(rendered):
     def spot_max(overlay):
-        return next(p for p in by_kind(rendered[overlay], "ContainerNodePool") if p["spec"]["nodeConfig"].get("spot"))["spec"]["autoscaling"]["totalMaxNodeCount"]
+        return next(p for p in by_kind(rendered[overlay], "ContainerNodePool") if p["spec"]["nodeConfig"].get("spot"))["spec"][
+            "autoscaling"
+        ]["totalMaxNodeCount"]
 
     def artifact_age(overlay):
         return by_kind(rendered[overlay], "StorageBucket")[0]["spec"]["lifecycleRule"][0]["condition"]["age"]
@@ -200,7 +206,10 @@ def test_workload_identity_chain_is_consistent(rendered):
     [gsa] = by_kind(docs, "IAMServiceAccount")
     runner = next(d for d in by_kind(docs, "ServiceAccount") if d["metadata"]["name"] == "pipeline-runner")
     assert runner["metadata"]["namespace"] == "kubeflow"
-    assert runner["metadata"]["annotations"]["iam.gke.io/gcp-service-account"] == f"{gsa['metadata']['name']}@{project}.iam.gserviceaccount.com"
+    assert (
+        runner["metadata"]["annotations"]["iam.gke.io/gcp-service-account"]
+        == f"{gsa['metadata']['name']}@{project}.iam.gserviceaccount.com"
+    )
     members = {m["spec"]["role"]: m["spec"] for m in by_kind(docs, "IAMPolicyMember")}
     wi = members["roles/iam.workloadIdentityUser"]
     assert wi["member"] == f"serviceAccount:{project}.svc.id.goog[kubeflow/pipeline-runner]"
@@ -260,9 +269,20 @@ def test_gitops_hook_submits_the_committed_run_config(rendered):
 
 def test_the_committed_run_config_compiles_with_the_committed_images(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "ftloop.pipelines.cli", "compile", "--config", str(REPO / "manifests/gitops/retrain/run.yaml"),
-         "--images-from", str(REPO / "manifests/gitops/retrain/build.json"), "--output", str(tmp_path / "p.yaml")],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "ftloop.pipelines.cli",
+            "compile",
+            "--config",
+            str(REPO / "manifests/gitops/retrain/run.yaml"),
+            "--images-from",
+            str(REPO / "manifests/gitops/retrain/build.json"),
+            "--output",
+            str(tmp_path / "p.yaml"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr
     config = load_config(REPO / "manifests/gitops/retrain/run.yaml")
@@ -280,6 +300,7 @@ def test_argo_applications_point_at_the_retrain_and_infra_paths(rendered):
 
 
 # skaffold ---------------------------------------------------------------------------------------
+
 
 def skaffold_validator():
     return _schema_validator("skaffold-v4beta14.json")
@@ -310,6 +331,7 @@ def test_the_skaffold_schema_catches_a_typo():
 
 # images -----------------------------------------------------------------------------------------
 
+
 def dockerfile(role):
     return (REPO / "images" / role / "Dockerfile").read_text()
 
@@ -330,7 +352,7 @@ def pip_installs(text: str) -> list[str]:
     """Every `pip install` command the Dockerfile runs, in order (comments dropped, continuations joined)."""
     lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
     joined = re.sub(r"\\\n", " ", "\n".join(lines))
-    runs = [line.strip()[len("RUN"):] for line in joined.splitlines() if line.strip().startswith("RUN ")]
+    runs = [line.strip()[len("RUN") :] for line in joined.splitlines() if line.strip().startswith("RUN ")]
     return [" ".join(part.split()) for run in runs for part in run.split("&&") if "pip install" in part]
 
 
@@ -364,7 +386,9 @@ def test_gpu_image_installs_a_prebuilt_flash_attn_wheel_matching_torch_and_pytho
     base = re.search(r"^FROM\s+pytorch/pytorch:(\d+\.\d+)\.\d+-cuda(\d+)\.\d+-", text, re.M)
     assert base, "GPU base image is not a pinned pytorch/pytorch CUDA runtime"
     torch_minor, cuda_major = base.groups()
-    wheel = re.search(r"^ARG FLASH_ATTN_WHEEL=(https://github\.com/Dao-AILab/flash-attention/releases/download/v[\d.]+/(\S+\.whl))$", text, re.M)
+    wheel = re.search(
+        r"^ARG FLASH_ATTN_WHEEL=(https://github\.com/Dao-AILab/flash-attention/releases/download/v[\d.]+/(\S+\.whl))$", text, re.M
+    )
     assert wheel, "flash-attn must come from a pinned release wheel URL"
     name = wheel.group(2)
     assert f"+cu{cuda_major}torch{torch_minor}cxx11abiTRUE-cp311-cp311-linux_x86_64.whl" in name
@@ -406,7 +430,7 @@ def test_image_constraints_pin_every_runtime_dependency_in_range():
         version = (cpu if name == "torch" else image).get(name)
         assert version is not None, f"{req.name} is not pinned in constraints/image.txt"
         assert req.specifier.contains(version, prereleases=True), f"{req.name}=={version} outside pyproject's {req.specifier}"
-    for req in project_requirements("gpu")[len(project_requirements()):]:  # the gpu extra's own packages
+    for req in project_requirements("gpu")[len(project_requirements()) :]:  # the gpu extra's own packages
         assert req.specifier.contains(gpu[req.name.lower()]), req
     # torch and its CUDA wheels belong to cpu.txt / the GPU base image; a package pinned twice could conflict.
     assert not {k for k in image if k in {"torch", "triton"} or k.startswith("nvidia-")}

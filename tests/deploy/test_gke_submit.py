@@ -19,9 +19,21 @@ import yaml
 from tests.fixtures.data import REPO
 
 GKE_CONFIG = REPO / "configs" / "webbizz-gke.yaml"
-RUNTIME_PARAMETERS = {"model_name_or_path", "model_revision", "train_learning_rate", "train_epochs", "train_batch_size", "lora_r",
-                      "lora_alpha", "lora_dropout", "eval_batch_size", "augment_rephrasings_per_error", "augment_label_margin",
-                      "augment_min_dev_improvement", "seed"}
+RUNTIME_PARAMETERS = {
+    "model_name_or_path",
+    "model_revision",
+    "train_learning_rate",
+    "train_epochs",
+    "train_batch_size",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "eval_batch_size",
+    "augment_rephrasings_per_error",
+    "augment_label_margin",
+    "augment_min_dev_improvement",
+    "seed",
+}
 SOURCE = "gs://ftloop-data/webbizz/articles.jsonl"
 
 
@@ -46,8 +58,14 @@ class KfpStub(_ServedInThread):
     (certificate, key[, client CA]) it serves HTTPS and, given a client CA, requires a client certificate.
     """
 
-    def __init__(self, fail: dict | None = None, experiments: list | None = None, runs: list | None = None,
-                 prefix: str = "", tls: tuple | None = None):
+    def __init__(
+        self,
+        fail: dict | None = None,
+        experiments: list | None = None,
+        runs: list | None = None,
+        prefix: str = "",
+        tls: tuple | None = None,
+    ):
         self.requests: list[dict] = []
         self.fail = fail or {}  # (method, path) -> HTTP status
         self.experiments = experiments or []
@@ -65,9 +83,17 @@ class KfpStub(_ServedInThread):
                 body = json.loads(self.rfile.read(length)) if length else None
                 peer = self.connection.getpeercert() if hasattr(self.connection, "getpeercert") else None
                 path = url.path.removeprefix(stub.prefix) if url.path.startswith(stub.prefix) else None
-                stub.requests.append({"method": method, "path": path, "raw_path": url.path, "query": parse_qs(url.query),
-                                      "body": body, "auth": self.headers.get("Authorization"),
-                                      "client_cert": dict(x[0] for x in peer["subject"]) if peer else None})
+                stub.requests.append(
+                    {
+                        "method": method,
+                        "path": path,
+                        "raw_path": url.path,
+                        "query": parse_qs(url.query),
+                        "body": body,
+                        "auth": self.headers.get("Authorization"),
+                        "client_cert": dict(x[0] for x in peer["subject"]) if peer else None,
+                    }
+                )
                 if path is None:  # the API server itself: /apis/v2beta1/... is not one of its paths
                     return self._send(404, {"kind": "Status", "message": "the server could not find the requested resource"})
                 url = url._replace(path=path)
@@ -118,7 +144,6 @@ class KfpStub(_ServedInThread):
         self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-
     def posted(self, path: str) -> list[dict]:
         return [r["body"] for r in self.requests if r["method"] == "POST" and r["path"] == path]
 
@@ -127,15 +152,33 @@ def ftloop(*args: str, home: Path, env: dict | None = None) -> subprocess.Comple
     # HOME isolates kfp's ~/.config/kfp/context.json; no real cluster credentials are reachable.
     full_env = {**os.environ, "HOME": str(home), "KUBECONFIG": str(home / "no-kubeconfig"), **(env or {})}
     full_env.pop("KF_PIPELINES_ENDPOINT", None)
-    return subprocess.run([sys.executable, "-m", "ftloop.pipelines.cli", *args], capture_output=True, text=True,
-                          env=full_env, cwd=home, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "ftloop.pipelines.cli", *args], capture_output=True, text=True, env=full_env, cwd=home, timeout=120
+    )
 
 
 def test_submit_creates_experiment_and_run_with_the_run_parameters(tmp_path):
     with KfpStub() as kfp:
-        result = ftloop("submit", "--config", str(GKE_CONFIG), "--host", kfp.url, "--namespace", "team-ml",
-                        "--experiment", "webbizz", "--run-name", "retrain-abc123", "--source-uri", SOURCE,
-                        "--image", "cpu=reg/ftloop-cpu:abc123", "--image", "gpu=reg/ftloop-gpu:abc123", home=tmp_path)
+        result = ftloop(
+            "submit",
+            "--config",
+            str(GKE_CONFIG),
+            "--host",
+            kfp.url,
+            "--namespace",
+            "team-ml",
+            "--experiment",
+            "webbizz",
+            "--run-name",
+            "retrain-abc123",
+            "--source-uri",
+            SOURCE,
+            "--image",
+            "cpu=reg/ftloop-cpu:abc123",
+            "--image",
+            "gpu=reg/ftloop-gpu:abc123",
+            home=tmp_path,
+        )
     assert result.returncode == 0, result.stderr
     assert "submitted run run-456 'retrain-abc123' (experiment exp-123)" in result.stdout
     paths = [(r["method"], r["path"]) for r in kfp.requests]
@@ -177,8 +220,14 @@ def test_an_existing_experiment_is_reused(tmp_path):
 
 def test_skip_existing_submits_once_per_config(tmp_path):
     """The GitOps hook: a re-sync with an unchanged config finds its run by name and submits nothing."""
-    args = ["submit", "--config", str(REPO / "manifests" / "gitops" / "retrain" / "run.yaml"), "--skip-existing",
-            "--images-from", str(REPO / "manifests" / "gitops" / "retrain" / "build.json")]
+    args = [
+        "submit",
+        "--config",
+        str(REPO / "manifests" / "gitops" / "retrain" / "run.yaml"),
+        "--skip-existing",
+        "--images-from",
+        str(REPO / "manifests" / "gitops" / "retrain" / "build.json"),
+    ]
     with KfpStub() as kfp:
         first = ftloop(*args, "--host", kfp.url, home=tmp_path)
         assert first.returncode == 0, first.stderr
@@ -195,8 +244,22 @@ def test_skip_existing_submits_once_per_config(tmp_path):
 
 def test_schedule_creates_a_recurring_run(tmp_path):
     with KfpStub() as kfp:
-        result = ftloop("schedule", "--config", str(GKE_CONFIG), "--host", kfp.url, "--namespace", "team-ml",
-                        "--cron", "0 0 3 * * 1", "--name", "weekly-retrain", "--source-uri", SOURCE, home=tmp_path)
+        result = ftloop(
+            "schedule",
+            "--config",
+            str(GKE_CONFIG),
+            "--host",
+            kfp.url,
+            "--namespace",
+            "team-ml",
+            "--cron",
+            "0 0 3 * * 1",
+            "--name",
+            "weekly-retrain",
+            "--source-uri",
+            SOURCE,
+            home=tmp_path,
+        )
     assert result.returncode == 0, result.stderr
     assert "created recurring run rr-789" in result.stdout
     [recurring] = kfp.posted("/apis/v2beta1/recurringruns")
@@ -210,9 +273,22 @@ def test_schedule_creates_a_recurring_run(tmp_path):
 
 def test_set_overrides_run_parameters_for_one_run(tmp_path):
     with KfpStub() as kfp:
-        result = ftloop("submit", "--config", str(GKE_CONFIG), "--host", kfp.url, "--source-uri", SOURCE,
-                        "--set", "train.learning_rate=1e-4", "--set", "lora.r=8", "--set", "augment.label_margin=0.2",
-                        home=tmp_path)
+        result = ftloop(
+            "submit",
+            "--config",
+            str(GKE_CONFIG),
+            "--host",
+            kfp.url,
+            "--source-uri",
+            SOURCE,
+            "--set",
+            "train.learning_rate=1e-4",
+            "--set",
+            "lora.r=8",
+            "--set",
+            "augment.label_margin=0.2",
+            home=tmp_path,
+        )
     assert result.returncode == 0, result.stderr
     [run] = kfp.posted("/apis/v2beta1/runs")
     params = run["runtime_config"]["parameters"]
@@ -225,8 +301,20 @@ def test_set_overrides_run_parameters_for_one_run(tmp_path):
 
 def test_schedule_takes_set_too(tmp_path):
     with KfpStub() as kfp:
-        result = ftloop("schedule", "--config", str(GKE_CONFIG), "--host", kfp.url, "--cron", "0 0 3 * * 1",
-                        "--source-uri", SOURCE, "--set", "seed=7", home=tmp_path)
+        result = ftloop(
+            "schedule",
+            "--config",
+            str(GKE_CONFIG),
+            "--host",
+            kfp.url,
+            "--cron",
+            "0 0 3 * * 1",
+            "--source-uri",
+            SOURCE,
+            "--set",
+            "seed=7",
+            home=tmp_path,
+        )
     assert result.returncode == 0, result.stderr
     [recurring] = kfp.posted("/apis/v2beta1/recurringruns")
     assert recurring["runtime_config"]["parameters"]["seed"] == 7
@@ -241,24 +329,26 @@ def test_skip_existing_names_the_run_after_its_parameters(tmp_path):
     assert names[0] != names[1] and names[1] == names[2]
 
 
-@pytest.mark.parametrize("flag, expected", [
-    ("augment.rounds=3", "--set augment.rounds: is fixed when the pipeline is compiled"),
-    ("generate.backend=okareo", "--set generate.backend: is fixed when the pipeline is compiled"),
-    ("generators.okareo.upload_eval=true", "--set generators.okareo.upload_eval: is fixed when the pipeline is compiled"),
-    ("data.articles=gs://b/a.jsonl", "--set data.articles: is fixed when the pipeline is compiled"),
-    ("train.learning_rat=1e-4", "--set train.learning_rat: no such run config key; per-run keys: model.name_or_path"),
-    ("train.learning_rate", "--set 'train.learning_rate': expected KEY=VALUE"),
-    ("train.learning_rate=5", "--set train.learning_rate=5: train.learning_rate: must be less than 1, got 5"),
-    ("train.epochs=three", "--set train.epochs=three: train.epochs: Input should be a valid number"),
-    ("lora.r=0", "--set lora.r=0: lora.r: Input should be greater than 0"),
-    ("model.name_or_path=org/other", None),  # keeps the pinned revision: valid, and submitted
-    ("model.revision=", "--set model.revision=: model: name_or_path: 'microsoft/Phi-3-mini-4k-instruct' is not a local directory"),
-    ("model.name_or_path=builtin:tiny-phi3", "model.name_or_path: 'builtin:tiny-phi3' is built on the fly for local runs only"),
-])
+@pytest.mark.parametrize(
+    "flag, expected",
+    [
+        ("augment.rounds=3", "--set augment.rounds: is fixed when the pipeline is compiled"),
+        ("generate.backend=okareo", "--set generate.backend: is fixed when the pipeline is compiled"),
+        ("generators.okareo.upload_eval=true", "--set generators.okareo.upload_eval: is fixed when the pipeline is compiled"),
+        ("data.articles=gs://b/a.jsonl", "--set data.articles: is fixed when the pipeline is compiled"),
+        ("train.learning_rat=1e-4", "--set train.learning_rat: no such run config key; per-run keys: model.name_or_path"),
+        ("train.learning_rate", "--set 'train.learning_rate': expected KEY=VALUE"),
+        ("train.learning_rate=5", "--set train.learning_rate=5: train.learning_rate: must be less than 1, got 5"),
+        ("train.epochs=three", "--set train.epochs=three: train.epochs: Input should be a valid number"),
+        ("lora.r=0", "--set lora.r=0: lora.r: Input should be greater than 0"),
+        ("model.name_or_path=org/other", None),  # keeps the pinned revision: valid, and submitted
+        ("model.revision=", "--set model.revision=: model: name_or_path: 'microsoft/Phi-3-mini-4k-instruct' is not a local directory"),
+        ("model.name_or_path=builtin:tiny-phi3", "model.name_or_path: 'builtin:tiny-phi3' is built on the fly for local runs only"),
+    ],
+)
 def test_set_refuses_compile_time_keys_unknown_keys_and_bad_values(tmp_path, flag, expected):
     with KfpStub() as kfp:
-        result = ftloop("submit", "--config", str(GKE_CONFIG), "--host", kfp.url, "--source-uri", SOURCE, "--set", flag,
-                        home=tmp_path)
+        result = ftloop("submit", "--config", str(GKE_CONFIG), "--host", kfp.url, "--source-uri", SOURCE, "--set", flag, home=tmp_path)
     if expected is None:
         assert result.returncode == 0, result.stderr
         return
@@ -290,8 +380,20 @@ def test_in_cluster_auth_sends_the_projected_token(tmp_path):
     token = tmp_path / "token"
     token.write_text("projected-sa-token")
     with KfpStub() as kfp:
-        result = ftloop("submit", "--config", str(GKE_CONFIG), "--host", kfp.url, "--auth", "in-cluster",
-                        "--token-path", str(token), "--source-uri", SOURCE, home=tmp_path)
+        result = ftloop(
+            "submit",
+            "--config",
+            str(GKE_CONFIG),
+            "--host",
+            kfp.url,
+            "--auth",
+            "in-cluster",
+            "--token-path",
+            str(token),
+            "--source-uri",
+            SOURCE,
+            home=tmp_path,
+        )
     assert result.returncode == 0, result.stderr
     run_request = next(r for r in kfp.requests if r["path"] == "/apis/v2beta1/runs")
     assert run_request["auth"] == "Bearer projected-sa-token"
@@ -310,8 +412,17 @@ def okareo_config(tmp_path: Path) -> Path:
 def test_no_secret_value_reaches_the_server(tmp_path):
     fake_key = "okareo-FAKE-KEY-do-not-leak-3f9a"
     with KfpStub() as kfp:
-        result = ftloop("submit", "--config", str(okareo_config(tmp_path)), "--host", kfp.url, "--source-uri", SOURCE,
-                        home=tmp_path, env={"OKAREO_API_KEY": fake_key})
+        result = ftloop(
+            "submit",
+            "--config",
+            str(okareo_config(tmp_path)),
+            "--host",
+            kfp.url,
+            "--source-uri",
+            SOURCE,
+            home=tmp_path,
+            env={"OKAREO_API_KEY": fake_key},
+        )
     assert result.returncode == 0, result.stderr
     assert fake_key not in json.dumps(kfp.requests) + result.stdout + result.stderr
     # The key reaches exactly the Okareo tasks, by reference to the cluster Secret.
@@ -320,25 +431,33 @@ def test_no_secret_value_reaches_the_server(tmp_path):
     with_secret = {name: e["secretAsEnv"] for name, e in k8s.items() if "secretAsEnv" in e}
     assert set(with_secret) == {"exec-prepare-examples", "exec-augment-from-errors"}
     for refs in with_secret.values():
-        assert [(r["secretName"], r["keyToEnv"]) for r in refs] == [("okareo-api-key", [{"secretKey": "api-key", "envVar": "OKAREO_API_KEY"}])]
+        assert [(r["secretName"], r["keyToEnv"]) for r in refs] == [
+            ("okareo-api-key", [{"secretKey": "api-key", "envVar": "OKAREO_API_KEY"}])
+        ]
 
 
 # --auth kubeconfig ------------------------------------------------------------------------------
+
 
 def proxy_prefix(kfp_namespace: str = "kubeflow") -> str:
     return f"/api/v1/namespaces/{kfp_namespace}/services/ml-pipeline:http/proxy"
 
 
-def write_kubeconfig(path: Path, server: str, users: dict | None = None, current: str = "static",
-                     cluster: dict | None = None) -> Path:
+def write_kubeconfig(path: Path, server: str, users: dict | None = None, current: str = "static", cluster: dict | None = None) -> Path:
     """A kubeconfig with one cluster and a context per user (``name -> user entry``)."""
     users = users or {"static": {"token": "static-token-4b2e"}}
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": current,
-        "clusters": [{"name": "test", "cluster": {"server": server, **(cluster or {})}}],
-        "contexts": [{"name": name, "context": {"cluster": "test", "user": name}} for name in users],
-        "users": [{"name": name, "user": user} for name, user in users.items()],
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": current,
+                "clusters": [{"name": "test", "cluster": {"server": server, **(cluster or {})}}],
+                "contexts": [{"name": name, "context": {"cluster": "test", "user": name}} for name in users],
+                "users": [{"name": name, "user": user} for name, user in users.items()],
+            }
+        )
+    )
     return path
 
 
@@ -356,11 +475,26 @@ def test_kubeconfig_auth_goes_through_the_api_server_proxy_with_the_bearer_token
     """kfp.Client's own kubeconfig fallback loses the proxy path on the first request (kubeflow/pipelines#8313)."""
     with KfpStub(prefix=proxy_prefix(kfp_namespace)) as kfp:
         kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", kfp.url)
-        result = ftloop("submit", "--config", str(GKE_CONFIG), "--auth", "kubeconfig", "--kubeconfig", str(kubeconfig),
-                        "--namespace", "team-ml", "--source-uri", SOURCE, *extra, home=tmp_path)
+        result = ftloop(
+            "submit",
+            "--config",
+            str(GKE_CONFIG),
+            "--auth",
+            "kubeconfig",
+            "--kubeconfig",
+            str(kubeconfig),
+            "--namespace",
+            "team-ml",
+            "--source-uri",
+            SOURCE,
+            *extra,
+            home=tmp_path,
+        )
     assert result.returncode == 0, result.stderr
     assert "submitted run run-456" in result.stdout
-    assert {r["raw_path"] for r in kfp.requests} >= {f"{proxy_prefix(kfp_namespace)}/apis/v2beta1/{p}" for p in ("healthz", "experiments", "runs")}
+    assert {r["raw_path"] for r in kfp.requests} >= {
+        f"{proxy_prefix(kfp_namespace)}/apis/v2beta1/{p}" for p in ("healthz", "experiments", "runs")
+    }
     assert all(r["path"] is not None for r in kfp.requests), [r["raw_path"] for r in kfp.requests]
     assert {r["auth"] for r in kfp.requests} == {"Bearer static-token-4b2e"}
     # The KFP system namespace only locates the service; experiments belong to the user namespace.
@@ -370,10 +504,24 @@ def test_kubeconfig_auth_goes_through_the_api_server_proxy_with_the_bearer_token
 
 def test_kubeconfig_context_with_an_exec_plugin(tmp_path):
     with KfpStub(prefix=proxy_prefix()) as kfp:
-        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", kfp.url, users={
-            "static": {"token": "static-token-4b2e"}, "gke": exec_plugin("exec-token-91d0")})
-        result = ftloop("schedule", "--config", str(GKE_CONFIG), "--auth", "kubeconfig", "--context", "gke",
-                        "--cron", "@daily", "--source-uri", SOURCE, home=tmp_path, env={"KUBECONFIG": str(kubeconfig)})
+        kubeconfig = write_kubeconfig(
+            tmp_path / "kubeconfig", kfp.url, users={"static": {"token": "static-token-4b2e"}, "gke": exec_plugin("exec-token-91d0")}
+        )
+        result = ftloop(
+            "schedule",
+            "--config",
+            str(GKE_CONFIG),
+            "--auth",
+            "kubeconfig",
+            "--context",
+            "gke",
+            "--cron",
+            "@daily",
+            "--source-uri",
+            SOURCE,
+            home=tmp_path,
+            env={"KUBECONFIG": str(kubeconfig)},
+        )
     assert result.returncode == 0, result.stderr
     assert kfp.posted("/apis/v2beta1/recurringruns")
     assert {r["auth"] for r in kfp.requests} == {"Bearer exec-token-91d0"}
@@ -386,25 +534,30 @@ def make_pki(directory: Path) -> dict[str, Path]:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     files: dict[str, Path] = {}
 
     def issue(name: str, subject: str, issuer=None, issuer_key=None, ca=False, san=None):
         key = ec.generate_private_key(ec.SECP256R1())
-        builder = (x509.CertificateBuilder()
-                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-                   .issuer_name(issuer.subject if issuer else x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                   .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(issuer.subject if issuer else x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
         if san:
             builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
         cert = builder.sign(issuer_key or key, hashes.SHA256())
         files[f"{name}.crt"] = directory / f"{name}.crt"
         files[f"{name}.crt"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         files[f"{name}.key"] = directory / f"{name}.key"
-        files[f"{name}.key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                           serialization.NoEncryption()))
+        files[f"{name}.key"].write_bytes(
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        )
         return cert, key
 
     ca, ca_key = issue("ca", "ftloop-test-ca", ca=True)
@@ -417,15 +570,40 @@ def test_kubeconfig_tls_uses_its_ca_and_client_certificate(tmp_path):
     pki = make_pki(tmp_path)
     with KfpStub(prefix=proxy_prefix(), tls=(pki["server.crt"], pki["server.key"], pki["ca.crt"])) as kfp:
         kubeconfig = write_kubeconfig(
-            tmp_path / "kubeconfig", kfp.url,
+            tmp_path / "kubeconfig",
+            kfp.url,
             cluster={"certificate-authority-data": base64.b64encode(pki["ca.crt"].read_bytes()).decode()},
-            users={"static": {"client-certificate": str(pki["client.crt"]), "client-key": str(pki["client.key"])}})
-        result = ftloop("submit", "--config", str(GKE_CONFIG), "--auth", "kubeconfig", "--kubeconfig", str(kubeconfig),
-                        "--source-uri", SOURCE, home=tmp_path)
-        untrusted = write_kubeconfig(tmp_path / "untrusted", kfp.url, users={
-            "static": {"client-certificate": str(pki["client.crt"]), "client-key": str(pki["client.key"])}})
-        refused = ftloop("submit", "--config", str(GKE_CONFIG), "--auth", "kubeconfig", "--kubeconfig", str(untrusted),
-                         "--source-uri", SOURCE, home=tmp_path)
+            users={"static": {"client-certificate": str(pki["client.crt"]), "client-key": str(pki["client.key"])}},
+        )
+        result = ftloop(
+            "submit",
+            "--config",
+            str(GKE_CONFIG),
+            "--auth",
+            "kubeconfig",
+            "--kubeconfig",
+            str(kubeconfig),
+            "--source-uri",
+            SOURCE,
+            home=tmp_path,
+        )
+        untrusted = write_kubeconfig(
+            tmp_path / "untrusted",
+            kfp.url,
+            users={"static": {"client-certificate": str(pki["client.crt"]), "client-key": str(pki["client.key"])}},
+        )
+        refused = ftloop(
+            "submit",
+            "--config",
+            str(GKE_CONFIG),
+            "--auth",
+            "kubeconfig",
+            "--kubeconfig",
+            str(untrusted),
+            "--source-uri",
+            SOURCE,
+            home=tmp_path,
+        )
     assert result.returncode == 0, result.stderr
     assert kfp.posted("/apis/v2beta1/runs")
     assert {r["client_cert"]["commonName"] for r in kfp.requests} == {"ftloop-tester"}
@@ -435,15 +613,26 @@ def test_kubeconfig_tls_uses_its_ca_and_client_certificate(tmp_path):
     assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
 
 
-@pytest.mark.parametrize("setup, args, expected", [
-    (None, ["--kubeconfig", "{tmp}/missing"], "--kubeconfig {tmp}/missing: file not found"),
-    ("clusters: [", ["--kubeconfig", "{kc}"], "--kubeconfig {kc}: not valid YAML"),
-    ("hello: world\n", ["--kubeconfig", "{kc}"], "--kubeconfig {kc}: "),
-    ("valid", ["--kubeconfig", "{kc}", "--context", "nope"], "no context 'nope' (contexts: static)"),
-    ({"static": {}}, ["--kubeconfig", "{kc}"], "context 'static': gave no credentials"),
-    ({"static": exec_plugin("x", exit_code=1)}, ["--kubeconfig", "{kc}"], "context 'static': gave no credentials (exec: process returned 1"),
-    ("valid", ["--kubeconfig", "{kc}", "--host", "http://127.0.0.1:9"], "--auth kubeconfig reaches KFP through the Kubernetes API server"),
-])
+@pytest.mark.parametrize(
+    "setup, args, expected",
+    [
+        (None, ["--kubeconfig", "{tmp}/missing"], "--kubeconfig {tmp}/missing: file not found"),
+        ("clusters: [", ["--kubeconfig", "{kc}"], "--kubeconfig {kc}: not valid YAML"),
+        ("hello: world\n", ["--kubeconfig", "{kc}"], "--kubeconfig {kc}: "),
+        ("valid", ["--kubeconfig", "{kc}", "--context", "nope"], "no context 'nope' (contexts: static)"),
+        ({"static": {}}, ["--kubeconfig", "{kc}"], "context 'static': gave no credentials"),
+        (
+            {"static": exec_plugin("x", exit_code=1)},
+            ["--kubeconfig", "{kc}"],
+            "context 'static': gave no credentials (exec: process returned 1",
+        ),
+        (
+            "valid",
+            ["--kubeconfig", "{kc}", "--host", "http://127.0.0.1:9"],
+            "--auth kubeconfig reaches KFP through the Kubernetes API server",
+        ),
+    ],
+)
 def test_kubeconfig_errors_are_one_line(tmp_path, setup, args, expected):
     kc = tmp_path / "kubeconfig"
     if isinstance(setup, dict):
@@ -468,9 +657,11 @@ def test_the_default_kubeconfig_is_kubeconfig_env(tmp_path):
 
 # --auth iap -------------------------------------------------------------------------------------
 
+
 def unsigned_jwt(claims: dict) -> str:
     def part(data: dict) -> str:
         return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
     return f"{part({'alg': 'RS256', 'typ': 'JWT'})}.{part(claims)}.{base64.urlsafe_b64encode(b'sig').rstrip(b'=').decode()}"
 
 
@@ -488,8 +679,13 @@ class FakeIamCredentials(_ServedInThread):
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.requests.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
-                token = unsigned_jwt({"aud": body["audience"], "email": "kfp-submitter@p.iam.gserviceaccount.com",
-                                      "exp": int(datetime.datetime.now().timestamp()) + 3600})
+                token = unsigned_jwt(
+                    {
+                        "aud": body["audience"],
+                        "email": "kfp-submitter@p.iam.gserviceaccount.com",
+                        "exp": int(datetime.datetime.now().timestamp()) + 3600,
+                    }
+                )
                 data = json.dumps({"token": token}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -500,7 +696,6 @@ class FakeIamCredentials(_ServedInThread):
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
 
 
 def write_adc(tmp_path: Path, monkeypatch, info: dict) -> None:
@@ -515,8 +710,14 @@ def write_adc(tmp_path: Path, monkeypatch, info: dict) -> None:
     monkeypatch.setattr(google.auth._cloud_sdk, "get_project_id", lambda: None)  # not `gcloud config get project`
 
 
-USER = {"type": "authorized_user", "client_id": "cid.apps.googleusercontent.com", "client_secret": "s",
-        "refresh_token": "r", "token": "user-access-token", "expiry": "2999-01-01T00:00:00Z"}
+USER = {
+    "type": "authorized_user",
+    "client_id": "cid.apps.googleusercontent.com",
+    "client_secret": "s",
+    "refresh_token": "r",
+    "token": "user-access-token",
+    "expiry": "2999-01-01T00:00:00Z",
+}
 
 
 def test_iap_with_impersonated_adc_sends_an_id_token_for_the_client_id(tmp_path, monkeypatch):
@@ -528,10 +729,16 @@ def test_iap_with_impersonated_adc_sends_an_id_token_for_the_client_id(tmp_path,
     from ftloop.pipelines.submit import Target, submit_run
 
     sa = "kfp-submitter@p.iam.gserviceaccount.com"
-    write_adc(tmp_path, monkeypatch, {
-        "type": "impersonated_service_account", "delegates": [], "source_credentials": USER,
-        "service_account_impersonation_url": f"https://iamcredentials.googleapis.com/v1/projects/-/serviceAccounts/{sa}:generateAccessToken",
-    })
+    write_adc(
+        tmp_path,
+        monkeypatch,
+        {
+            "type": "impersonated_service_account",
+            "delegates": [],
+            "source_credentials": USER,
+            "service_account_impersonation_url": f"https://iamcredentials.googleapis.com/v1/projects/-/serviceAccounts/{sa}:generateAccessToken",
+        },
+    )
     monkeypatch.setattr(kfp.Client, "_LOCAL_KFP_CONTEXT", str(tmp_path / "kfp-context.json"))
     client_id = "1234-iap.apps.googleusercontent.com"
     with FakeIamCredentials() as iam, KfpStub() as kfp_stub:
@@ -555,8 +762,11 @@ def test_iap_with_plain_user_adc_says_to_impersonate(tmp_path, monkeypatch):
     from ftloop.pipelines.submit import _iap_token
 
     write_adc(tmp_path, monkeypatch, USER)
-    with pytest.raises(FtloopError, match="user credentials, which cannot get an ID token for IAP; run 'gcloud auth "
-                                          "application-default login --impersonate-service-account SA_EMAIL'"):
+    with pytest.raises(
+        FtloopError,
+        match="user credentials, which cannot get an ID token for IAP; run 'gcloud auth "
+        "application-default login --impersonate-service-account SA_EMAIL'",
+    ):
         _iap_token("1234-iap.apps.googleusercontent.com")
 
 
@@ -570,11 +780,19 @@ def test_iap_with_plain_user_adc_says_to_impersonate(tmp_path, monkeypatch):
         (["schedule", "--cron", "0 0 3 * * mon-fri/0"], "step '0' must be a positive number"),
         (["submit", "--auth", "in-cluster", "--token-path", "/nonexistent/token"], "no service-account token at /nonexistent/token"),
         (["submit", "--auth", "iap"], "--auth iap needs --iap-client-id"),
-        (["submit", "--image", "gpu=reg/ftloop-gpu:latest"], "cluster.gpu_image: image 'reg/ftloop-gpu:latest' uses the mutable 'latest' tag"),
+        (
+            ["submit", "--image", "gpu=reg/ftloop-gpu:latest"],
+            "cluster.gpu_image: image 'reg/ftloop-gpu:latest' uses the mutable 'latest' tag",
+        ),
         (["submit", "--auth", "none"], "--auth none needs --host"),
-        (["submit", "--auth", "none", "--host", "http://127.0.0.1:9", "--context", "gke"], "--kubeconfig/--context apply to --auth kubeconfig only"),
-        (["submit", "--host", "http://127.0.0.1:9", "--source-uri", "data/articles.jsonl"],
-         "--source-uri 'data/articles.jsonl': expected an object-store URI such as gs://BUCKET/articles.jsonl"),
+        (
+            ["submit", "--auth", "none", "--host", "http://127.0.0.1:9", "--context", "gke"],
+            "--kubeconfig/--context apply to --auth kubeconfig only",
+        ),
+        (
+            ["submit", "--host", "http://127.0.0.1:9", "--source-uri", "data/articles.jsonl"],
+            "--source-uri 'data/articles.jsonl': expected an object-store URI such as gs://BUCKET/articles.jsonl",
+        ),
     ],
 )
 def test_user_errors_are_one_line_exit_2(tmp_path, args, expected):

@@ -92,10 +92,12 @@ def test_bad_generator_response_fails_the_stage_with_a_clear_error(case, tmp_pat
         assert server.requests, "the generator was never called"
     out, err = capfd.readouterr()
     assert code == 2
-    assert err.rstrip().endswith("ftloop: error: pipeline failed: a stage did not finish (its error is in the log above); "
-                                 "no results were written")
-    task_errors = [line.strip() for line in (out + err).splitlines() if line.strip().startswith("ftloop: error:")
-                   and "pipeline failed" not in line]
+    assert err.rstrip().endswith(
+        "ftloop: error: pipeline failed: a stage did not finish (its error is in the log above); no results were written"
+    )
+    task_errors = [
+        line.strip() for line in (out + err).splitlines() if line.strip().startswith("ftloop: error:") and "pipeline failed" not in line
+    ]
     assert task_errors and all(re.search(spec["expect"], line) for line in task_errors), (spec["description"], task_errors)
     assert "Traceback" not in out + err
     assert not (workdir / "summary.json").exists()
@@ -105,9 +107,20 @@ def test_bad_generator_response_fails_the_stage_with_a_clear_error(case, tmp_pat
 def test_bad_input_exit_code_from_the_real_command(case, tmp_path, tmp_path_factory):
     case_dir, spec = _stage(case, tmp_path, tmp_path_factory)
     result = subprocess.run(
-        [sys.executable, "-m", "ftloop.pipelines.cli", "run", "--local", "--config", str(case_dir / "config.yaml"),
-         "--workdir", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "ftloop.pipelines.cli",
+            "run",
+            "--local",
+            "--config",
+            str(case_dir / "config.yaml"),
+            "--workdir",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr + result.stdout
     assert re.search(spec["expect"], result.stderr)
@@ -137,10 +150,13 @@ def test_a_utf8_byte_order_mark_is_not_an_error(tmp_path):
     plain = tmp_path / "plain.yaml"  # the same questions without a BOM: duplicates among them are dropped either way
     plain.write_text(f"name: bom\nseed: 1\ndata:\n  questions: {shared / 'questions.jsonl'}\n", encoding="utf-8")
     n_questions = len(load_source(load_config(plain), generate=False)[0])
-    for key, name, rows in (("articles", "articles.jsonl", n_articles), ("questions", "questions.csv", n_questions),
-                            ("questions", "questions.jsonl", n_questions)):
+    for key, name, rows in (
+        ("articles", "articles.jsonl", n_articles),
+        ("questions", "questions.csv", n_questions),
+        ("questions", "questions.jsonl", n_questions),
+    ):
         config = tmp_path / f"{name}.yaml"
-        config.write_bytes(bom + f"name: bom\nseed: 1\ndata:\n  {key}: {name}\n".encode("utf-8"))
+        config.write_bytes(bom + f"name: bom\nseed: 1\ndata:\n  {key}: {name}\n".encode())
         examples, labels = load_source(load_config(config), generate=False)
         assert len(examples) == rows, name
         assert not any("\ufeff" in e.text or "\ufeff" in e.id for e in examples), name

@@ -10,6 +10,7 @@ import pytest
 from ftloop.components.config import RunConfig
 from ftloop.components.errors import FtloopError
 from tests.fixtures.faulty_proxy import FailEachKind, FaultyProxy, request_kind
+from tests.fixtures.ml import demo_config
 
 
 @pytest.fixture()
@@ -99,6 +100,7 @@ def test_unwritable_checkpoint_directory_is_a_clear_error(tmp_path, monkeypatch)
     locked.mkdir()
     locked.chmod(0o555)
     if os.access(locked, os.W_OK):  # root ignores the mode: make mkdir fail the way the OS would
+
         def denied(self, *args, **kwargs):
             raise PermissionError(13, "Permission denied", str(self))
 
@@ -112,7 +114,7 @@ def test_unwritable_checkpoint_directory_is_a_clear_error(tmp_path, monkeypatch)
     assert str(err.value) == f"train.checkpoint_uri: cannot create {locked}/abc: Permission denied"
 
 
-def _prepared(tmp_path: Path) -> tuple["RunConfig", Path]:
+def _prepared(tmp_path: Path) -> tuple[RunConfig, Path]:
     from ftloop.components.config import load_config
     from ftloop.components.stages.prepare_examples import run as run_prepare
     from tests.fixtures.data import corpus_subset, write_config, write_lines
@@ -120,7 +122,9 @@ def _prepared(tmp_path: Path) -> tuple["RunConfig", Path]:
     path = write_lines(tmp_path / "articles.jsonl", corpus_subset(["returns", "shipping", "payments"], 4))
     config = load_config(write_config(tmp_path / "run.yaml", path, generate={"questions_per_article": 3}))
     run_prepare(config, str(path), tmp_path / "examples")
-    return config.model_copy(update={"split": config.split.model_copy(update={"dev": 0.25, "test": 0.25}), "seed": 1}), tmp_path / "examples"
+    return config.model_copy(
+        update={"split": config.split.model_copy(update={"dev": 0.25, "test": 0.25}), "seed": 1}
+    ), tmp_path / "examples"
 
 
 def test_disk_full_on_the_output_location_is_a_clear_error_and_leaves_no_file(tmp_path, monkeypatch):
@@ -160,6 +164,7 @@ def test_permission_denied_on_the_output_location_is_a_clear_error(tmp_path, mon
     out.mkdir()
     out.chmod(0o555)
     if os.access(out, os.W_OK):  # root ignores the mode: make the temp file fail the way the OS would
+
         def denied(*args, **kwargs):
             raise PermissionError(13, "Permission denied")
 
@@ -246,7 +251,6 @@ def test_the_tiny_model_is_reused_only_for_the_same_seed_labels_and_texts(tmp_pa
 
 # ------------------------------------------- the fine-tune stage: a full disk is a clear error, no partial artifact
 
-from tests.fixtures.ml import demo_config
 
 ENOSPC_TEXT = "No space left on device"
 
@@ -258,9 +262,7 @@ def _finetune(tiny_model_dir, formatted_dir, out: Path, **train):
     return finetune(config, formatted_dir, out, progress=lambda line: None)
 
 
-def test_full_disk_writing_the_adapter_is_a_clear_error_and_leaves_an_empty_artifact(
-    tmp_path, monkeypatch, tiny_model_dir, formatted_dir
-):
+def test_full_disk_writing_the_adapter_is_a_clear_error_and_leaves_an_empty_artifact(tmp_path, monkeypatch, tiny_model_dir, formatted_dir):
     """safetensors reports a full disk as its own error type, with the OS error inside the message."""
     import peft.peft_model
     from safetensors import SafetensorError
@@ -283,9 +285,7 @@ def test_full_disk_writing_the_adapter_is_a_clear_error_and_leaves_an_empty_arti
     assert list(out.iterdir()) == []  # no half-written adapter, no model card that looks finished
 
 
-def test_full_disk_writing_the_metadata_removes_the_adapter_written_before_it(
-    tmp_path, monkeypatch, tiny_model_dir, formatted_dir
-):
+def test_full_disk_writing_the_metadata_removes_the_adapter_written_before_it(tmp_path, monkeypatch, tiny_model_dir, formatted_dir):
     import errno
 
     import ftloop.components.stages.finetune as finetune_module
@@ -300,9 +300,7 @@ def test_full_disk_writing_the_metadata_removes_the_adapter_written_before_it(
     assert list(out.iterdir()) == []
 
 
-def test_full_disk_writing_a_training_checkpoint_names_the_staging_dir_and_tmpdir(
-    tmp_path, monkeypatch, tiny_model_dir, formatted_dir
-):
+def test_full_disk_writing_a_training_checkpoint_names_the_staging_dir_and_tmpdir(tmp_path, monkeypatch, tiny_model_dir, formatted_dir):
     """torch.save's zip writer fails on a full disk with a RuntimeError that carries no errno."""
     import torch
 
@@ -326,9 +324,7 @@ def test_full_disk_writing_a_training_checkpoint_names_the_staging_dir_and_tmpdi
     assert list(out.iterdir()) == []
 
 
-def test_a_runtime_error_that_is_not_a_failed_write_keeps_its_traceback(
-    tmp_path, monkeypatch, tiny_model_dir, formatted_dir
-):
+def test_a_runtime_error_that_is_not_a_failed_write_keeps_its_traceback(tmp_path, monkeypatch, tiny_model_dir, formatted_dir):
     """Only failed writes become user errors: a bug must still surface as a bug."""
     from transformers import Trainer
 
@@ -348,8 +344,7 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
     if os.geteuid() != 0 or shutil.which("mount") is None:
         return False
     path.mkdir()
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                          capture_output=True).returncode == 0
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True).returncode == 0
 
 
 def test_a_real_full_disk_under_the_model_artifact(tmp_path, tiny_model_dir, formatted_dir):
@@ -398,7 +393,7 @@ def _one_error_line(err: str) -> str:
     assert "Traceback" not in err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ftloop: error: "), err
-    return lines[0][len("ftloop: error: "):]
+    return lines[0][len("ftloop: error: ") :]
 
 
 def _earlier_run(workdir: Path) -> None:
@@ -433,8 +428,9 @@ def test_a_read_only_work_directory_is_one_clear_line(tmp_path, capsys, monkeypa
         if mounted:
             subprocess.run(["umount", str(workdir)], check=False)
     assert code == 2
-    assert _one_error_line(err) == (f"{workdir}: the work directory is not writable: Read-only file system; "
-                                    "choose a writable --workdir (or make this one writable)")
+    assert _one_error_line(err) == (
+        f"{workdir}: the work directory is not writable: Read-only file system; choose a writable --workdir (or make this one writable)"
+    )
 
 
 def test_an_immutable_work_directory_with_a_local_model_is_one_clear_line(tmp_path, capsys, monkeypatch, tiny_model_dir):
@@ -446,9 +442,9 @@ def test_an_immutable_work_directory_with_a_local_model_is_one_clear_line(tmp_pa
 
     workdir = tmp_path / "immutable"
     workdir.mkdir()
-    immutable = shutil.which("chattr") is not None and subprocess.run(
-        ["chattr", "+i", str(workdir)], capture_output=True).returncode == 0
+    immutable = shutil.which("chattr") is not None and subprocess.run(["chattr", "+i", str(workdir)], capture_output=True).returncode == 0
     if not immutable:
+
         def not_permitted(*args, **kwargs):
             raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
 
@@ -459,8 +455,9 @@ def test_an_immutable_work_directory_with_a_local_model_is_one_clear_line(tmp_pa
         if immutable:
             subprocess.run(["chattr", "-i", str(workdir)], check=False)
     assert code == 2
-    assert _one_error_line(err) == (f"{workdir}: the work directory is not writable: Operation not permitted; "
-                                    "choose a writable --workdir (or make this one writable)")
+    assert _one_error_line(err) == (
+        f"{workdir}: the work directory is not writable: Operation not permitted; choose a writable --workdir (or make this one writable)"
+    )
     assert list(workdir.iterdir()) == []  # no kfp/, no probe file
 
 
@@ -473,8 +470,9 @@ def test_a_results_file_that_is_a_directory_is_one_clear_line_and_nothing_is_mov
     (workdir / name / "keep.txt").write_text("someone else's")
     code, out, err = _run(_demo_with(tmp_path), workdir, capsys)
     assert code == 2
-    assert _one_error_line(err) == (f"{workdir / name}: is a directory, where the run writes its {kind}; "
-                                    "move or remove it, or choose another --workdir")
+    assert _one_error_line(err) == (
+        f"{workdir / name}: is a directory, where the run writes its {kind}; move or remove it, or choose another --workdir"
+    )
     assert (workdir / name / "keep.txt").read_text() == "someone else's"
     assert sorted(p.name for p in workdir.iterdir()) == ["predictions", "report.html", "report.md", "summary.json"]
 
@@ -484,8 +482,7 @@ def test_a_work_directory_that_is_a_file_is_one_clear_line(tmp_path, capsys):
     workdir.write_text("not a directory")
     code, out, err = _run(_demo_with(tmp_path), workdir, capsys)
     assert code == 2
-    assert _one_error_line(err) == (f"{workdir}: cannot create work directory: a file of that name exists; "
-                                    "choose another --workdir")
+    assert _one_error_line(err) == (f"{workdir}: cannot create work directory: a file of that name exists; choose another --workdir")
 
 
 def test_a_config_error_moves_the_earlier_runs_results_aside_first(tmp_path, capsys):

@@ -25,8 +25,18 @@ LABELS = ["billing", "upgrade_$10_to_$20", "<img src=x onerror=alert(1)>", "ship
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--hide-scrollbars"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+]
 
 PROBE = """<script>
 window.addEventListener("load", function () {
@@ -52,8 +62,10 @@ def small_run(tmp: Path) -> Path:
     for name, accuracy in (("base", 0.6), ("augmented", 0.75), ("tfidf", 0.5), ("zero-shot", 0.3)):
         rows, probs = {}, {}
         for split, n in zip(SPLITS, (24, 12, 16)):
-            rows[split] = [{"id": f"{split}-{i}", "text": f"question {i} about <b>{LABELS[i % 4]}</b>", "label": LABELS[i % 4],
-                            "group": f"g{i}"} for i in range(n)]
+            rows[split] = [
+                {"id": f"{split}-{i}", "text": f"question {i} about <b>{LABELS[i % 4]}</b>", "label": LABELS[i % 4], "group": f"g{i}"}
+                for i in range(n)
+            ]
             probs[split] = []
             for r in rows[split]:
                 winner = r["label"] if rng.random() < accuracy else LABELS[(LABELS.index(r["label"]) + 1) % 4]

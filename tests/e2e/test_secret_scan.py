@@ -33,21 +33,30 @@ def _files_containing(root: Path, needle: bytes) -> list[str]:
 
 
 def _openai_settings(url: str) -> dict:
-    return {"base_url": f"{url}/v1", "model": "served-model", "api_key_env": OPENAI_KEY_ENV, "backoff_seconds": 0.0,
-            "max_retries": 1, "secret_name": "llm-api-key"}
+    return {
+        "base_url": f"{url}/v1",
+        "model": "served-model",
+        "api_key_env": OPENAI_KEY_ENV,
+        "backoff_seconds": 0.0,
+        "max_retries": 1,
+        "secret_name": "llm-api-key",
+    }
 
 
 def _okareo_config(tmp: Path, url: str, openai_url: str) -> Path:
     articles = write_lines(tmp / "articles.jsonl", corpus_subset(["returns", "shipping", "payments"], 4))
     return write_config(
-        tmp / "run.yaml", articles,
+        tmp / "run.yaml",
+        articles,
         generate={"backend": "okareo", "questions_per_article": 4},
         split={"train": 0.5, "dev": 0.25, "test": 0.25},
         model={"name_or_path": "builtin:tiny-phi3", "dtype": "float32"},
         train={"epochs": 1, "learning_rate": 0.002, "batch_size": 8, "max_length": 128, "early_stopping_metric": "none"},
         augment={"backend": "openai", "rephrasings_per_error": 2, "rounds": 1},
-        generators={"okareo": {"base_url": url, "backoff_seconds": 0.0, "max_retries": 1, "upload_eval": True},
-                    "openai": _openai_settings(openai_url)},
+        generators={
+            "okareo": {"base_url": url, "backoff_seconds": 0.0, "max_retries": 1, "upload_eval": True},
+            "openai": _openai_settings(openai_url),
+        },
     )
 
 
@@ -59,7 +68,10 @@ def test_planted_key_is_used_but_never_written_anywhere(tmp_path):
         config = _okareo_config(tmp_path, fake.url, llm.url)
         run = subprocess.run(
             [sys.executable, "-m", "ftloop.pipelines.cli", "run", "--local", "--config", str(config), "--workdir", str(workdir)],
-            capture_output=True, text=True, env=env, timeout=900,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=900,
         )
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         # the key was really in use: every Okareo call carried it, and predictions were uploaded
@@ -71,9 +83,22 @@ def test_planted_key_is_used_but_never_written_anywhere(tmp_path):
         # a failing call: the error message must not echo the key either
         fake.faults = [("status", 500)] * 50
         failed = subprocess.run(
-            [sys.executable, "-m", "ftloop.pipelines.cli", "run", "--local", "--config", str(config),
-             "--workdir", str(tmp_path / "failed"), "--no-cache"],
-            capture_output=True, text=True, env=env, timeout=900,
+            [
+                sys.executable,
+                "-m",
+                "ftloop.pipelines.cli",
+                "run",
+                "--local",
+                "--config",
+                str(config),
+                "--workdir",
+                str(tmp_path / "failed"),
+                "--no-cache",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=900,
         )
     assert failed.returncode == 2
     errors = [line for line in (failed.stdout + failed.stderr).splitlines() if "ftloop: error:" in line]
@@ -97,9 +122,24 @@ def test_planted_key_is_used_but_never_written_anywhere(tmp_path):
     cluster.write_text(yaml.safe_dump(raw))
     compiled = tmp_path / "pipeline.yaml"
     result = subprocess.run(
-        [sys.executable, "-m", "ftloop.pipelines.cli", "compile", "--config", str(cluster), "--output", str(compiled),
-         "--image", "cpu=registry.example/ftloop-cpu:abc123", "--image", "gpu=registry.example/ftloop-gpu:abc123"],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "ftloop.pipelines.cli",
+            "compile",
+            "--config",
+            str(cluster),
+            "--output",
+            str(compiled),
+            "--image",
+            "cpu=registry.example/ftloop-cpu:abc123",
+            "--image",
+            "gpu=registry.example/ftloop-gpu:abc123",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     text = compiled.read_text()
@@ -121,9 +161,14 @@ def test_the_openai_key_never_reaches_a_prepare_stage_output_or_its_errors(tmp_p
     monkeypatch.setenv(OPENAI_KEY_ENV, OPENAI_PLANTED)
     articles = write_lines(tmp_path / "articles.jsonl", corpus_subset(["returns", "shipping", "payments"], 3))
     with FakeOpenAI() as llm:
-        config = load_config(write_config(tmp_path / "run.yaml", articles,
-                                          generate={"backend": "openai", "questions_per_article": 2},
-                                          generators={"openai": _openai_settings(llm.url)}))
+        config = load_config(
+            write_config(
+                tmp_path / "run.yaml",
+                articles,
+                generate={"backend": "openai", "questions_per_article": 2},
+                generators={"openai": _openai_settings(llm.url)},
+            )
+        )
         meta = run_prepare(config, str(articles), tmp_path / "examples")
         assert meta["rows"] > 0 and {r["auth"] for r in llm.requests} == {f"Bearer {OPENAI_PLANTED}"}
 
@@ -160,28 +205,41 @@ def _fake(prefix: str, body: str) -> bytes:
     return (prefix + body).encode()
 
 
-@pytest.mark.parametrize("key", [
-    _fake("sk-", "A1b2" * 12),                                     # legacy OpenAI, 48 chars
-    _fake("sk-proj-", "Ab3_" * 10 + "-x9" * 20),                   # OpenAI project key: _ and - inside
-    _fake("sk-svcacct-", "Zz9-" * 12),
-    _fake("sk-admin-", "Q7w" * 10),
-    _fake("hf_", "aBcDeFgHiJkLmNoPqRsTuVwXyZ01234567"),           # Hugging Face, 34 chars
-    _fake("ghp_", "x" * 36),                                        # GitHub classic PAT
-    _fake("gho_", "Y1" * 18),                                       # GitHub OAuth token
-    _fake("github_pat_", "11ABCDEFG0" + "a" * 12 + "_" + "b" * 59),  # GitHub fine-grained PAT
-    _fake("AIza", "S" * 35),
-    _fake("-----BEGIN ", "RSA PRIVATE KEY-----\n" + "MIIEow" * 11),
-    _fake("-----BEGIN ", "PRIVATE KEY-----\\n" + "MIIEvQ" * 11),  # escaped inside a JSON string
-])
+@pytest.mark.parametrize(
+    "key",
+    [
+        _fake("sk-", "A1b2" * 12),  # legacy OpenAI, 48 chars
+        _fake("sk-proj-", "Ab3_" * 10 + "-x9" * 20),  # OpenAI project key: _ and - inside
+        _fake("sk-svcacct-", "Zz9-" * 12),
+        _fake("sk-admin-", "Q7w" * 10),
+        _fake("hf_", "aBcDeFgHiJkLmNoPqRsTuVwXyZ01234567"),  # Hugging Face, 34 chars
+        _fake("ghp_", "x" * 36),  # GitHub classic PAT
+        _fake("gho_", "Y1" * 18),  # GitHub OAuth token
+        _fake("github_pat_", "11ABCDEFG0" + "a" * 12 + "_" + "b" * 59),  # GitHub fine-grained PAT
+        _fake("AIza", "S" * 35),
+        _fake("-----BEGIN ", "RSA PRIVATE KEY-----\n" + "MIIEow" * 11),
+        _fake("-----BEGIN ", "PRIVATE KEY-----\\n" + "MIIEvQ" * 11),  # escaped inside a JSON string
+    ],
+)
 def test_key_patterns_catch_real_key_shapes(key):
     assert KEY_LIKE.search(b"token = '" + key + b"'\n")
 
 
-@pytest.mark.parametrize("text", [
-    b"sk-test-123", b"OPENAI_API_KEY", b"openai-PLANTED-2d8e4b6a9c", b"okareo-PLANTED-7f3a9c1e5b",
-    b"hf_hub_download(repo_id)", b"HF_HUB_OFFLINE", b"ghp_short", b"github_pat_", b"sk-proj-abc",
-    b'"-----BEGIN PRIVATE KEY-----\\n<private-key>\\n-----END PRIVATE KEY-----"',  # a schema's placeholder
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        b"sk-test-123",
+        b"OPENAI_API_KEY",
+        b"openai-PLANTED-2d8e4b6a9c",
+        b"okareo-PLANTED-7f3a9c1e5b",
+        b"hf_hub_download(repo_id)",
+        b"HF_HUB_OFFLINE",
+        b"ghp_short",
+        b"github_pat_",
+        b"sk-proj-abc",
+        b'"-----BEGIN PRIVATE KEY-----\\n<private-key>\\n-----END PRIVATE KEY-----"',  # a schema's placeholder
+    ],
+)
 def test_key_patterns_leave_ordinary_text_alone(text):
     assert not KEY_LIKE.search(text)
 

@@ -33,8 +33,7 @@ def _keyword(call: ast.Call, name: str):
 def test_sources_are_scanned():
     assert len(SOURCES) > 20 and any(p.name == "finetune.py" for p in SOURCES)
     assert any(p.name == "train_speed.py" for p in BENCH)
-    loads = [c.func.value.id for p in SOURCES for c in _calls(p)
-             if c.func.attr == "from_pretrained" and isinstance(c.func.value, ast.Name)]
+    loads = [c.func.value.id for p in SOURCES for c in _calls(p) if c.func.attr == "from_pretrained" and isinstance(c.func.value, ast.Name)]
     assert loads.count("AutoModelForCausalLM") >= 2 and loads.count("AutoTokenizer") >= 2  # the rule has work to do
     assert loads.count("PeftModel") >= 2  # evaluation and the merged export
 
@@ -77,8 +76,12 @@ def test_adapter_loads_check_for_safetensors_first(path):
         checks = [c.lineno for c in calls if _called_name(c) == "check_adapter_dir"]
         for call in calls:
             func = call.func
-            if (isinstance(func, ast.Attribute) and func.attr == "from_pretrained"
-                    and isinstance(func.value, ast.Name) and func.value.id == "PeftModel"):
+            if (
+                isinstance(func, ast.Attribute)
+                and func.attr == "from_pretrained"
+                and isinstance(func.value, ast.Name)
+                and func.value.id == "PeftModel"
+            ):
                 where = f"{path.relative_to(REPO)}:{call.lineno}"
                 assert any(line < call.lineno for line in checks), f"{where}: call check_adapter_dir(dir) before loading"
 
@@ -89,8 +92,9 @@ def _adapter_dir(tmp_path: Path, *weights: str) -> Path:
     adapter = tmp_path / "model"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "/nowhere"}))
-    (adapter / "ftloop_model.json").write_text(json.dumps({
-        "base_model": {"name_or_path": "/nowhere", "revision": None, "dtype": "float32", "quantization": "none"}}))
+    (adapter / "ftloop_model.json").write_text(
+        json.dumps({"base_model": {"name_or_path": "/nowhere", "revision": None, "dtype": "float32", "quantization": "none"}})
+    )
     for name in weights:
         (adapter / name).write_bytes(b"\x80\x02}q\x00.")  # a pickle
     return adapter
@@ -109,8 +113,10 @@ def test_an_adapter_with_only_pickled_weights_is_refused_before_anything_loads(t
     monkeypatch.setattr(loading, "load_base_model", must_not_load)
     monkeypatch.setattr(peft.PeftModel, "from_pretrained", must_not_load)
     adapter = _adapter_dir(tmp_path, "adapter_model.bin")
-    expected = (f"{adapter}: adapter weights are only in adapter_model.bin (pickle); ftloop loads safetensors only. "
-                "Convert them with save_pretrained(safe_serialization=True)")
+    expected = (
+        f"{adapter}: adapter weights are only in adapter_model.bin (pickle); ftloop loads safetensors only. "
+        "Convert them with save_pretrained(safe_serialization=True)"
+    )
     with pytest.raises(FtloopError) as err:
         loading.load_for_inference(adapter)
     assert str(err.value) == expected

@@ -19,8 +19,18 @@ GPU_EXECUTORS = {"exec-finetune", "exec-finetune-2", "exec-evaluate", "exec-eval
 def compiled(tmp_path_factory):
     out = tmp_path_factory.mktemp("compile") / "pipeline.yaml"
     result = subprocess.run(
-        [sys.executable, "-m", "ftloop.pipelines.cli", "compile", "--config", str(REPO / "configs" / "webbizz-gke.yaml"), "--output", str(out)],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "ftloop.pipelines.cli",
+            "compile",
+            "--config",
+            str(REPO / "configs" / "webbizz-gke.yaml"),
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr
     return out
@@ -112,8 +122,9 @@ def test_each_task_embeds_only_the_config_sections_its_stage_reads(compiled):
 
 def test_a_generator_backend_adds_only_its_own_settings_to_the_tasks_that_call_it(tmp_path):
     config = load_config(REPO / "configs" / "webbizz-gke.yaml")
-    config = config.model_validate({**config.model_dump(), "generate": {"backend": "okareo"},
-                                    "augment": {"backend": "openai", "label_filter": "model"}})
+    config = config.model_validate(
+        {**config.model_dump(), "generate": {"backend": "okareo"}, "augment": {"backend": "openai", "label_filter": "model"}}
+    )
     spec = next(yaml.safe_load_all(compile_pipeline(config, tmp_path / "p.yaml").read_text()))
     by_stage = {s["stage"]: s for s in task_slices(spec).values()}
     assert set(by_stage["prepare_examples"]["config"]["generators"]) == {"okareo"}
@@ -135,8 +146,16 @@ def all_tasks(spec: dict) -> dict:
 def test_every_stage_of_the_loop_is_a_task(compiled):
     spec = next(yaml.safe_load_all(compiled.read_text()))
     assert {
-        "importer", "prepare-examples", "split-examples", "format-chat", "finetune", "evaluate",
-        "augment-from-errors", "compare-models", "tfidf-baseline", "evaluate-zero-shot",
+        "importer",
+        "prepare-examples",
+        "split-examples",
+        "format-chat",
+        "finetune",
+        "evaluate",
+        "augment-from-errors",
+        "compare-models",
+        "tfidf-baseline",
+        "evaluate-zero-shot",
     } <= set(spec["root"]["dag"]["tasks"])
     # one augmentation round (webbizz-gke.yaml): retrain inside dsl.If, carry the model forward inside dsl.Else
     assert {"format-chat-2", "finetune-2", "evaluate-2", "carry-forward"} <= set(all_tasks(spec))
@@ -155,7 +174,10 @@ def test_model_evaluations_and_the_comparison_declare_their_kfp_ui_metrics(compi
         assert output_types(spec, task) == evaluation, task
     # every model's scalars on one task with a stable name, next to the bundle and the two reports
     assert output_types(spec, "compare-models") == {
-        "results": "system.Artifact", "report_markdown": "system.Markdown", "report_html": "system.HTML", "metrics": "system.Metrics",
+        "results": "system.Artifact",
+        "report_markdown": "system.Markdown",
+        "report_html": "system.HTML",
+        "metrics": "system.Metrics",
     }
     assert all_tasks(spec)["compare-models"]["taskInfo"]["name"] == "compare models"
 
@@ -214,8 +236,9 @@ def test_every_task_has_a_memory_limit_and_cpu_tasks_a_cpu_limit(compiled):
 
 def test_limits_come_from_the_config(tmp_path):
     config = load_config(REPO / "configs" / "webbizz-gke.yaml")
-    cluster = config.cluster.model_copy(update={"gpu_cpu_limit": "8", "gpu_memory_limit": "30Gi", "cpu_task_cpu_limit": None,
-                                                "cpu_task_memory_limit": "8G"})
+    cluster = config.cluster.model_copy(
+        update={"gpu_cpu_limit": "8", "gpu_memory_limit": "30Gi", "cpu_task_cpu_limit": None, "cpu_task_memory_limit": "8G"}
+    )
     spec = next(yaml.safe_load_all(compile_pipeline(config.model_copy(update={"cluster": cluster}), tmp_path / "p.yaml").read_text()))
     executors = spec["deploymentSpec"]["executors"]
     assert executors["exec-finetune"]["container"]["resources"]["resourceCpuLimit"] == "8"
@@ -232,8 +255,18 @@ def test_a_limit_below_its_request_is_refused():
 
 def test_the_tiny_local_model_cannot_be_compiled_for_a_cluster(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "ftloop.pipelines.cli", "compile", "--config", str(REPO / "configs" / "demo.yaml"), "--output", str(tmp_path / "p.yaml")],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "ftloop.pipelines.cli",
+            "compile",
+            "--config",
+            str(REPO / "configs" / "demo.yaml"),
+            "--output",
+            str(tmp_path / "p.yaml"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 2
     assert "builtin:tiny-phi3" in result.stderr and "Traceback" not in result.stderr

@@ -15,14 +15,24 @@ from tests.fixtures.data import REPO
 GKE_CONFIG = REPO / "configs" / "webbizz-gke.yaml"
 # Every task that loads the language model: fine-tunes, their evaluations, the zero-shot baseline.
 GPU_TASKS = {"finetune", "finetune-2", "evaluate", "evaluate-2", "evaluate-zero-shot"}
-CPU_TASKS = {"prepare-examples", "split-examples", "format-chat", "format-chat-2", "tfidf-baseline",
-             "augment-from-errors", "carry-forward", "select-final-model", "compare-models"}
+CPU_TASKS = {
+    "prepare-examples",
+    "split-examples",
+    "format-chat",
+    "format-chat-2",
+    "tfidf-baseline",
+    "augment-from-errors",
+    "carry-forward",
+    "select-final-model",
+    "compare-models",
+}
 L4 = {"labels": {"cloud.google.com/gke-accelerator": "nvidia-l4"}}
 
 
 def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "ftloop.pipelines.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "ftloop.pipelines.cli", *args], capture_output=True, text=True, env={**os.environ, **(env or {})}
+    )
 
 
 def load(path):
@@ -45,18 +55,32 @@ def executor_of(spec, task):
 @pytest.fixture(scope="module")
 def build_json(tmp_path_factory):
     path = tmp_path_factory.mktemp("skaffold") / "build.json"
-    path.write_text(json.dumps({"builds": [
-        {"imageName": "ftloop-cpu", "tag": "us-docker.pkg.dev/p/ftloop/ftloop-cpu:9f1c2ab@sha256:" + "a" * 64},
-        {"imageName": "ftloop-gpu", "tag": "us-docker.pkg.dev/p/ftloop/ftloop-gpu:9f1c2ab@sha256:" + "b" * 64},
-    ]}))
+    path.write_text(
+        json.dumps(
+            {
+                "builds": [
+                    {"imageName": "ftloop-cpu", "tag": "us-docker.pkg.dev/p/ftloop/ftloop-cpu:9f1c2ab@sha256:" + "a" * 64},
+                    {"imageName": "ftloop-gpu", "tag": "us-docker.pkg.dev/p/ftloop/ftloop-gpu:9f1c2ab@sha256:" + "b" * 64},
+                ]
+            }
+        )
+    )
     return path
 
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory, build_json):
     out = tmp_path_factory.mktemp("compile") / "pipeline.yaml"
-    result = run_cli("compile", "--config", str(GKE_CONFIG), "--output", str(out), "--images-from", str(build_json),
-                     env={"OKAREO_API_KEY": "okareo-FAKE-KEY-planted-7c1d"})
+    result = run_cli(
+        "compile",
+        "--config",
+        str(GKE_CONFIG),
+        "--output",
+        str(out),
+        "--images-from",
+        str(build_json),
+        env={"OKAREO_API_KEY": "okareo-FAKE-KEY-planted-7c1d"},
+    )
     assert result.returncode == 0, result.stderr
     return out
 
@@ -96,8 +120,17 @@ def test_images_come_from_skaffold_build_output(compiled, build_json):
 
 def test_image_flags_override_build_json(tmp_path, build_json):
     out = tmp_path / "p.yaml"
-    result = run_cli("compile", "--config", str(GKE_CONFIG), "--output", str(out), "--images-from", str(build_json),
-                     "--image", "gpu=reg.example/ftloop-gpu:hotfix")
+    result = run_cli(
+        "compile",
+        "--config",
+        str(GKE_CONFIG),
+        "--output",
+        str(out),
+        "--images-from",
+        str(build_json),
+        "--image",
+        "gpu=reg.example/ftloop-gpu:hotfix",
+    )
     assert result.returncode == 0, result.stderr
     spec, _ = load(out)
     executors = spec["deploymentSpec"]["executors"]
@@ -194,9 +227,19 @@ def test_spot_and_model_cache_only_on_gpu_tasks(tmp_path):
         container = spec["deploymentSpec"]["executors"][executor]["container"]
         env = {e["name"]: e["value"] for e in container.get("env", [])}
         if task in GPU_TASKS:
-            assert k8s[executor]["nodeSelector"] == {"labels": {"cloud.google.com/gke-accelerator": "nvidia-l4", "cloud.google.com/gke-spot": "true"}}
-            assert {"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"} in k8s[executor]["tolerations"]
-            assert k8s[executor]["pvcMount"] == [{"mountPath": "/cache/hf", "constant": "ftloop-model-cache", "pvcNameParameter": {"runtimeValue": {"constant": "ftloop-model-cache"}}}]
+            assert k8s[executor]["nodeSelector"] == {
+                "labels": {"cloud.google.com/gke-accelerator": "nvidia-l4", "cloud.google.com/gke-spot": "true"}
+            }
+            assert {"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"} in k8s[executor][
+                "tolerations"
+            ]
+            assert k8s[executor]["pvcMount"] == [
+                {
+                    "mountPath": "/cache/hf",
+                    "constant": "ftloop-model-cache",
+                    "pvcNameParameter": {"runtimeValue": {"constant": "ftloop-model-cache"}},
+                }
+            ]
             assert env["HF_HOME"] == "/cache/hf" and env["HF_HUB_OFFLINE"] == "1"
             assert k8s[executor]["podMetadata"]["annotations"] == {"gke-gcsfuse/volumes": "true"}
         else:
@@ -206,26 +249,46 @@ def test_spot_and_model_cache_only_on_gpu_tasks(tmp_path):
 
 def with_backends(**backends):
     config = load_config(GKE_CONFIG)
-    return config.model_copy(update={name: type(getattr(config, name)).model_validate(
-        {**getattr(config, name).model_dump(), "backend": backend}) for name, backend in backends.items()})
+    return config.model_copy(
+        update={
+            name: type(getattr(config, name)).model_validate({**getattr(config, name).model_dump(), "backend": backend})
+            for name, backend in backends.items()
+        }
+    )
 
 
 def model_cache_volume(k8s_executor, env):
-    return (k8s_executor.get("pvcMount"), env.get("HF_HOME"), env.get("HF_HUB_OFFLINE"),
-            k8s_executor.get("podMetadata", {}).get("annotations"))
+    return (
+        k8s_executor.get("pvcMount"),
+        env.get("HF_HOME"),
+        env.get("HF_HUB_OFFLINE"),
+        k8s_executor.get("podMetadata", {}).get("annotations"),
+    )
 
 
-CACHE = ([{"mountPath": "/cache/hf", "constant": "ftloop-model-cache",
-           "pvcNameParameter": {"runtimeValue": {"constant": "ftloop-model-cache"}}}],
-         "/cache/hf", "1", {"gke-gcsfuse/volumes": "true"})
+CACHE = (
+    [
+        {
+            "mountPath": "/cache/hf",
+            "constant": "ftloop-model-cache",
+            "pvcNameParameter": {"runtimeValue": {"constant": "ftloop-model-cache"}},
+        }
+    ],
+    "/cache/hf",
+    "1",
+    {"gke-gcsfuse/volumes": "true"},
+)
 
 
-@pytest.mark.parametrize("backends, also_on_gpu", [
-    ({}, set()),
-    ({"generate": "hf"}, {"prepare-examples"}),
-    ({"augment": "hf"}, {"augment-from-errors"}),
-    ({"generate": "hf", "augment": "hf"}, {"prepare-examples", "augment-from-errors"}),
-])
+@pytest.mark.parametrize(
+    "backends, also_on_gpu",
+    [
+        ({}, set()),
+        ({"generate": "hf"}, {"prepare-examples"}),
+        ({"augment": "hf"}, {"augment-from-errors"}),
+        ({"generate": "hf", "augment": "hf"}, {"prepare-examples", "augment-from-errors"}),
+    ],
+)
 def test_hf_generation_runs_on_the_l4_with_the_model_cache(tmp_path, backends, also_on_gpu):
     """Self-hosted generation is a GPU task; by default only the model tasks get the L4."""
     config = with_backends(**backends)
@@ -251,8 +314,9 @@ def test_hf_generation_runs_on_the_l4_with_the_model_cache(tmp_path, backends, a
 def test_webbizz_gke_reads_weights_from_the_model_cache(compiled):
     """Every task that loads weights mounts the cache PVC of manifests/base/model-cache.yaml at the image's HF_HOME."""
     spec, k8s = load(compiled)
-    claim = next(d for d in yaml.safe_load_all((REPO / "manifests/base/model-cache.yaml").read_text())
-                 if d["kind"] == "PersistentVolumeClaim")
+    claim = next(
+        d for d in yaml.safe_load_all((REPO / "manifests/base/model-cache.yaml").read_text()) if d["kind"] == "PersistentVolumeClaim"
+    )
     gpu_dockerfile = (REPO / "images/gpu/Dockerfile").read_text()
     assert claim["metadata"]["name"] == CACHE[0][0]["constant"] and f"HF_HOME={CACHE[1]}" in gpu_dockerfile
     for task in GPU_TASKS:
@@ -261,11 +325,14 @@ def test_webbizz_gke_reads_weights_from_the_model_cache(compiled):
         assert model_cache_volume(k8s[executor], env) == CACHE, task
 
 
-@pytest.mark.parametrize("sections, secret_tasks", [
-    (("generate",), {"prepare-examples"}),
-    (("augment",), {"augment-from-errors"}),
-    (("generate", "augment"), {"prepare-examples", "augment-from-errors"}),
-])
+@pytest.mark.parametrize(
+    "sections, secret_tasks",
+    [
+        (("generate",), {"prepare-examples"}),
+        (("augment",), {"augment-from-errors"}),
+        (("generate", "augment"), {"prepare-examples", "augment-from-errors"}),
+    ],
+)
 def test_okareo_key_only_on_tasks_that_call_okareo(tmp_path, monkeypatch, sections, secret_tasks):
     monkeypatch.setenv("OKAREO_API_KEY", "okareo-FAKE-KEY-planted-7c1d")
     config = with_backends(**{name: "okareo" for name in sections})
@@ -278,20 +345,29 @@ def test_okareo_key_only_on_tasks_that_call_okareo(tmp_path, monkeypatch, sectio
     for task in GPU_TASKS | CPU_TASKS:
         secrets = k8s.get(executor_of(spec, task), {}).get("secretAsEnv")
         if task in secret_tasks:
-            assert secrets == [{"secretName": "okareo-api-key", "keyToEnv": [{"secretKey": "api-key", "envVar": "OKAREO_API_KEY"}],
-                                "secretNameParameter": {"runtimeValue": {"constant": "okareo-api-key"}}, "optional": False}]
+            assert secrets == [
+                {
+                    "secretName": "okareo-api-key",
+                    "keyToEnv": [{"secretKey": "api-key", "envVar": "OKAREO_API_KEY"}],
+                    "secretNameParameter": {"runtimeValue": {"constant": "okareo-api-key"}},
+                    "optional": False,
+                }
+            ]
             assert tasks[task]["cachingOptions"] == {}, task
             assert tasks[task]["retryPolicy"]["maxRetryCount"] == 2
         else:
             assert secrets is None, task
 
 
-@pytest.mark.parametrize("content, expected", [
-    ("{", "build.json:1: not valid JSON"),
-    ('{"builds": [{"imageName": "ftloop-cpu", "tag": "r/ftloop-cpu:1"}]}', "no build for ftloop-gpu"),
-    ('{"builds": [{"imageName": "ftloop-cpu"}]}', "builds[0]: needs string fields 'imageName' and 'tag'"),
-    ('[]', "expected a JSON object with a 'builds' list"),
-])
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ("{", "build.json:1: not valid JSON"),
+        ('{"builds": [{"imageName": "ftloop-cpu", "tag": "r/ftloop-cpu:1"}]}', "no build for ftloop-gpu"),
+        ('{"builds": [{"imageName": "ftloop-cpu"}]}', "builds[0]: needs string fields 'imageName' and 'tag'"),
+        ("[]", "expected a JSON object with a 'builds' list"),
+    ],
+)
 def test_bad_build_json_is_a_clear_error(tmp_path, content, expected):
     bad = tmp_path / "build.json"
     bad.write_text(content)
@@ -302,11 +378,14 @@ def test_bad_build_json_is_a_clear_error(tmp_path, content, expected):
     assert not (tmp_path / "p.yaml").exists()
 
 
-@pytest.mark.parametrize("flag, expected", [
-    ("cpu", "--image 'cpu': expected cpu=IMAGE_REF or gpu=IMAGE_REF"),
-    ("tpu=x:1", "expected cpu=IMAGE_REF"),
-    ("cpu=registry:5000/ftloop-cpu", "cluster.cpu_image: image 'registry:5000/ftloop-cpu' has no tag or digest"),
-])
+@pytest.mark.parametrize(
+    "flag, expected",
+    [
+        ("cpu", "--image 'cpu': expected cpu=IMAGE_REF or gpu=IMAGE_REF"),
+        ("tpu=x:1", "expected cpu=IMAGE_REF"),
+        ("cpu=registry:5000/ftloop-cpu", "cluster.cpu_image: image 'registry:5000/ftloop-cpu' has no tag or digest"),
+    ],
+)
 def test_bad_image_flags(tmp_path, flag, expected):
     result = run_cli("compile", "--config", str(GKE_CONFIG), "--output", str(tmp_path / "p.yaml"), "--image", flag)
     assert result.returncode == 2 and expected in result.stderr and "Traceback" not in result.stderr

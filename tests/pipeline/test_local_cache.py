@@ -16,14 +16,14 @@ import yaml
 from tests.fixtures.data import corpus_subset, write_config, write_lines
 
 # Upstream of the first augment task: served from the cache when only augmentation changes.
-UPSTREAM_OF_AUGMENT = {"prepare-examples", "split-examples", "format-chat", "tfidf-baseline", "evaluate-zero-shot",
-                       "finetune", "evaluate"}
+UPSTREAM_OF_AUGMENT = {"prepare-examples", "split-examples", "format-chat", "tfidf-baseline", "evaluate-zero-shot", "finetune", "evaluate"}
 
 
 def _config(tmp: Path, **augment) -> Path:
     articles = write_lines(tmp / "articles.jsonl", corpus_subset(["returns", "shipping", "payments"], 4))
     return write_config(
-        tmp / "run.yaml", articles,
+        tmp / "run.yaml",
+        articles,
         generate={"questions_per_article": 5},
         split={"train": 0.5, "dev": 0.25, "test": 0.25},
         model={"name_or_path": "builtin:tiny-phi3", "dtype": "float32"},
@@ -35,7 +35,9 @@ def _config(tmp: Path, **augment) -> Path:
 def _run(config: Path, workdir: Path, *extra: str) -> str:
     result = subprocess.run(
         [sys.executable, "-m", "ftloop.pipelines.cli", "run", "--local", "--config", str(config), "--workdir", str(workdir), *extra],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
@@ -43,8 +45,7 @@ def _run(config: Path, workdir: Path, *extra: str) -> str:
 
 def _run_roots(workdir: Path) -> list[Path]:
     """kfp.local's run folders (one per run, oldest first), the cache folder aside."""
-    return sorted((p for p in (workdir / "kfp").iterdir() if p.is_dir() and not p.name.startswith(".")),
-                  key=lambda p: p.stat().st_mtime)
+    return sorted((p for p in (workdir / "kfp").iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.stat().st_mtime)
 
 
 def _executed(run_root: Path) -> set[str]:
@@ -76,7 +77,8 @@ def test_changing_only_augmentation_reuses_the_data_stages_the_base_fine_tune_an
     assert (before["config"]["augment"]["label_margin"], summary["config"]["augment"]["label_margin"]) == (0.1, 0.3)
     for model in ("base", "tfidf", "zero-shot"):
         assert summary["models"][model]["test"]["predictions"] and all(
-            summary["models"][model][split]["macro_f1"] == before["models"][model][split]["macro_f1"] for split in ("dev", "test"))
+            summary["models"][model][split]["macro_f1"] == before["models"][model][split]["macro_f1"] for split in ("dev", "test")
+        )
 
     # --no-cache reruns everything
     _run(config, workdir, "--no-cache")

@@ -38,8 +38,12 @@ def assert_rounds_are_conditional(spec, rounds):
     augments = ["augment-from-errors"] + [f"augment-from-errors-{k}" for k in range(2, rounds + 1)]
     for augment, consumer in zip(augments, augments[1:] + ["select-final-model"]):
         channel = f"pipelinechannel--{augment}-decision"
-        groups = [name for name, t in root.items() if name.startswith("condition-branches")
-                  and t["inputs"]["parameters"].get(channel, {}).get("taskOutputParameter", {}).get("producerTask") == augment]
+        groups = [
+            name
+            for name, t in root.items()
+            if name.startswith("condition-branches")
+            and t["inputs"]["parameters"].get(channel, {}).get("taskOutputParameter", {}).get("producerTask") == augment
+        ]
         assert len(groups) == 1, f"{augment}: {groups}"
         runs = {}  # condition -> the tasks it runs, without the -N suffixes of later rounds
         for branch in components[root[groups[0]]["componentRef"]["name"]]["dag"]["tasks"].values():
@@ -54,16 +58,23 @@ def assert_rounds_are_conditional(spec, rounds):
 
 def test_rounds_are_unrolled_inside_conditions_and_backends_get_their_secrets(tmp_path, monkeypatch):
     text, spec, k8s = compile_for_cluster(
-        tmp_path, monkeypatch,
+        tmp_path,
+        monkeypatch,
         generate={"backend": "okareo", "questions_per_article": 5},
         augment={"backend": "openai", "rounds": 3, "label_filter": "model"},
-        generators={"openai": {"base_url": "http://vllm.ftloop.svc:8000/v1", "secret_name": "vllm-key"},
-                    "okareo": {"upload_eval": True}},
+        generators={"openai": {"base_url": "http://vllm.ftloop.svc:8000/v1", "secret_name": "vllm-key"}, "okareo": {"upload_eval": True}},
     )
     assert SECRET_VALUE not in text
     tasks = all_tasks(spec)
-    assert {"augment-from-errors", "augment-from-errors-2", "augment-from-errors-3",
-            "finetune-4", "evaluate-4", "carry-forward-3", "upload-to-okareo"} <= set(tasks)
+    assert {
+        "augment-from-errors",
+        "augment-from-errors-2",
+        "augment-from-errors-3",
+        "finetune-4",
+        "evaluate-4",
+        "carry-forward-3",
+        "upload-to-okareo",
+    } <= set(tasks)
     # later rounds hang off the previous round's dsl.OneOf outputs, inside If/Else condition groups
     assert len([t for t in tasks.values() if "triggerPolicy" in t]) == 6  # an If and an Else per round, no others
     assert_rounds_are_conditional(spec, rounds=3)

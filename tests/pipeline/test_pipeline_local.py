@@ -31,7 +31,9 @@ def run(tmp_path_factory):
     workdir = tmp / "out"
     result = subprocess.run(
         [sys.executable, "-m", "ftloop.pipelines.cli", "run", "--local", "--config", str(config), "--workdir", str(workdir)],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return workdir, result.stdout + result.stderr
@@ -112,8 +114,17 @@ def executor_output(run_root: Path, task: str) -> dict:
 
 
 # The scalars every model-evaluating task logs, per split, as <split>_<metric> (README "What the KFP UI shows").
-EVALUATION_SCALARS = ("accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall", "ece", "invalid_rate",
-                      "rows_per_second", "mean_batch_seconds")
+EVALUATION_SCALARS = (
+    "accuracy",
+    "macro_f1",
+    "weighted_f1",
+    "macro_precision",
+    "macro_recall",
+    "ece",
+    "invalid_rate",
+    "rows_per_second",
+    "mean_batch_seconds",
+)
 # Model-evaluating task -> its model in summary.json (evaluate-N of a later round is "augmented" only if it was kept).
 EVALUATING_TASKS = {"evaluate": "base", "tfidf-baseline": "tfidf", "evaluate-zero-shot": "zero-shot"}
 

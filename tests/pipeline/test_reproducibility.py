@@ -23,7 +23,8 @@ NEVER_CACHED_LOCALLY = {"compare-models"}  # fresh reports (and timings) every r
 def _config(tmp: Path) -> Path:
     articles = write_lines(tmp / "articles.jsonl", corpus_subset(["returns", "shipping", "payments"], 4))
     return write_config(
-        tmp / "run.yaml", articles,
+        tmp / "run.yaml",
+        articles,
         generate={"questions_per_article": 5},
         split={"train": 0.5, "dev": 0.25, "test": 0.25},
         model={"name_or_path": "builtin:tiny-phi3", "dtype": "float32"},
@@ -41,8 +42,11 @@ def _cache_keys(config, source_sha256: str = "f" * 64) -> dict[str, tuple[bool, 
     tasks = dict(spec["root"]["dag"]["tasks"])
     for component in spec["components"].values():
         tasks.update(component.get("dag", {}).get("tasks", {}))
-    return {name: (bool(task.get("cachingOptions", {}).get("enableCache")), task.get("cachingOptions", {}).get("cacheKey"))
-            for name, task in tasks.items() if name != "importer" and not name.startswith("condition-")}
+    return {
+        name: (bool(task.get("cachingOptions", {}).get("enableCache")), task.get("cachingOptions", {}).get("cacheKey"))
+        for name, task in tasks.items()
+        if name != "importer" and not name.startswith("condition-")
+    }
 
 
 def test_every_stage_but_the_comparison_is_cached_locally_under_its_own_chained_key(tmp_path):
@@ -75,18 +79,23 @@ def test_cache_training_false_reruns_training_and_scoring_and_everything_after_t
 
 
 # change -> the tasks whose key must stay (everything upstream of what the change touches)
-@pytest.mark.parametrize("change, unchanged", [
-    ({"seed": 99}, set()),
-    ({"split": {"train": 0.6, "dev": 0.2, "test": 0.2}}, set()),  # prepare checks the data can be split so
-    ({"generate": {"questions_per_article": 3}}, set()),
-    ({"data": {"labels": ["payments", "returns", "shipping"]}}, set()),
-    ({"format": {"system_prompt": "Classify: {labels}"}}, {"prepare-examples", "split-examples"}),
-    ({"filters": {"min_words": 3}}, set()),
-    ({"train": {"epochs": 3}}, {"prepare-examples", "split-examples", "format-chat", "tfidf-baseline", "evaluate-zero-shot"}),
-    ({"eval": {"mode": "generate"}}, {"prepare-examples", "split-examples", "format-chat", "tfidf-baseline", "finetune"}),
-    ({"augment": {"label_margin": 0.3}}, {"prepare-examples", "split-examples", "format-chat", "tfidf-baseline",
-                                          "evaluate-zero-shot", "finetune", "evaluate"}),
-])
+@pytest.mark.parametrize(
+    "change, unchanged",
+    [
+        ({"seed": 99}, set()),
+        ({"split": {"train": 0.6, "dev": 0.2, "test": 0.2}}, set()),  # prepare checks the data can be split so
+        ({"generate": {"questions_per_article": 3}}, set()),
+        ({"data": {"labels": ["payments", "returns", "shipping"]}}, set()),
+        ({"format": {"system_prompt": "Classify: {labels}"}}, {"prepare-examples", "split-examples"}),
+        ({"filters": {"min_words": 3}}, set()),
+        ({"train": {"epochs": 3}}, {"prepare-examples", "split-examples", "format-chat", "tfidf-baseline", "evaluate-zero-shot"}),
+        ({"eval": {"mode": "generate"}}, {"prepare-examples", "split-examples", "format-chat", "tfidf-baseline", "finetune"}),
+        (
+            {"augment": {"label_margin": 0.3}},
+            {"prepare-examples", "split-examples", "format-chat", "tfidf-baseline", "evaluate-zero-shot", "finetune", "evaluate"},
+        ),
+    ],
+)
 def test_a_changed_setting_misses_the_cache_of_exactly_the_stages_that_depend_on_it(tmp_path, change, unchanged):
     """Rerunning into the same work dir with another setting recomputes what reads it and everything downstream."""
     from kfp.local.cache import LocalCache
@@ -105,8 +114,10 @@ def test_a_changed_setting_misses_the_cache_of_exactly_the_stages_that_depend_on
     for name in CACHED - unchanged:
         # what kfp.local itself stores the result under (the arguments do not count, only this key)
         cache = LocalCache(str(tmp_path / ".kfp_cache"))
-        stored = [cache.compute_key(name, "img", [], {"config_slice": "same"}, custom_cache_key=keys[name][1])
-                  for keys in (keys_before, keys_after)]
+        stored = [
+            cache.compute_key(name, "img", [], {"config_slice": "same"}, custom_cache_key=keys[name][1])
+            for keys in (keys_before, keys_after)
+        ]
         assert stored[0] != stored[1], name
 
 
@@ -129,7 +140,9 @@ def test_another_source_file_or_ftloop_version_misses_the_local_cache(tmp_path, 
 def _run(config: Path, workdir: Path, *extra: str) -> str:
     result = subprocess.run(
         [sys.executable, "-m", "ftloop.pipelines.cli", "run", "--local", "--config", str(config), "--workdir", str(workdir), *extra],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
@@ -153,8 +166,7 @@ def _artifacts(workdir: Path) -> dict[str, str]:
 def _metrics(workdir: Path) -> dict:
     summary = json.loads((workdir / "summary.json").read_text())
     keys = ("accuracy", "macro_f1", "weighted_f1", "ece")
-    return {name: {split: {k: m[split][k] for k in keys} for split in ("train", "dev", "test")}
-            for name, m in summary["models"].items()}
+    return {name: {split: {k: m[split][k] for k in keys} for split in ("train", "dev", "test")} for name, m in summary["models"].items()}
 
 
 @pytest.mark.slow

@@ -16,20 +16,29 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def splits_of(n=3):
-    return {split: [Example(f"{split}{i}", f"{split} question {i}", LABELS[i % 3], f"{split}-g{i}", "generated")
-                    for i in range(n)] for split in ("train", "dev", "test")}
+    return {
+        split: [Example(f"{split}{i}", f"{split} question {i}", LABELS[i % 3], f"{split}-g{i}", "generated") for i in range(n)]
+        for split in ("train", "dev", "test")
+    }
 
 
 def write_eval(path, wrong=(), generate=False):
     """An eval dir written by the evaluating stages' writer; rows whose id is in ``wrong`` are mispredicted."""
     splits = {s: [{**e.to_dict(), "text": e.text} for e in rows] for s, rows in splits_of().items()}
-    predicted = {s: [LABELS[(LABELS.index(r["label"]) + 1) % 3] if r["id"] in wrong else r["label"] for r in rows]
-                 for s, rows in splits.items()}
+    predicted = {
+        s: [LABELS[(LABELS.index(r["label"]) + 1) % 3] if r["id"] in wrong else r["label"] for r in rows] for s, rows in splits.items()
+    }
     probs = {s: [{label: 0.8 if label == p else 0.1 for label in LABELS} for p in predicted[s]] for s in splits}
     generated = {s: [{"raw": f"it is {p}", "prediction": p} for p in predicted[s]] for s in splits}
-    return A.write_predictions(splits, probs, LABELS, path, progress=lambda m: None,
-                               timings={s: {"rows_per_second": 10.0, "mean_batch_seconds": 0.1} for s in splits},
-                               generated=generated if generate else None)
+    return A.write_predictions(
+        splits,
+        probs,
+        LABELS,
+        path,
+        progress=lambda m: None,
+        timings={s: {"rows_per_second": 10.0, "mean_batch_seconds": 0.1} for s in splits},
+        generated=generated if generate else None,
+    )
 
 
 def error_of(call) -> str:
@@ -56,8 +65,7 @@ def test_path_helpers_name_every_artifact(tmp_path):
     assert A.bundle_predictions_file("zero-shot", "dev") == "predictions/zero-shot/dev.jsonl"
 
 
-ARTIFACT_FILES = {A.LABELS_FILE, A.METRICS_FILE, A.REPORT_FILE, A.SUMMARY_FILE, A.MODEL_META, A.EXAMPLES_FILE,
-                  A.REPORT_MD, A.REPORT_HTML}
+ARTIFACT_FILES = {A.LABELS_FILE, A.METRICS_FILE, A.REPORT_FILE, A.SUMMARY_FILE, A.MODEL_META, A.EXAMPLES_FILE, A.REPORT_MD, A.REPORT_HTML}
 
 
 def test_artifact_paths_are_built_only_in_artifacts_py():
@@ -111,7 +119,10 @@ def test_a_splits_artifact_may_carry_one_label_but_training_inputs_may_not(tmp_p
 FINETUNE_META = {  # the shape the finetune stage writes (a few of its keys)
     "format": "ftloop-lora-adapter/1",
     "base_model": {"name_or_path": "/models/phi", "revision": None, "dtype": "bfloat16", "quantization": "nf4"},
-    "labels": LABELS, "lora": {"r": 8, "alpha": 16, "dropout": 0.05}, "steps": 12, "train_loss": 0.5,
+    "labels": LABELS,
+    "lora": {"r": 8, "alpha": 16, "dropout": 0.05},
+    "steps": 12,
+    "train_loss": 0.5,
     "dev": {"metric": "dev_macro_f1", "best_metric": None, "best_step": None, "history": []},
     "merged": {"path": "merged", "dtype": "bfloat16", "bytes": 123, "from_quantized_base": True},
 }
@@ -128,18 +139,20 @@ def test_model_meta_round_trip_keeps_the_rich_metadata(tmp_path):
     assert (minimal.base_model.dtype, minimal.base_model.quantization, minimal.base_model.revision) == ("auto", "none", None)
 
 
-@pytest.mark.parametrize("change, problem", [
-    (lambda m: m["base_model"].pop("name_or_path"), "field 'base_model.name_or_path': missing"),
-    (lambda m: m.pop("base_model"), "field 'base_model': missing"),
-    (lambda m: m.update(labels="returns"), "field 'labels': expected a list, got a string"),
-    (lambda m: m["merged"].update(dtype=16), "field 'merged.dtype': expected a string, got a number"),
-])
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        (lambda m: m["base_model"].pop("name_or_path"), "field 'base_model.name_or_path': missing"),
+        (lambda m: m.pop("base_model"), "field 'base_model': missing"),
+        (lambda m: m.update(labels="returns"), "field 'labels': expected a list, got a string"),
+        (lambda m: m["merged"].update(dtype=16), "field 'merged.dtype': expected a string, got a number"),
+    ],
+)
 def test_malformed_model_meta_is_one_located_line(tmp_path, change, problem):
     meta = json.loads(json.dumps(FINETUNE_META))
     change(meta)
     write_json(A.model_meta_path(tmp_path), meta)
-    assert error_of(lambda: A.read_model_meta(tmp_path)) == (
-        f"{A.model_meta_path(tmp_path)}: {problem}; not an ftloop model file")
+    assert error_of(lambda: A.read_model_meta(tmp_path)) == (f"{A.model_meta_path(tmp_path)}: {problem}; not an ftloop model file")
 
 
 def test_a_directory_without_model_meta_is_a_clear_error(tmp_path):
@@ -165,28 +178,35 @@ def test_predictions_and_metrics_round_trip(tmp_path, generate):
     assert ("raw" in on_disk[0]) == generate and ("raw" in rows[0].to_json()) == generate
 
 
-@pytest.mark.parametrize("change, line, problem", [
-    (lambda rows: rows[1].pop("prediction"), 2, "field 'prediction': missing"),
-    (lambda rows: rows[2].update(label=None), 3, "field 'label': expected a string, got null"),
-    (lambda rows: rows[0]["scores"].update(returns="0.5"), 1, "field 'scores.returns': expected a number, got a string"),
-])
+@pytest.mark.parametrize(
+    "change, line, problem",
+    [
+        (lambda rows: rows[1].pop("prediction"), 2, "field 'prediction': missing"),
+        (lambda rows: rows[2].update(label=None), 3, "field 'label': expected a string, got null"),
+        (lambda rows: rows[0]["scores"].update(returns="0.5"), 1, "field 'scores.returns': expected a number, got a string"),
+    ],
+)
 def test_malformed_predictions_name_the_line_and_field(tmp_path, change, line, problem):
     write_eval(tmp_path)
     path = A.predictions_path(tmp_path, "dev")
     rows = [json.loads(x) for x in path.read_text().splitlines()]
     change(rows)
     write_jsonl(path, rows)
-    assert error_of(lambda: A.read_predictions(tmp_path, "dev")) == (
-        f"{path}:{line}: {problem}; not an ftloop predictions file")
+    assert error_of(lambda: A.read_predictions(tmp_path, "dev")) == (f"{path}:{line}: {problem}; not an ftloop predictions file")
 
 
-@pytest.mark.parametrize("change, problem", [
-    (lambda m: m["dev"].update(macro_f1="0.5"), "field 'dev.macro_f1': expected a number, got a string"),
-    (lambda m: m.pop("test"), "field 'test': missing"),
-    (lambda m: m["train"]["per_class"]["returns"].pop("f1"), "field 'train.per_class.returns.f1': missing"),
-    (lambda m: m["test"]["confusion_matrix"][0].__setitem__(1, True),
-     "field 'test.confusion_matrix[0][1]': expected an integer, got a boolean"),
-])
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        (lambda m: m["dev"].update(macro_f1="0.5"), "field 'dev.macro_f1': expected a number, got a string"),
+        (lambda m: m.pop("test"), "field 'test': missing"),
+        (lambda m: m["train"]["per_class"]["returns"].pop("f1"), "field 'train.per_class.returns.f1': missing"),
+        (
+            lambda m: m["test"]["confusion_matrix"][0].__setitem__(1, True),
+            "field 'test.confusion_matrix[0][1]': expected an integer, got a boolean",
+        ),
+    ],
+)
 def test_malformed_metrics_are_one_located_line(tmp_path, change, problem):
     metrics = write_eval(tmp_path)
     change(metrics)
@@ -199,7 +219,8 @@ def test_the_loop_reads_only_dev_macro_f1(tmp_path):
     assert A.read_dev_macro_f1(tmp_path) == 0.25
     write_json(A.metrics_path(tmp_path), {"dev": {"accuracy": 0.25}})
     assert error_of(lambda: A.read_dev_macro_f1(tmp_path)) == (
-        f"{A.metrics_path(tmp_path)}: field 'dev.macro_f1': missing; not an ftloop metrics file")
+        f"{A.metrics_path(tmp_path)}: field 'dev.macro_f1': missing; not an ftloop metrics file"
+    )
 
 
 # ------------------------------------------------------------------ report.json of a splits artifact
@@ -213,25 +234,37 @@ def test_split_report_round_trip(tmp_path):
     assert report.to_json() == on_disk
     assert report.rows == {"train": 3, "dev": 3, "test": 3} and report.seed == 3
     assert report.loop_stopped.reason == "no rows left" and report.augmentation_rounds == []
-    assert set(on_disk) == {"rows", "groups", "group_overlap", "shared_groups", "text_overlap", "shared_texts", "labels",
-                            "seed", "augmentation_rounds", "loop_stopped"}  # no key made up by a default
+    assert set(on_disk) == {
+        "rows",
+        "groups",
+        "group_overlap",
+        "shared_groups",
+        "text_overlap",
+        "shared_texts",
+        "labels",
+        "seed",
+        "augmentation_rounds",
+        "loop_stopped",
+    }  # no key made up by a default
     write_splits(splits_of(), LABELS, tmp_path / "plain")
     assert A.read_split_report(tmp_path / "plain").loop_stopped is None
 
 
-@pytest.mark.parametrize("change, problem", [
-    (lambda r: r.pop("group_overlap"), "field 'group_overlap': missing"),
-    (lambda r: r["rows"].update(train="3"), "field 'rows.train': expected an integer, got a string"),
-    (lambda r: r.update(loop_stopped={"round": 1}), "field 'loop_stopped.reason': missing"),
-    (lambda r: r.update(augmentation_rounds={}), "field 'augmentation_rounds': expected a list, got an object"),
-])
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        (lambda r: r.pop("group_overlap"), "field 'group_overlap': missing"),
+        (lambda r: r["rows"].update(train="3"), "field 'rows.train': expected an integer, got a string"),
+        (lambda r: r.update(loop_stopped={"round": 1}), "field 'loop_stopped.reason': missing"),
+        (lambda r: r.update(augmentation_rounds={}), "field 'augmentation_rounds': expected a list, got an object"),
+    ],
+)
 def test_malformed_split_report_is_one_located_line(tmp_path, change, problem):
     write_splits(splits_of(), LABELS, tmp_path)
     report = json.loads(A.report_path(tmp_path).read_text())
     change(report)
     write_json(A.report_path(tmp_path), report)
-    assert error_of(lambda: A.read_split_report(tmp_path)) == (
-        f"{A.report_path(tmp_path)}: {problem}; not an ftloop splits report")
+    assert error_of(lambda: A.read_split_report(tmp_path)) == (f"{A.report_path(tmp_path)}: {problem}; not an ftloop splits report")
 
 
 # ------------------------------------------------------------------ summary.json: the stages' writers, the readers' models
@@ -248,9 +281,22 @@ def bundle(tmp_path):
     write_eval(evals["augmented"], wrong={"test2"}, generate=True)
     split_dirs = {"base": tmp_path / "base-splits", "augmented": tmp_path / "augmented-splits"}
     write_splits(splits_of(), LABELS, split_dirs["base"], extra={"seed": 0})
-    write_splits(splits_of(), LABELS, split_dirs["augmented"], extra={
-        "seed": 0, "augmentation": {"round": 1, "errors_mined": {"train": 1, "dev": 1}, "generated": 4, "added": 2,
-                                    "removed": {"garbage": 2}, "confusions": {"returns->shipping": 2}}})
+    write_splits(
+        splits_of(),
+        LABELS,
+        split_dirs["augmented"],
+        extra={
+            "seed": 0,
+            "augmentation": {
+                "round": 1,
+                "errors_mined": {"train": 1, "dev": 1},
+                "generated": 4,
+                "added": 2,
+                "removed": {"garbage": 2},
+                "confusions": {"returns->shipping": 2},
+            },
+        },
+    )
     config = RunConfig.model_validate({"name": "t", "seed": 0, "data": {"questions": "q.jsonl"}})
     summary = run_compare(config, evals, split_dirs, tmp_path / "bundle", tmp_path / "r.md", tmp_path / "r.html")
     return tmp_path / "bundle", summary, split_dirs
@@ -277,7 +323,8 @@ def test_read_summary_errors_are_one_located_line(bundle):
     broken["models"]["base"]["dev"]["accuracy"] = True
     write_json(A.summary_path(out), broken)
     assert error_of(lambda: A.read_summary(out)) == (
-        f"{A.summary_path(out)}: field 'models.base.dev.accuracy': expected a number, got a boolean; not an ftloop summary")
+        f"{A.summary_path(out)}: field 'models.base.dev.accuracy': expected a number, got a boolean; not an ftloop summary"
+    )
 
 
 def test_local_run_summary_keeps_its_extra_keys(bundle):
@@ -299,8 +346,7 @@ def test_a_stage_reading_a_foreign_artifact_fails_with_the_file_and_field(tmp_pa
     report["loop_stopped"] = "yes"
     write_json(A.report_path(tmp_path / "splits"), report)
     config = RunConfig.model_validate({"seed": 0, "data": {"questions": "q.jsonl"}})
-    assert error_of(lambda: run_augment(config, tmp_path / "splits", tmp_path / "eval", tmp_path / "out",
-                                        progress=lambda _: None)) == (
-        f"{A.report_path(tmp_path / 'splits')}: field 'loop_stopped': expected an object, got a string; "
-        "not an ftloop splits report")
+    assert error_of(lambda: run_augment(config, tmp_path / "splits", tmp_path / "eval", tmp_path / "out", progress=lambda _: None)) == (
+        f"{A.report_path(tmp_path / 'splits')}: field 'loop_stopped': expected an object, got a string; not an ftloop splits report"
+    )
     assert not (tmp_path / "out").exists()

@@ -23,8 +23,7 @@ def ex(i, label="returns", group=None, text=None, origin="generated"):
 
 
 def cfg(**augment) -> RunConfig:
-    return RunConfig.model_validate({"seed": 0, "data": {"questions": "q.jsonl"},
-                                     "augment": {"rephrasings_per_error": 2, **augment}})
+    return RunConfig.model_validate({"seed": 0, "data": {"questions": "q.jsonl"}, "augment": {"rephrasings_per_error": 2, **augment}})
 
 
 def test_mining_refuses_the_test_split():
@@ -64,17 +63,24 @@ def test_loop_decision(errors, current, reference, stopped, expected):
 
 def write_round_inputs(tmp_path, dev_f1=0.5, wrong=("e1", "e3")):
     splits = {
-        "train": [ex(1, "returns", text="can I get my money back for these shoes"),
-                  ex(2, "shipping", text="where is my parcel right now"),
-                  ex(5, "returns", text="refund for a broken lamp please"),
-                  ex(6, "shipping", text="courier delivery time to my address")],
+        "train": [
+            ex(1, "returns", text="can I get my money back for these shoes"),
+            ex(2, "shipping", text="where is my parcel right now"),
+            ex(5, "returns", text="refund for a broken lamp please"),
+            ex(6, "shipping", text="courier delivery time to my address"),
+        ],
         "dev": [ex(3, "returns", text="refund timing please")],
         "test": [ex(4, "shipping", text="track my order")],
     }
     write_splits(splits, ["returns", "shipping"], tmp_path / "splits")
     preds = tmp_path / "eval" / "predictions"
-    rows = {s: [{"id": e.id, "label": e.label, "prediction": ("shipping" if e.label == "returns" else "returns") if e.id in wrong else e.label}
-                for e in splits[s]] for s in ("train", "dev")}
+    rows = {
+        s: [
+            {"id": e.id, "label": e.label, "prediction": ("shipping" if e.label == "returns" else "returns") if e.id in wrong else e.label}
+            for e in splits[s]
+        ]
+        for s in ("train", "dev")
+    }
     write_jsonl(preds / "train.jsonl", rows["train"])
     write_jsonl(preds / "dev.jsonl", rows["dev"])
     write_json(tmp_path / "eval" / "metrics.json", {"dev": {"macro_f1": dev_f1}})
@@ -83,16 +89,14 @@ def write_round_inputs(tmp_path, dev_f1=0.5, wrong=("e1", "e3")):
 
 def test_run_augment_adds_filtered_conditioned_rephrasings_to_train_only(tmp_path):
     splits = write_round_inputs(tmp_path)
-    meta = run_augment(cfg(label_filter="none"), tmp_path / "splits", tmp_path / "eval", tmp_path / "out", round=1,
-                       progress=lambda _: None)
+    meta = run_augment(cfg(label_filter="none"), tmp_path / "splits", tmp_path / "eval", tmp_path / "out", round=1, progress=lambda _: None)
     out, labels = read_splits(tmp_path / "out")
     assert labels == ["returns", "shipping"]
     assert out["dev"] == splits["dev"] and out["test"] == splits["test"]
     added = out["train"][4:]
     assert meta["decision"] == CONTINUE and meta["errors_mined"] == 2 and meta["rows_added"] == len(added) == 4
     assert {a.parent_id for a in added} == {"e1", "e3"}
-    assert all(a.origin == "rephrased" and a.label == "returns" and a.meta["confused_with"] == "shipping" and a.round == 1
-               for a in added)
+    assert all(a.origin == "rephrased" and a.label == "returns" and a.meta["confused_with"] == "shipping" and a.round == 1 for a in added)
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     aug = report["augmentation"]
     assert aug["removed"]["label_inconsistent"] == 0 and aug["removed"]["class_cap"] == 0
@@ -110,15 +114,20 @@ class CannedRephraser:
         self.stats: dict = {}
 
     def rephrase(self, parents, n, hint=None, round=None):
-        return [Example(f"{p.id}-r{round}.{i}", text, p.label, p.group, "rephrased", parent_id=p.id, round=round)
-                for p in parents for i, text in enumerate(self.texts.get(p.id, []), 1)]
+        return [
+            Example(f"{p.id}-r{round}.{i}", text, p.label, p.group, "rephrased", parent_id=p.id, round=round)
+            for p in parents
+            for i, text in enumerate(self.texts.get(p.id, []), 1)
+        ]
 
 
 def test_rephrasings_that_copy_a_test_question_never_reach_train(tmp_path, monkeypatch):
     test_question = "Where is the parcel I ordered last week, can I track it?"
     splits = {
-        "train": [ex(1, "returns", text="can I get my money back for these shoes"),
-                  ex(2, "shipping", text="courier delivery time to my address")],
+        "train": [
+            ex(1, "returns", text="can I get my money back for these shoes"),
+            ex(2, "shipping", text="courier delivery time to my address"),
+        ],
         "dev": [ex(3, "returns", text="how long until the refund shows up on my card")],
         "test": [ex(4, "shipping", text=test_question)],
     }
@@ -127,14 +136,17 @@ def test_rephrasings_that_copy_a_test_question_never_reach_train(tmp_path, monke
     write_jsonl(tmp_path / "eval" / "predictions" / "train.jsonl", preds[:1])
     write_jsonl(tmp_path / "eval" / "predictions" / "dev.jsonl", preds[1:])
     write_json(tmp_path / "eval" / "metrics.json", {"dev": {"macro_f1": 0.5}})
-    stub = CannedRephraser({
-        "e1": ["where is the parcel I ordered last week - can I track it",  # the test question, punctuation aside
-               "is it possible to return these shoes for a full refund"],
-        "e3": ["Where is the parcel I ordered last week, can I track it now?"],  # a near-copy of it
-    })
+    stub = CannedRephraser(
+        {
+            "e1": [
+                "where is the parcel I ordered last week - can I track it",  # the test question, punctuation aside
+                "is it possible to return these shoes for a full refund",
+            ],
+            "e3": ["Where is the parcel I ordered last week, can I track it now?"],  # a near-copy of it
+        }
+    )
     monkeypatch.setattr("ftloop.components.stages.augment_from_errors.make_generator", lambda *args, **kwargs: stub)
-    meta = run_augment(cfg(label_filter="none"), tmp_path / "splits", tmp_path / "eval", tmp_path / "out",
-                       progress=lambda _: None)
+    meta = run_augment(cfg(label_filter="none"), tmp_path / "splits", tmp_path / "eval", tmp_path / "out", progress=lambda _: None)
     assert meta["rows_generated"] == 3 and meta["rows_added"] == 1
     assert meta["filtered_duplicate_of_test"] == 1 and meta["filtered_near_duplicate_of_test"] == 1
     train = read_splits(tmp_path / "out")[0]["train"]
@@ -145,8 +157,13 @@ def test_rephrasings_that_copy_a_test_question_never_reach_train(tmp_path, monke
 
 def test_tfidf_label_filter_and_class_cap_are_counted(tmp_path):
     write_round_inputs(tmp_path)
-    meta = run_augment(cfg(label_filter="tfidf", label_margin=0.2, max_per_class=1), tmp_path / "splits",
-                       tmp_path / "eval", tmp_path / "out", progress=lambda _: None)
+    meta = run_augment(
+        cfg(label_filter="tfidf", label_margin=0.2, max_per_class=1),
+        tmp_path / "splits",
+        tmp_path / "eval",
+        tmp_path / "out",
+        progress=lambda _: None,
+    )
     report = json.loads((tmp_path / "out" / "report.json").read_text())["augmentation"]
     removed = report["removed"]
     assert report["generated"] == 4
@@ -164,8 +181,15 @@ def test_a_stop_writes_the_kept_splits_and_later_rounds_stay_stopped(tmp_path):
     assert stopped["round"] == 1
     # round 2 sees errors again (e.g. evaluated differently) but the loop has stopped for good
     write_round_inputs(tmp_path / "again")
-    meta2 = run_augment(cfg(), tmp_path / "r1", tmp_path / "again" / "eval", tmp_path / "r2", round=2,
-                        reference_eval_dir=tmp_path / "again" / "eval", progress=lambda _: None)
+    meta2 = run_augment(
+        cfg(),
+        tmp_path / "r1",
+        tmp_path / "again" / "eval",
+        tmp_path / "r2",
+        round=2,
+        reference_eval_dir=tmp_path / "again" / "eval",
+        progress=lambda _: None,
+    )
     assert meta2["decision"] == STOP_KEEP_CURRENT
     assert json.loads((tmp_path / "r2" / "report.json").read_text())["loop_stopped"]["round"] == 1
 
@@ -175,21 +199,33 @@ def test_no_dev_improvement_keeps_the_reference_round(tmp_path):
     write_round_inputs(tmp_path / "ref", dev_f1=0.5)
     ref_splits = {**splits, "train": splits["train"][:2]}
     write_splits(ref_splits, ["returns", "shipping"], tmp_path / "ref" / "splits")
-    meta = run_augment(cfg(), tmp_path / "splits", tmp_path / "eval", tmp_path / "out", round=2,
-                       reference_eval_dir=tmp_path / "ref" / "eval", reference_split_dir=tmp_path / "ref" / "splits",
-                       progress=lambda _: None)
+    meta = run_augment(
+        cfg(),
+        tmp_path / "splits",
+        tmp_path / "eval",
+        tmp_path / "out",
+        round=2,
+        reference_eval_dir=tmp_path / "ref" / "eval",
+        reference_split_dir=tmp_path / "ref" / "splits",
+        progress=lambda _: None,
+    )
     assert meta["decision"] == STOP_KEEP_REFERENCE and "0.5000 -> 0.4000" in meta["stop_reason"]
     assert read_splits(tmp_path / "out")[0]["train"] == ref_splits["train"]
     for name in ("model", "eval"):
         (tmp_path / name).mkdir(exist_ok=True)
         (tmp_path / "ref" / name).mkdir(exist_ok=True)
         (tmp_path / "ref" / name / "marker").write_text("reference")
-    kept = carry_forward(meta["decision"], RoundArtifacts(tmp_path / "model", tmp_path / "eval"),
-                         RoundArtifacts(tmp_path / "ref" / "model", tmp_path / "ref" / "eval"),
-                         RoundArtifacts(tmp_path / "km", tmp_path / "ke"))
+    kept = carry_forward(
+        meta["decision"],
+        RoundArtifacts(tmp_path / "model", tmp_path / "eval"),
+        RoundArtifacts(tmp_path / "ref" / "model", tmp_path / "ref" / "eval"),
+        RoundArtifacts(tmp_path / "km", tmp_path / "ke"),
+    )
     assert kept == "reference" and (tmp_path / "km" / "marker").read_text() == "reference"
     with pytest.raises(ValueError, match="only when the loop stops"):
-        carry_forward(CONTINUE, RoundArtifacts(tmp_path, tmp_path), RoundArtifacts(tmp_path, tmp_path), RoundArtifacts(tmp_path / "x", tmp_path / "x"))
+        carry_forward(
+            CONTINUE, RoundArtifacts(tmp_path, tmp_path), RoundArtifacts(tmp_path, tmp_path), RoundArtifacts(tmp_path / "x", tmp_path / "x")
+        )
 
 
 def test_select_final_keeps_the_last_round_only_if_it_improved_dev(tmp_path):

@@ -92,8 +92,10 @@ def test_a_hub_id_that_is_not_a_local_directory_must_be_pinned(tmp_path, ref):
     """Single-part ids too; and the message says why a folder name like models/x is read as a hub id."""
     with pytest.raises(ConfigError) as err:
         load_config(write(tmp_path, f"data:\n  articles: a.jsonl\nmodel:\n  name_or_path: {ref}\n  revision: main\n"))
-    assert (f"run.yaml:3: model: name_or_path: '{ref}' is not a local directory; as a hub id it needs model.revision "
-            "pinned to a 40-character commit hash, got 'main'") in str(err.value)
+    assert (
+        f"run.yaml:3: model: name_or_path: '{ref}' is not a local directory; as a hub id it needs model.revision "
+        "pinned to a 40-character commit hash, got 'main'"
+    ) in str(err.value)
     config = load_config(write(tmp_path, f"data:\n  articles: a.jsonl\nmodel:\n  name_or_path: {ref}\n  revision: {PIN}\n"))
     assert config.model.name_or_path == ref and config.model.revision == PIN
 
@@ -107,8 +109,9 @@ def test_a_model_that_is_neither_a_path_nor_a_hub_id_is_refused_even_when_pinned
 
 def test_a_model_folder_next_to_the_config_is_a_local_directory(tmp_path):
     (tmp_path / "models" / "x").mkdir(parents=True)
-    config = load_config(write(tmp_path, "data:\n  articles: a.jsonl\nmodel:\n  name_or_path: models/x\n"
-                                         "generators:\n  hf:\n    name_or_path: models/x\n"))
+    config = load_config(
+        write(tmp_path, "data:\n  articles: a.jsonl\nmodel:\n  name_or_path: models/x\ngenerators:\n  hf:\n    name_or_path: models/x\n")
+    )
     assert config.model.name_or_path == config.generators.hf.name_or_path == str(tmp_path / "models" / "x")
     assert config.model.revision is None
 
@@ -118,8 +121,10 @@ def test_the_hf_generator_model_follows_the_same_pin_rule(tmp_path):
     assert (default.name_or_path, default.revision) == ("microsoft/Phi-3-mini-4k-instruct", PIN)  # pinned for you
     with pytest.raises(ConfigError) as err:
         load_config(write(tmp_path, "data:\n  articles: a.jsonl\ngenerators:\n  hf:\n    name_or_path: gpt2\n"))
-    assert ("run.yaml:4: generators.hf: name_or_path: 'gpt2' is not a local directory; as a hub id it needs "
-            "generators.hf.revision pinned to a 40-character commit hash, got None") in str(err.value)
+    assert (
+        "run.yaml:4: generators.hf: name_or_path: 'gpt2' is not a local directory; as a hub id it needs "
+        "generators.hf.revision pinned to a 40-character commit hash, got None"
+    ) in str(err.value)
 
 
 def test_the_early_model_check_refuses_what_cannot_be_a_model_without_touching_the_network(tmp_path):
@@ -138,8 +143,13 @@ def test_a_local_run_checks_the_hf_generator_model_before_any_stage(tmp_path):
     from ftloop.pipelines.local import check_base_model
 
     (tmp_path / "a.jsonl").write_text("")
-    config = load_config(write(tmp_path, "data:\n  articles: a.jsonl\nmodel:\n  name_or_path: builtin:tiny-phi3\n"
-                                         "augment:\n  backend: hf\ngenerators:\n  hf:\n    name_or_path: ./no-model\n"))
+    config = load_config(
+        write(
+            tmp_path,
+            "data:\n  articles: a.jsonl\nmodel:\n  name_or_path: builtin:tiny-phi3\n"
+            "augment:\n  backend: hf\ngenerators:\n  hf:\n    name_or_path: ./no-model\n",
+        )
+    )
     with pytest.raises(FtloopError, match=r"^generators.hf.name_or_path: .*/no-model: no such model directory"):
         check_base_model(config.with_model_path("microsoft/Phi-3-mini-4k-instruct"))
 
@@ -155,8 +165,17 @@ def config_error(tmp_path: Path, text: str) -> str:
     return str(err.value)
 
 
-@pytest.mark.parametrize("key, value", [("epochs", ".inf"), ("weight_decay", ".inf"), ("epochs", "-.inf"),
-                                        ("learning_rate", ".nan"), ("epochs", "'inf'"), ("max_grad_norm", "1.0e400")])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("epochs", ".inf"),
+        ("weight_decay", ".inf"),
+        ("epochs", "-.inf"),
+        ("learning_rate", ".nan"),
+        ("epochs", "'inf'"),
+        ("max_grad_norm", "1.0e400"),
+    ],
+)
 def test_every_float_must_be_finite(tmp_path, key, value):
     message = config_error(tmp_path, BASE + f"train:\n  {key}: {value}\n")
     assert f"run.yaml:4: train.{key}: must be a finite number, got " in message
@@ -172,12 +191,20 @@ def test_the_json_round_trip_never_carries_infinity():
         RunConfig.from_json('{"data": {"articles": "a.jsonl"}, "train": {"epochs": Infinity}}')
 
 
-@pytest.mark.parametrize("section, key, value, bound", [
-    ("train", "epochs", "1000", "100"), ("lora", "r", "100000", "1024"), ("train", "max_length", "10000000", "131072"),
-    ("generate", "questions_per_article", "100000000", "100"), ("train", "batch_size", "1000", "64"),
-    ("augment", "rounds", "50", "5"), ("augment", "rephrasings_per_error", "1000", "50"),
-    ("eval", "batch_size", "100000", "4096"), ("train", "weight_decay", "5", "1"),
-])
+@pytest.mark.parametrize(
+    "section, key, value, bound",
+    [
+        ("train", "epochs", "1000", "100"),
+        ("lora", "r", "100000", "1024"),
+        ("train", "max_length", "10000000", "131072"),
+        ("generate", "questions_per_article", "100000000", "100"),
+        ("train", "batch_size", "1000", "64"),
+        ("augment", "rounds", "50", "5"),
+        ("augment", "rephrasings_per_error", "1000", "50"),
+        ("eval", "batch_size", "100000", "4096"),
+        ("train", "weight_decay", "5", "1"),
+    ],
+)
 def test_counts_have_sane_upper_bounds(tmp_path, section, key, value, bound):
     message = config_error(tmp_path, BASE + f"{section}:\n  {key}: {value}\n")
     assert f"run.yaml:4: {section}.{key}: must be at most {bound}, got {value}" in message
@@ -193,7 +220,8 @@ def test_a_huge_questions_per_article_fails_fast(tmp_path):
 
 def test_a_seed_past_numpys_range_is_refused(tmp_path):
     assert "seed: must be at most 4294967295, got 99999999999999999999999999" in config_error(
-        tmp_path, BASE + "seed: 99999999999999999999999999\n")
+        tmp_path, BASE + "seed: 99999999999999999999999999\n"
+    )
     assert "seed: must be at most 4294967295, got a 400-digit number" in config_error(tmp_path, BASE + f"seed: {'9' * 400}\n")
 
 
@@ -208,12 +236,15 @@ def test_negative_zero_is_zero(tmp_path):
     assert config.seed == 0 and config.train.weight_decay == 0
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("train:\n  epochs: 1\n" + BASE + "train:\n  epochs: 2\n", "run.yaml:5: duplicate key 'train' (first at line 1)"),
-    ("seed: 1\n" + BASE + "seed: 2\n", "run.yaml:4: duplicate key 'seed' (first at line 1)"),
-    (BASE + "train:\n  epochs: 1\n  epochs: 2\n", "run.yaml:5: duplicate key 'epochs' (first at line 4)"),
-    ("data: {articles: a.jsonl, articles: b.jsonl}\n", "run.yaml:1: duplicate key 'articles' (first at line 1)"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("train:\n  epochs: 1\n" + BASE + "train:\n  epochs: 2\n", "run.yaml:5: duplicate key 'train' (first at line 1)"),
+        ("seed: 1\n" + BASE + "seed: 2\n", "run.yaml:4: duplicate key 'seed' (first at line 1)"),
+        (BASE + "train:\n  epochs: 1\n  epochs: 2\n", "run.yaml:5: duplicate key 'epochs' (first at line 4)"),
+        ("data: {articles: a.jsonl, articles: b.jsonl}\n", "run.yaml:1: duplicate key 'articles' (first at line 1)"),
+    ],
+)
 def test_duplicate_keys_are_refused_with_both_lines(tmp_path, text, expected):
     assert expected in config_error(tmp_path, text)
 
@@ -224,8 +255,10 @@ def test_a_merge_key_still_works_and_may_be_overridden(tmp_path):
     assert config.train.epochs == 3 and config.train.batch_size == 4 and config.eval.batch_size == 4
 
 
-@pytest.mark.parametrize("nested", ["[" * 20000 + "]" * 20000, "{a: " * 20000 + "1" + "}" * 20000,
-                                    "\n".join("  " * (i + 1) + f"k{i}:" for i in range(200)) + " 1"])
+@pytest.mark.parametrize(
+    "nested",
+    ["[" * 20000 + "]" * 20000, "{a: " * 20000 + "1" + "}" * 20000, "\n".join("  " * (i + 1) + f"k{i}:" for i in range(200)) + " 1"],
+)
 def test_deep_nesting_is_a_one_line_error(tmp_path, nested):
     message = config_error(tmp_path, BASE + "format:\n  system_prompt:" + ("\n" if nested.startswith(" ") else " ") + nested + "\n")
     assert re.fullmatch(rf"{re.escape(str(tmp_path / 'run.yaml'))}:\d+: nested too deeply \(limit 50 levels\)", message)
@@ -241,15 +274,18 @@ def test_an_alias_bomb_fails_fast(tmp_path):
     assert "data.labels.0: Input should be a valid string" in message and time.monotonic() - started < 5
 
 
-@pytest.mark.parametrize("section, key, url, kind", [
-    ("generators.openai", "base_url", "https://user:pass@llm.example.com/v1", "a user name or password"),
-    ("generators.openai", "base_url", "http://token@llm.example.com/v1", "a user name or password"),
-    ("generators.okareo", "base_url", "https://api.okareo.com/?api_key=s3cr3t", "a secret in its query (api_key=...)"),
-    ("train", "checkpoint_uri", "gs://me:s3cr3t@bucket/ckpt", "a user name or password"),
-    ("cluster", "kfp_host", "https://me:s3cr3t@kfp.example.com", "a user name or password"),
-    ("cluster", "pipeline_root", "gs://bucket/root?token=s3cr3t", "a secret in its query (token=...)"),
-    ("data", "articles", "https://me:s3cr3t@example.com/a.jsonl", "a user name or password"),
-])
+@pytest.mark.parametrize(
+    "section, key, url, kind",
+    [
+        ("generators.openai", "base_url", "https://user:pass@llm.example.com/v1", "a user name or password"),
+        ("generators.openai", "base_url", "http://token@llm.example.com/v1", "a user name or password"),
+        ("generators.okareo", "base_url", "https://api.okareo.com/?api_key=s3cr3t", "a secret in its query (api_key=...)"),
+        ("train", "checkpoint_uri", "gs://me:s3cr3t@bucket/ckpt", "a user name or password"),
+        ("cluster", "kfp_host", "https://me:s3cr3t@kfp.example.com", "a user name or password"),
+        ("cluster", "pipeline_root", "gs://bucket/root?token=s3cr3t", "a secret in its query (token=...)"),
+        ("data", "articles", "https://me:s3cr3t@example.com/a.jsonl", "a user name or password"),
+    ],
+)
 def test_credentials_in_a_url_are_refused_without_echoing_them(tmp_path, section, key, url, kind):
     *outer, inner = section.split(".")
     text = "name: x\n" if section == "data" else BASE
@@ -288,4 +324,5 @@ def test_control_characters_are_named_with_their_line(tmp_path, char, line):
 
 def test_a_huge_system_prompt_is_refused(tmp_path):
     assert "format.system_prompt: must be at most 20000 characters, got 5000000" in config_error(
-        tmp_path, BASE + "format:\n  system_prompt: " + "a" * 5_000_000 + "\n")
+        tmp_path, BASE + "format:\n  system_prompt: " + "a" * 5_000_000 + "\n"
+    )

@@ -38,13 +38,13 @@ def reference_scores(model, tokenizer, prompts, labels):
     """One prompt at a time, no padding: sum of the label tokens' log-probs, softmaxed over labels."""
     out = []
     for prompt in prompts:
-        prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
-                                                   return_dict=True)["input_ids"]
+        prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
         logliks = []
         for label in labels:
-            full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": label}], tokenize=True,
-                                                 return_dict=True)["input_ids"]
-            label_ids = full[len(prompt_ids): full.index(tokenizer.convert_tokens_to_ids("<|end|>"), len(prompt_ids))]
+            full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": label}], tokenize=True, return_dict=True)[
+                "input_ids"
+            ]
+            label_ids = full[len(prompt_ids) : full.index(tokenizer.convert_tokens_to_ids("<|end|>"), len(prompt_ids))]
             ids = torch.tensor([prompt_ids + label_ids])
             logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
             logliks.append(sum(logp[len(prompt_ids) - 1 + k, t] for k, t in enumerate(label_ids)))
@@ -124,10 +124,12 @@ def test_no_common_prefix_falls_back_to_plain_path(model_and_tokenizer):
     ids = _encode_prompts(tokenizer, prompts)
     assert _shared_prefix_length(model, ids, [(len(p) - 1, len(p)) for p in ids]) == 0
     assert _shared_prefix_length(model, ids[:1], [(len(ids[0]) - 1, len(ids[0]))]) == 0
-    _assert_close(score_labels(model, tokenizer, prompts, LABELS, batch_size=4),
-                  reference_scores(model, tokenizer, prompts, LABELS), LABELS)
-    _assert_close(score_labels(model, tokenizer, prompts[:1], LABELS, batch_size=4),
-                  reference_scores(model, tokenizer, prompts[:1], LABELS), LABELS)
+    _assert_close(
+        score_labels(model, tokenizer, prompts, LABELS, batch_size=4), reference_scores(model, tokenizer, prompts, LABELS), LABELS
+    )
+    _assert_close(
+        score_labels(model, tokenizer, prompts[:1], LABELS, batch_size=4), reference_scores(model, tokenizer, prompts[:1], LABELS), LABELS
+    )
 
 
 def test_shared_prefix_stops_before_the_first_scored_position(model_and_tokenizer):
@@ -248,8 +250,11 @@ def test_merging_the_adapter_in_memory_scores_like_applying_it(trained, model_an
     assert isinstance(applied, PeftModel) and not isinstance(merged, PeftModel)
     assert not any("lora_" in name for name, _ in merged.named_parameters())
     prompts = [prompt_messages(q, LABELS) for q in QUESTIONS]
-    _assert_close(score_labels(merged, tokenizer, prompts, LABELS, batch_size=4),
-                  score_labels(applied, tokenizer, prompts, LABELS, batch_size=4), LABELS)
+    _assert_close(
+        score_labels(merged, tokenizer, prompts, LABELS, batch_size=4),
+        score_labels(applied, tokenizer, prompts, LABELS, batch_size=4),
+        LABELS,
+    )
 
 
 def test_bf16_scoring_agrees_with_float32_merged_or_applied(trained, model_and_tokenizer, formatted_dir):

@@ -82,8 +82,13 @@ def test_filter_rows_drops_duplicates_of_every_split_and_counts_each_reason():
     assert [r.id for r in kept] == ["n4", "n9"]
     assert kept[1].text == "Is there a fee for returning an opened box?"  # kept rows carry the normalised text
     assert {k: v for k, v in counts.items() if v} == {
-        "duplicate_of_test": 1, "near_duplicate_of_test": 1, "duplicate_of_train": 1,
-        "duplicate_within_new": 1, "near_duplicate_within_new": 1, "prompt_echo": 1, "empty": 1,
+        "duplicate_of_test": 1,
+        "near_duplicate_of_test": 1,
+        "duplicate_of_train": 1,
+        "duplicate_within_new": 1,
+        "near_duplicate_within_new": 1,
+        "prompt_echo": 1,
+        "empty": 1,
     }
     assert set(counts) == set(REASONS)
     flat = summarize_counts(counts)
@@ -117,5 +122,8 @@ def test_imported_questions_are_deduplicated_by_the_same_rules_as_generated_ones
     kept, counts = filter_rows(rows, {}, LABELS, cfg)
     imported, dropped = dedupe_questions(rows, "q.jsonl", cfg.near_duplicate_threshold)
     assert [r.id for r in imported] == [r.id for r in kept] == ["n1", "n4"]
-    assert (dropped["dropped_duplicate_text"], dropped["dropped_near_duplicate_text"]) == (
-        counts["duplicate_within_new"], counts["near_duplicate_within_new"]) == (2, 1)
+    assert (
+        (dropped["dropped_duplicate_text"], dropped["dropped_near_duplicate_text"])
+        == (counts["duplicate_within_new"], counts["near_duplicate_within_new"])
+        == (2, 1)
+    )

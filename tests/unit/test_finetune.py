@@ -20,8 +20,7 @@ PHI3_MODULES = ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
 def phi3_model():
     from transformers import Phi3Config, Phi3ForCausalLM
 
-    config = Phi3Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=2, pad_token_id=0)
+    config = Phi3Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, pad_token_id=0)
     return Phi3ForCausalLM(config)
 
 
@@ -38,8 +37,7 @@ def test_explicit_target_modules_are_checked(phi3_model):
 
 @pytest.fixture(scope="module")
 def trainer_and_info(tmp_path_factory, tiny_model_dir, formatted_dir):
-    return build_trainer(demo_config(tiny_model_dir), formatted_dir, tmp_path_factory.mktemp("trainer"),
-                         progress=lambda line: None)
+    return build_trainer(demo_config(tiny_model_dir), formatted_dir, tmp_path_factory.mktemp("trainer"), progress=lambda line: None)
 
 
 def test_trainer_settings_for_cpu(trainer_and_info):
@@ -72,12 +70,11 @@ def test_only_completion_tokens_carry_loss_and_they_end_with_stop_tokens(trainer
     for i in range(5):
         example = trainer.train_dataset[i]
         row = rows[i]  # shuffle_dataset is off: dataset order == file order
-        prompt_ids = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True,
-                                                   return_dict=True)["input_ids"]
+        prompt_ids = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
         labels = example["labels"]
         assert example["input_ids"][: len(prompt_ids)] == list(prompt_ids)
         assert labels[: len(prompt_ids)] == [-100] * len(prompt_ids)
-        completion = labels[len(prompt_ids):]
+        completion = labels[len(prompt_ids) :]
         label_id = tokenizer.convert_tokens_to_ids(row["label"])
         assert completion == [label_id, end, *newline, eos]
 

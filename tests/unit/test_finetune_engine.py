@@ -56,8 +56,7 @@ def test_dev_evaluation_stops_early_and_keeps_the_best_checkpoint(trained, forma
     assert _dev_macro_f1(trained["dir"], formatted_dir) == pytest.approx(best, abs=1e-9)
 
 
-def test_training_stops_after_patience_evaluations_and_restores_the_best_epoch(tmp_path, tiny_model_dir, formatted_dir,
-                                                                             monkeypatch):
+def test_training_stops_after_patience_evaluations_and_restores_the_best_epoch(tmp_path, tiny_model_dir, formatted_dir, monkeypatch):
     """A scripted dev macro-F1 (best at epoch 2) makes the stop deterministic whatever the float rounding."""
     import sklearn.metrics
     import torch
@@ -69,8 +68,7 @@ def test_training_stops_after_patience_evaluations_and_restores_the_best_epoch(t
 
     class KeepWeights(TrainerCallback):
         def on_epoch_end(self, args, state, control, model=None, **kwargs):
-            weights_at_epoch[round(state.epoch)] = {
-                n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+            weights_at_epoch[round(state.epoch)] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     config = demo_config(tiny_model_dir, epochs=7, early_stopping_patience=3)
     trainer, _ = build_trainer(config, formatted_dir, tmp_path, progress=lambda line: None, callbacks=[KeepWeights()])
@@ -152,18 +150,23 @@ KILLER = textwrap.dedent(
 
 
 def _checkpointed_config(tiny_model_dir, uri: str):
-    return demo_config(tiny_model_dir, epochs=3, eval_every_steps=10, early_stopping_patience=20,
-                       checkpoint_uri=uri, keep_checkpoints=2)
+    return demo_config(tiny_model_dir, epochs=3, eval_every_steps=10, early_stopping_patience=20, checkpoint_uri=uri, keep_checkpoints=2)
 
 
 def test_killed_training_resumes_from_the_last_mirrored_checkpoint(tmp_path, tiny_model_dir, formatted_dir):
     from ftloop.components.modeling.checkpoints import COMPLETE_MARKER
 
     store = tmp_path / "checkpoints"
-    train = {"epochs": 3, "eval_every_steps": 10, "early_stopping_patience": 20,
-             "checkpoint_uri": str(store), "keep_checkpoints": 2}
-    script = KILLER.format(repo=str(REPO), kill_at=25, signal="SIGKILL", model=str(tiny_model_dir), train=json.dumps(train),
-                           formatted=str(formatted_dir), out=str(tmp_path / "killed"))
+    train = {"epochs": 3, "eval_every_steps": 10, "early_stopping_patience": 20, "checkpoint_uri": str(store), "keep_checkpoints": 2}
+    script = KILLER.format(
+        repo=str(REPO),
+        kill_at=25,
+        signal="SIGKILL",
+        model=str(tiny_model_dir),
+        train=json.dumps(train),
+        formatted=str(formatted_dir),
+        out=str(tmp_path / "killed"),
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert killed.returncode == -9, killed.stderr[-2000:]
@@ -182,8 +185,7 @@ def test_killed_training_resumes_from_the_last_mirrored_checkpoint(tmp_path, tin
     assert steps_logged and min(steps_logged) > 20  # steps 1-20 were not trained again
 
     # the resumed run ends where an uninterrupted one does
-    fresh = finetune(_checkpointed_config(tiny_model_dir, None), formatted_dir, tmp_path / "fresh",
-                     progress=lambda line: None)
+    fresh = finetune(_checkpointed_config(tiny_model_dir, None), formatted_dir, tmp_path / "fresh", progress=lambda line: None)
     assert fresh["dev"]["best_step"] == meta["dev"]["best_step"]
     assert [h["step"] for h in fresh["dev"]["history"]] == [h["step"] for h in meta["dev"]["history"]]
     for a, b in zip(fresh["dev"]["history"], meta["dev"]["history"]):
@@ -193,33 +195,36 @@ def test_killed_training_resumes_from_the_last_mirrored_checkpoint(tmp_path, tin
     assert len(final) <= 3 and "checkpoint-10" not in final
 
 
-def test_sigterm_mid_epoch_saves_a_checkpoint_at_that_step_and_the_retry_resumes_from_it(
-    tmp_path, tiny_model_dir, formatted_dir
-):
+def test_sigterm_mid_epoch_saves_a_checkpoint_at_that_step_and_the_retry_resumes_from_it(tmp_path, tiny_model_dir, formatted_dir):
     """Kubernetes sends SIGTERM before SIGKILL: the task checkpoints at the current step, so the retry loses nothing."""
     from ftloop.components.modeling.checkpoints import COMPLETE_MARKER
 
     store = tmp_path / "checkpoints"
-    train = {"epochs": 3, "eval_every_steps": 10, "early_stopping_patience": 20,
-             "checkpoint_uri": str(store), "keep_checkpoints": 2}
+    train = {"epochs": 3, "eval_every_steps": 10, "early_stopping_patience": 20, "checkpoint_uri": str(store), "keep_checkpoints": 2}
     # SIGTERM arrives during step 25's callbacks (the stage's own callback has already run for it): it stops at 26
-    script = KILLER.format(repo=str(REPO), kill_at=25, signal="SIGTERM", model=str(tiny_model_dir), train=json.dumps(train),
-                           formatted=str(formatted_dir), out=str(tmp_path / "stopped"))
+    script = KILLER.format(
+        repo=str(REPO),
+        kill_at=25,
+        signal="SIGTERM",
+        model=str(tiny_model_dir),
+        train=json.dumps(train),
+        formatted=str(formatted_dir),
+        out=str(tmp_path / "stopped"),
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     stopped = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     (run_dir,) = list(store.iterdir())
     assert stopped.returncode == 143, stopped.stderr[-2000:]
     assert stopped.stderr.rstrip().splitlines()[-1] == (
-        f"ftloop: error: stopped by SIGTERM at step 26; checkpoint saved to {run_dir}/checkpoint-26; "
-        "the retry resumes from it")
+        f"ftloop: error: stopped by SIGTERM at step 26; checkpoint saved to {run_dir}/checkpoint-26; the retry resumes from it"
+    )
     assert "Traceback" not in stopped.stderr
     assert list((tmp_path / "stopped").iterdir()) == []  # nothing that looks finished
     mirrored = sorted((p.name for p in run_dir.iterdir() if (p / COMPLETE_MARKER).is_file()), key=lambda n: int(n.split("-")[1]))
     assert mirrored[-1] == "checkpoint-26"  # off the every-10-steps cadence: saved because of the SIGTERM
 
     lines: list[str] = []
-    meta = finetune(_checkpointed_config(tiny_model_dir, str(store)), formatted_dir, tmp_path / "resumed",
-                    progress=lines.append)
+    meta = finetune(_checkpointed_config(tiny_model_dir, str(store)), formatted_dir, tmp_path / "resumed", progress=lines.append)
     assert f"resuming from checkpoint-26 in {run_dir}" in lines
     assert meta["resumed_from"] == "checkpoint-26"  # not checkpoint-20, the last interval checkpoint
     assert meta["steps"] == meta["max_steps"] == 75
@@ -235,12 +240,18 @@ def test_sigterm_stop_messages_name_the_step_and_what_the_retry_does():
     from ftloop.components.stages.finetune import SigtermStop, StoppedBySignal
 
     stop = SigtermStop()
-    with pytest.raises(StoppedBySignal, match=r"^stopped by SIGTERM at step 7; no checkpoint was kept "
-                                              r"\(train.checkpoint_uri is not set\), so the retry trains from the start$"):
+    with pytest.raises(
+        StoppedBySignal,
+        match=r"^stopped by SIGTERM at step 7; no checkpoint was kept "
+        r"\(train.checkpoint_uri is not set\), so the retry trains from the start$",
+    ):
         stop.finish(7)
     stop.store, stop.mirror = SimpleNamespace(uri="gs://b/ckpt/abc"), SimpleNamespace(mirrored="checkpoint-6")
-    with pytest.raises(StoppedBySignal, match=r"^stopped by SIGTERM at step 7; checkpoint-7 could not be mirrored to "
-                                              r"gs://b/ckpt/abc \(see the warning above\)"):
+    with pytest.raises(
+        StoppedBySignal,
+        match=r"^stopped by SIGTERM at step 7; checkpoint-7 could not be mirrored to "
+        r"gs://b/ckpt/abc \(see the warning above\)",
+    ):
         stop.finish(7)
     stop.mirror.mirrored = "checkpoint-7"
     with pytest.raises(StoppedBySignal) as err:

@@ -17,13 +17,17 @@ from hypothesis import strategies as st
 
 from ftloop.components.config import load_config
 from ftloop.components.errors import FtloopError
+from ftloop.components.generators.base import MalformedOutput, parse_list
+from ftloop.components.modeling.generate_mode import parse_label
 from ftloop.components.records import load_articles, load_questions, read_jsonl
 
 # derandomize: CI sees the same examples every run (a failure reproduces); raise max_examples locally to dig.
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
-json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8)
+json_values = st.recursive(
+    json_scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8
+)
 article_like = st.fixed_dictionaries(
     {},
     optional={
@@ -88,18 +92,32 @@ def test_question_csv_loader_accepts_or_names_the_problem(rows, header):
         assert all(e.text and e.label for e in examples)
 
 
-config_leaf = st.none() | st.booleans() | st.integers(-5, 100) | st.floats(-1, 2, allow_nan=False) | st.sampled_from(
-    ["", "all-linear", "offline", "gs://bucket/x", "s3://x", "nf4", "float32", "microsoft/Phi-3-mini-4k-instruct"]
+config_leaf = (
+    st.none()
+    | st.booleans()
+    | st.integers(-5, 100)
+    | st.floats(-1, 2, allow_nan=False)
+    | st.sampled_from(["", "all-linear", "offline", "gs://bucket/x", "s3://x", "nf4", "float32", "microsoft/Phi-3-mini-4k-instruct"])
 )
 sections = {
     "name": st.sampled_from(["ok-name", "Bad Name", ""]) | config_leaf,
     "seed": config_leaf,
-    "data": st.fixed_dictionaries({}, optional={"articles": st.sampled_from(["a.jsonl", "gs://b/a.jsonl"]) | config_leaf,
-                                               "questions": config_leaf, "labels": st.lists(st.text(max_size=5), max_size=3) | config_leaf}),
+    "data": st.fixed_dictionaries(
+        {},
+        optional={
+            "articles": st.sampled_from(["a.jsonl", "gs://b/a.jsonl"]) | config_leaf,
+            "questions": config_leaf,
+            "labels": st.lists(st.text(max_size=5), max_size=3) | config_leaf,
+        },
+    ),
     "split": st.fixed_dictionaries({}, optional={k: config_leaf for k in ("train", "dev", "test", "extra")}),
     "model": st.fixed_dictionaries({}, optional={k: config_leaf for k in ("name_or_path", "revision", "dtype", "quantization")}),
-    "train": st.fixed_dictionaries({}, optional={k: config_leaf for k in ("epochs", "batch_size", "checkpoint_uri", "early_stopping_metric", "typo")}),
-    "lora": st.fixed_dictionaries({}, optional={"target_modules": config_leaf | st.lists(st.text(max_size=6), max_size=3), "r": config_leaf}),
+    "train": st.fixed_dictionaries(
+        {}, optional={k: config_leaf for k in ("epochs", "batch_size", "checkpoint_uri", "early_stopping_metric", "typo")}
+    ),
+    "lora": st.fixed_dictionaries(
+        {}, optional={"target_modules": config_leaf | st.lists(st.text(max_size=6), max_size=3), "r": config_leaf}
+    ),
 }
 configs = st.fixed_dictionaries({}, optional=sections) | json_values
 
@@ -122,16 +140,14 @@ def test_config_parser_survives_arbitrary_text(text):
 
 # ------------------------------------------------------- generation-output parsers
 
-from ftloop.components.generators.base import MalformedOutput, parse_list
-from ftloop.components.modeling.generate_mode import parse_label
 
 replies = st.one_of(
     st.text(max_size=120),
     st.lists(st.text(max_size=20) | json_scalars, max_size=5).map(json.dumps),
     st.lists(st.text(alphabet=string.ascii_letters + " ?", min_size=1, max_size=20), min_size=1, max_size=5).map(
-        lambda items: "\n".join(f"{i + 1}. {t}" for i, t in enumerate(items))),
-    st.tuples(st.text(max_size=20), st.lists(st.text(max_size=15), max_size=3)).map(
-        lambda p: f"{p[0]}\n```json\n{json.dumps(p[1])}\n```"),
+        lambda items: "\n".join(f"{i + 1}. {t}" for i, t in enumerate(items))
+    ),
+    st.tuples(st.text(max_size=20), st.lists(st.text(max_size=15), max_size=3)).map(lambda p: f"{p[0]}\n```json\n{json.dumps(p[1])}\n```"),
 )
 
 

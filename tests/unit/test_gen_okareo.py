@@ -22,8 +22,9 @@ ARTICLES = [
 
 def okareo_config(server, **extra) -> RunConfig:
     settings = {"base_url": server.url, "backoff_seconds": 0.0, "max_retries": 2, **extra}
-    return RunConfig.model_validate({"seed": 1, "data": {"questions": "q.jsonl"}, "generate": {"backend": "okareo"},
-                                     "generators": {"okareo": settings}})
+    return RunConfig.model_validate(
+        {"seed": 1, "data": {"questions": "q.jsonl"}, "generate": {"backend": "okareo"}, "generators": {"okareo": settings}}
+    )
 
 
 @pytest.fixture
@@ -40,13 +41,20 @@ def paths(server):
 def test_questions_upload_a_seed_scenario_and_map_rows_back_to_articles(server, tmp_path):
     gen = make_generator("okareo", okareo_config(server), checkpoint_dir=tmp_path)
     rows = gen.questions(ARTICLES, 3)
-    assert paths(server) == [("GET", "projects"), ("POST", "scenario_sets"), ("POST", "scenario_sets_generate"),
-                             ("GET", "scenario_data_points")]
+    assert paths(server) == [
+        ("GET", "projects"),
+        ("POST", "scenario_sets"),
+        ("POST", "scenario_sets_generate"),
+        ("GET", "scenario_data_points"),
+    ]
     seed = server.requests[1]["body"]
     assert [(s["input"], s["result"]) for s in seed["seed_data"]] == [(a.text, a.id) for a in ARTICLES]
     generate = server.requests[2]["body"]
     assert (generate["generation_type"], generate["generation_tone"], generate["number_examples"]) == (
-        "TEXT_REVERSE_QUESTION", "Informal", 3)
+        "TEXT_REVERSE_QUESTION",
+        "Informal",
+        3,
+    )
     assert [r.id for r in rows] == ["a1-q01", "a1-q02", "a1-q03", "a2-q01", "a2-q02", "a2-q03"]
     assert {(r.parent_id, r.label, r.group) for r in rows} == {("a1", "returns", "a1"), ("a2", "shipping", "a2")}
     assert "refunds" in rows[0].text and rows[0].generator == "okareo:TEXT_REVERSE_QUESTION"
@@ -62,7 +70,8 @@ def test_rephrase_keeps_parent_label_group_and_confusion(server):
     assert server.requests[2]["body"]["generation_type"] == "REPHRASE_INVARIANT"
     assert [(r.id, r.label, r.group, r.origin, r.meta) for r in rows] == [
         ("e1-r1.1", "returns", "a1", "rephrased", {"confused_with": "shipping"}),
-        ("e1-r1.2", "returns", "a1", "rephrased", {"confused_with": "shipping"})]
+        ("e1-r1.2", "returns", "a1", "rephrased", {"confused_with": "shipping"}),
+    ]
 
 
 def test_zero_row_generation_gives_zero_rows(server):
@@ -91,13 +100,17 @@ def test_persistent_server_errors_end_in_a_clear_error(server):
 PROXY_PAGE = b"<html><body>Gateway sign-in</body></html>"
 
 
-@pytest.mark.parametrize("request_index, fault", [
-    (1, ("raw", PROXY_PAGE)),                      # POST scenario_sets: HTML under 200, a status the SDK does not expect
-    (2, ("reply", (201, PROXY_PAGE))),             # POST scenario_sets_generate: HTML under the route's own 201
-    (3, ("raw", PROXY_PAGE)),                      # GET scenario_data_points: HTML under the route's own 200
-    (1, ("reply", (201, b'"created"'))),           # JSON, but not a scenario set
-    (3, ("raw", b'{"rows": 2}')),                  # JSON, but not a list of rows
-], ids=["html-unexpected-2xx", "html-generate", "html-fetch", "wrong-shape-create", "wrong-shape-fetch"])
+@pytest.mark.parametrize(
+    "request_index, fault",
+    [
+        (1, ("raw", PROXY_PAGE)),  # POST scenario_sets: HTML under 200, a status the SDK does not expect
+        (2, ("reply", (201, PROXY_PAGE))),  # POST scenario_sets_generate: HTML under the route's own 201
+        (3, ("raw", PROXY_PAGE)),  # GET scenario_data_points: HTML under the route's own 200
+        (1, ("reply", (201, b'"created"'))),  # JSON, but not a scenario set
+        (3, ("raw", b'{"rows": 2}')),  # JSON, but not a list of rows
+    ],
+    ids=["html-unexpected-2xx", "html-generate", "html-fetch", "wrong-shape-create", "wrong-shape-fetch"],
+)
 def test_a_malformed_success_reply_is_retried_like_a_5xx(server, request_index, fault):
     server.faults = [None] * request_index + [fault]
     gen = make_generator("okareo", okareo_config(server))
@@ -117,8 +130,11 @@ def test_a_reply_that_stays_malformed_ends_in_a_clear_error_and_keeps_completed_
     with pytest.raises(GeneratorError) as failure:
         make_generator("okareo", okareo_config(server), checkpoint_dir=tmp_path).questions(ARTICLES[1:], 1)
     message = str(failure.value)
-    assert re.fullmatch(r"okareo fetch rows of '[\w-]+': gave up after 3 tries: malformed reply from "
-                        r"GET /v0/scenario_data_points/[\w-]+: HTTP 200 with a body that is not JSON: .*", message)
+    assert re.fullmatch(
+        r"okareo fetch rows of '[\w-]+': gave up after 3 tries: malformed reply from "
+        r"GET /v0/scenario_data_points/[\w-]+: HTTP 200 with a body that is not JSON: .*",
+        message,
+    )
     assert "ok-secret-key" not in message and "\n" not in message
     assert paths(server).count(("GET", "scenario_data_points")) == 3
     assert len(Checkpoint(tmp_path / "okareo-requests.jsonl")) == 1  # the failed request saved nothing
@@ -158,14 +174,14 @@ def test_evaluation_upload_reports_each_models_predictions_as_a_test_run(server,
     evals = {}
     for model, wrong in (("base", {"t2"}), ("augmented", set())):
         for split, ids in (("dev", ["d1"]), ("test", ["t1", "t2"])):
-            rows = [{"id": i, "text": f"question {i}", "label": "returns",
-                     "prediction": "shipping" if i in wrong else "returns"} for i in ids]
+            rows = [
+                {"id": i, "text": f"question {i}", "label": "returns", "prediction": "shipping" if i in wrong else "returns"} for i in ids
+            ]
             write_jsonl(tmp_path / model / "predictions" / f"{split}.jsonl", rows)
         evals[model] = tmp_path / model
     links = upload_evaluation(okareo_config(server).generators.okareo, "run1", evals, splits=("dev", "test"))
     assert set(links) == {"base", "augmented"} and links["base"]["test"] == "http://fake/eval"
-    scenario_inputs = {s["name"].split("-")[2]: [(r["input"], r["result"]) for r in s["rows"]]
-                       for s in server.scenarios.values()}
+    scenario_inputs = {s["name"].split("-")[2]: [(r["input"], r["result"]) for r in s["rows"]] for s in server.scenarios.values()}
     assert scenario_inputs["test"] == [("question t1", "returns"), ("question t2", "returns")]
     assert [m["name"] for m in server.models] == ["ftloop-run1-base", "ftloop-run1-augmented"]
     assert len(server.test_runs) == 4
@@ -177,11 +193,13 @@ def test_evaluation_upload_reports_each_models_predictions_as_a_test_run(server,
 
 def test_cli_stage_without_key_exits_cleanly(tmp_path, monkeypatch):
     """The error reaches a user as one line and a non-zero exit, without a traceback."""
-    code = ("from ftloop.components.errors import exit_on_user_error\n"
-            "from ftloop.components.config import RunConfig\n"
-            "from ftloop.components.generators.factory import make_generator\n"
-            "with exit_on_user_error():\n"
-            "    make_generator('okareo', RunConfig.model_validate({'data': {'questions': 'q.jsonl'}}))\n")
+    code = (
+        "from ftloop.components.errors import exit_on_user_error\n"
+        "from ftloop.components.config import RunConfig\n"
+        "from ftloop.components.generators.factory import make_generator\n"
+        "with exit_on_user_error():\n"
+        "    make_generator('okareo', RunConfig.model_validate({'data': {'questions': 'q.jsonl'}}))\n"
+    )
     env = {k: v for k, v in __import__("os").environ.items() if k != "OKAREO_API_KEY"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert result.returncode == 2 and "Traceback" not in result.stderr

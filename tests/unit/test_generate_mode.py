@@ -22,24 +22,27 @@ from tests.fixtures.ml import LABELS, synthetic_examples
 # ---------------------------------------------------------------- parser
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("returns", "returns"),
-    ("returns<|end|>", "returns"),
-    ("  returns \n", "returns"),
-    ("returns<|end|>\n", "returns"),
-    ("returns<|end|>\n<|endoftext|>", "returns"),  # what a runtime stopping on eos only returns
-    ("\nshipping <|endoftext|>", "shipping"),
-    ("Returns", None),  # case-sensitive
-    ("RETURNS<|end|>", None),
-    ("returns please", None),  # extra words
-    ("the answer is returns", None),
-    ("returns.", None),
-    ("returns<|end|>\n<|assistant|>\nreturns", None),  # kept generating past the turn
-    ("<|end|>returns", None),
-    ("", None),
-    ("<|end|>", None),
-    ("unknown_label", None),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("returns", "returns"),
+        ("returns<|end|>", "returns"),
+        ("  returns \n", "returns"),
+        ("returns<|end|>\n", "returns"),
+        ("returns<|end|>\n<|endoftext|>", "returns"),  # what a runtime stopping on eos only returns
+        ("\nshipping <|endoftext|>", "shipping"),
+        ("Returns", None),  # case-sensitive
+        ("RETURNS<|end|>", None),
+        ("returns please", None),  # extra words
+        ("the answer is returns", None),
+        ("returns.", None),
+        ("returns<|end|>\n<|assistant|>\nreturns", None),  # kept generating past the turn
+        ("<|end|>returns", None),
+        ("", None),
+        ("<|end|>", None),
+        ("unknown_label", None),
+    ],
+)
 def test_parse_label_is_strict(text, expected):
     assert parse_label(text, LABELS) == expected
 
@@ -50,8 +53,12 @@ def test_parse_label_only_knows_the_given_labels():
 
 
 def test_invalid_rate_counts_invalid_results():
-    results = [{"raw": "a", "prediction": "a", "valid": True}, {"raw": "x", "prediction": None, "valid": False},
-               {"raw": "b", "prediction": "b", "valid": True}, {"raw": "", "prediction": None, "valid": False}]
+    results = [
+        {"raw": "a", "prediction": "a", "valid": True},
+        {"raw": "x", "prediction": None, "valid": False},
+        {"raw": "b", "prediction": "b", "valid": True},
+        {"raw": "", "prediction": None, "valid": False},
+    ]
     assert invalid_rate(results) == 0.5
     assert invalid_rate([]) == 0.0
 
@@ -192,16 +199,19 @@ def test_padding_side_restored_when_generate_fails(tiny_model_dir, prompts):
 # ------------------------------------------------------- published recipe
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("shipping", "shipping"),
-    ("shipping\n", "shipping"),
-    ("the answer is shipping!", "shipping"),  # extra words pass
-    ("returns or shipping", "shipping"),  # several labels: the one listed last wins
-    ("shipping or returns", "shipping"),  # ... whatever order the text names them in
-    ("returnsx", "returns"),  # substring, no word boundary
-    ("Returns", None),  # case-sensitive
-    ("", None),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("shipping", "shipping"),
+        ("shipping\n", "shipping"),
+        ("the answer is shipping!", "shipping"),  # extra words pass
+        ("returns or shipping", "shipping"),  # several labels: the one listed last wins
+        ("shipping or returns", "shipping"),  # ... whatever order the text names them in
+        ("returnsx", "returns"),  # substring, no word boundary
+        ("Returns", None),  # case-sensitive
+        ("", None),
+    ],
+)
 def test_parse_published_is_a_last_match_substring_scan(text, expected):
     assert parse_published(text, LABELS) == expected
 

@@ -90,7 +90,10 @@ def test_prepare_split_format_stage_files(tmp_path):
     config = load_config(write_config(tmp_path / "run.yaml", path, generate={"questions_per_article": 3}))
     meta = run_prepare(config, str(path), tmp_path / "examples")
     # 36 generated; the filters drop duplicates across articles (counted in the metadata)
-    assert meta["rows"] + meta["filtered_total"] == 36 and meta["filtered_total"] == meta["filtered_duplicate_within_new"] + meta["filtered_near_duplicate_within_new"]
+    assert (
+        meta["rows"] + meta["filtered_total"] == 36
+        and meta["filtered_total"] == meta["filtered_duplicate_within_new"] + meta["filtered_near_duplicate_within_new"]
+    )
     assert meta["labels"] == 3 and meta["groups"] == 12
     split_meta = run_split(with_split(config, 0.25, 0.25), tmp_path / "examples", tmp_path / "splits")
     assert split_meta["test_group_overlap"] == 0
@@ -110,16 +113,20 @@ def test_same_config_twice_gives_identical_artifacts(tmp_path):
     hashes = []
     for attempt in ("a", "b"):
         run_prepare(config, str(path), tmp_path / attempt / "examples")
-        split_hash = run_split(with_split(config, 0.25, 0.25, seed=7), tmp_path / attempt / "examples", tmp_path / attempt / "splits")["content_hash"]
+        split_hash = run_split(with_split(config, 0.25, 0.25, seed=7), tmp_path / attempt / "examples", tmp_path / attempt / "splits")[
+            "content_hash"
+        ]
         format_hash = run_format(config, tmp_path / attempt / "splits", tmp_path / attempt / "formatted")["content_hash"]
         hashes.append((split_hash, format_hash))
     assert hashes[0] == hashes[1]
 
 
 def test_imported_questions_skip_generation(tmp_path):
-    lines = ["text,label"] + [f"question {i} about refunds,returns" for i in range(6)] + [
-        f"question {i} about parcels,shipping" for i in range(6)
-    ]
+    lines = (
+        ["text,label"]
+        + [f"question {i} about refunds,returns" for i in range(6)]
+        + [f"question {i} about parcels,shipping" for i in range(6)]
+    )
     (tmp_path / "q.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (tmp_path / "run.yaml").write_text("data:\n  questions: q.csv\n", encoding="utf-8")
     examples, labels = load_source(load_config(tmp_path / "run.yaml"))
@@ -134,15 +141,19 @@ def test_imported_questions_skip_generation(tmp_path):
 def questions_run(tmp_path, rows, **data) -> tuple[RunConfig, str]:
     path = write_lines(tmp_path / "questions.jsonl", rows)
     (tmp_path / "run.yaml").write_text(
-        "seed: 7\ndata:\n  questions: questions.jsonl\n" + "".join(f"  {k}: {v}\n" for k, v in data.items()), encoding="utf-8")
+        "seed: 7\ndata:\n  questions: questions.jsonl\n" + "".join(f"  {k}: {v}\n" for k, v in data.items()), encoding="utf-8"
+    )
     return load_config(tmp_path / "run.yaml"), str(path)
 
 
 def distinct_questions(n_per_label: int = 8) -> list[dict]:
     topics = {"returns": ["a refund for {}", "sending back {}"], "shipping": ["the parcel with {}", "delivery of {}"]}
     things = ["shoes", "a lamp", "two shirts", "the blue kettle", "a gift card", "my old phone", "a sofa", "the headphones"]
-    return [{"text": f"Question {i}: what about {topics[label][i % 2].format(things[i])}?", "label": label}
-            for label in topics for i in range(n_per_label)]
+    return [
+        {"text": f"Question {i}: what about {topics[label][i % 2].format(things[i])}?", "label": label}
+        for label in topics
+        for i in range(n_per_label)
+    ]
 
 
 def test_imported_rows_each_twice_are_kept_once_and_counted(tmp_path):
@@ -181,8 +192,7 @@ def test_the_same_text_with_two_labels_is_an_error_naming_both_lines(tmp_path):
     config, path = questions_run(tmp_path, rows)
     with pytest.raises(InputFileError) as err:
         load_source(config)
-    assert str(err.value).startswith(
-        f"{path}:6: text also appears at line 2 with label 'returns' (here 'shipping'): conflicting labels")
+    assert str(err.value).startswith(f"{path}:6: text also appears at line 2 with label 'returns' (here 'shipping'): conflicting labels")
 
 
 def test_a_near_duplicate_with_another_label_is_an_error_too(tmp_path):
@@ -195,8 +205,11 @@ def test_a_near_duplicate_with_another_label_is_an_error_too(tmp_path):
 
 def test_conflicting_labels_drop_removes_every_row_of_that_text(tmp_path):
     rows = distinct_questions()
-    rows += [{"text": rows[1]["text"], "label": "shipping"}, {"text": rows[1]["text"], "label": "returns"},
-             {"text": rows[4]["text"], "label": "returns"}]
+    rows += [
+        {"text": rows[1]["text"], "label": "shipping"},
+        {"text": rows[1]["text"], "label": "returns"},
+        {"text": rows[4]["text"], "label": "returns"},
+    ]
     config, path = questions_run(tmp_path, rows, conflicting_labels="drop")
     meta = run_prepare(config, path, tmp_path / "examples")
     assert meta["dropped_conflicting_labels"] == 3  # rows 2, 17 and 18: neither label can be trusted

@@ -41,7 +41,7 @@ def test_parse_list_accepts_json_arrays_and_numbered_lines(reply, expected):
     assert parse_list(reply, 2) == expected
 
 
-@pytest.mark.parametrize("reply", ["", "I cannot help with that.", "[1, 2, 3]", "{\"questions\": 3}"])
+@pytest.mark.parametrize("reply", ["", "I cannot help with that.", "[1, 2, 3]", '{"questions": 3}'])
 def test_parse_list_rejects_replies_without_a_list_of_strings(reply):
     with pytest.raises(MalformedOutput):
         parse_list(reply, 3)
@@ -68,8 +68,15 @@ def test_factory_picks_each_backend_from_the_config(tmp_path, monkeypatch):
 
 
 def openai_config(server, **extra) -> RunConfig:
-    settings = {"base_url": f"{server.url}/v1", "model": "served-model", "timeout_seconds": 2, "backoff_seconds": 0.0,
-                "max_retries": 2, "concurrency": 3, **extra}
+    settings = {
+        "base_url": f"{server.url}/v1",
+        "model": "served-model",
+        "timeout_seconds": 2,
+        "backoff_seconds": 0.0,
+        "max_retries": 2,
+        "concurrency": 3,
+        **extra,
+    }
     return config(generators={"openai": settings})
 
 
@@ -84,7 +91,9 @@ def test_openai_backend_generates_questions_and_conditioned_rephrasings(monkeypa
     assert questions[0].generator == "openai:served-model" and questions[0].origin == "generated"
     assert "refunds" in questions[0].text and "delivery" in questions[3].text  # built from each article's prompt
     assert [(r.id, r.round, r.label, r.meta) for r in rephrased] == [
-        ("e1-r2.1", 2, "returns", {"confused_with": "shipping"}), ("e1-r2.2", 2, "returns", {"confused_with": "shipping"})]
+        ("e1-r2.1", 2, "returns", {"confused_with": "shipping"}),
+        ("e1-r2.2", 2, "returns", {"confused_with": "shipping"}),
+    ]
     prompt = server.requests[-1]["body"]["messages"][-1]["content"]
     assert '"shipping"' in prompt and '"returns"' in prompt and "how long does my refund take" in prompt
     assert {r["auth"] for r in server.requests} == {"Bearer sk-test-123"}
@@ -183,8 +192,12 @@ def tiny_dir(tmp_path_factory):
 
 
 def hf_config(path, **extra):
-    return config("hf", generators={"hf": {"name_or_path": str(path), "dtype": "float32", "max_new_tokens": 12,
-                                            "batch_size": 2, "max_attempts": 2, **extra}})
+    return config(
+        "hf",
+        generators={
+            "hf": {"name_or_path": str(path), "dtype": "float32", "max_new_tokens": 12, "batch_size": 2, "max_attempts": 2, **extra}
+        },
+    )
 
 
 def test_hf_backend_samples_batched_and_reproducibly_with_the_real_model(tiny_dir):
@@ -203,7 +216,7 @@ def test_hf_backend_parses_model_replies_and_rejects_garbage(tiny_dir, monkeypat
         gen.questions(ARTICLES, 2)
     assert gen.stats["malformed_replies"] == 4
     # The same path with replies that do parse (the model call swapped for canned text) builds rows.
-    monkeypatch.setattr(type(gen), "complete", lambda self, reqs, attempt: ['1. where is my refund?\n2. refund status?'] * len(reqs))
+    monkeypatch.setattr(type(gen), "complete", lambda self, reqs, attempt: ["1. where is my refund?\n2. refund status?"] * len(reqs))
     rows = gen.rephrase([PARENT], 2, hint={"e1": "shipping"})
     assert [r.text for r in rows] == ["where is my refund?", "refund status?"]
     assert rows[0].generator == f"hf:{tiny_dir}" and rows[0].round == 1
@@ -238,11 +251,15 @@ def test_prepare_stage_runs_the_backend_named_in_the_run_config(tmp_path, monkey
     articles = write_lines(tmp_path / "articles.jsonl", corpus_subset(["returns", "shipping", "payments"], 4))
     with FakeOpenAI() as server:
         path = tmp_path / "run.yaml"
-        path.write_text(yaml.safe_dump({
-            "data": {"articles": str(articles)},
-            "generate": {"backend": "openai", "questions_per_article": 3},
-            "generators": {"openai": {"base_url": f"{server.url}/v1", "model": "m", "backoff_seconds": 0}},
-        }))
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "data": {"articles": str(articles)},
+                    "generate": {"backend": "openai", "questions_per_article": 3},
+                    "generators": {"openai": {"base_url": f"{server.url}/v1", "model": "m", "backoff_seconds": 0}},
+                }
+            )
+        )
         meta = run_prepare(load_config(path), str(articles), tmp_path / "examples")
     assert meta["generator"] == "openai" and meta["groups"] == 12 and len(server.requests) == 12
     rows = read_jsonl(tmp_path / "examples" / "examples.jsonl")

@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SOURCES = sorted((REPO / "components").rglob("*.py")) + sorted((REPO / "pipelines").rglob("*.py")) + sorted(
-    (REPO / "bench").rglob("*.py"))
+SOURCES = sorted((REPO / "components").rglob("*.py")) + sorted((REPO / "pipelines").rglob("*.py")) + sorted((REPO / "bench").rglob("*.py"))
 MODEL_LOADERS = {"AutoModelForCausalLM", "AutoModel", "AutoModelForSequenceClassification"}
 
 
@@ -42,6 +41,7 @@ def hub_kernels_forbidden(monkeypatch):
         def call(*args, **kwargs):
             reached.append(name)
             raise HubKernelReached(f"{name} called: a model would run code from the hub")
+
         return call
 
     monkeypatch.setattr(kernels, "kernelize", forbidden("kernels.kernelize"))
@@ -89,16 +89,21 @@ def adapter_dir(tmp_path, tiny_model_dir):
     from ftloop.components.records import write_json
 
     out = tmp_path / "adapter"
-    model = get_peft_model(load_base_model(str(tiny_model_dir), None, "float32"),
-                           LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        load_base_model(str(tiny_model_dir), None, "float32"), LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
     tokenizer = load_tokenizer(str(tiny_model_dir))
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     model.merge_and_unload().save_pretrained(str(out / MERGED_DIR))
     tokenizer.save_pretrained(str(out / MERGED_DIR))
-    write_json(out / MODEL_META, {"base_model": {"name_or_path": str(tiny_model_dir), "revision": None,
-                                                 "dtype": "float32", "quantization": "none"},
-                                  "merged": {"dtype": "float32"}})
+    write_json(
+        out / MODEL_META,
+        {
+            "base_model": {"name_or_path": str(tiny_model_dir), "revision": None, "dtype": "float32", "quantization": "none"},
+            "merged": {"dtype": "float32"},
+        },
+    )
     return out
 
 
@@ -186,8 +191,13 @@ def _model_loads(path: Path):
     """AutoModel*.from_pretrained calls (from_config builds a model without ever kernelizing it)."""
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "from_pretrained"
-                and isinstance(node.func.value, ast.Name) and node.func.value.id in MODEL_LOADERS):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "from_pretrained"
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id in MODEL_LOADERS
+        ):
             yield node
 
 
@@ -197,7 +207,8 @@ def test_every_model_load_in_the_source_passes_use_kernels_false():
     for path, call in loads:
         value = next((kw.value for kw in call.keywords if kw.arg == "use_kernels"), None)
         assert isinstance(value, ast.Constant) and value.value is False, (
-            f"{path.relative_to(REPO)}:{call.lineno}: pass use_kernels=False (transformers 5 defaults it to True)")
+            f"{path.relative_to(REPO)}:{call.lineno}: pass use_kernels=False (transformers 5 defaults it to True)"
+        )
 
 
 # ------------------------------------------------------------------ one transformers version

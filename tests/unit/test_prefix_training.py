@@ -58,8 +58,9 @@ def test_the_batch_is_split_after_the_system_turn(sharing):
     features = _features(trainer, 6)
     plain = collator.inner(features)
     split = collator(features)
-    prompt_start = trainer.processing_class.apply_chat_template(
-        [{"role": "system", "content": "x"}], tokenize=True, return_dict=True)["input_ids"][:1]
+    prompt_start = trainer.processing_class.apply_chat_template([{"role": "system", "content": "x"}], tokenize=True, return_dict=True)[
+        "input_ids"
+    ][:1]
     shared = split[SHARED_PREFIX_KEY]
     assert shared.shape[0] == 1 and shared[0, :1].tolist() == prompt_start
     # everything up to the user's question is shared: the system turn and the user tag
@@ -153,8 +154,7 @@ def test_loss_and_gradients_equal_the_whole_row_computation(sharing):
 def test_training_with_sharing_ends_at_the_same_adapter(tmp_path, tiny_model_dir, formatted_dir):
     adapters, losses = {}, {}
     for share in (True, False):
-        trainer, info = _trainer(tmp_path / str(share), tiny_model_dir, formatted_dir, epochs=1,
-                                 share_prompt_prefix=share)
+        trainer, info = _trainer(tmp_path / str(share), tiny_model_dir, formatted_dir, epochs=1, share_prompt_prefix=share)
         assert info["shared_prefix"] is share
         torch.set_num_threads(1)
         losses[share] = trainer.train().training_loss
@@ -177,14 +177,14 @@ def test_the_model_metadata_records_what_was_shared(trained):
     assert stats["shared_batches"] <= stats["batches"]
 
 
-def test_flash_attention_is_asked_for_only_where_the_prefix_is_not_shared(tmp_path, tiny_model_dir, formatted_dir,
-                                                                          monkeypatch):
+def test_flash_attention_is_asked_for_only_where_the_prefix_is_not_shared(tmp_path, tiny_model_dir, formatted_dir, monkeypatch):
     from ftloop.components.modeling import loading
 
     asked: list[bool] = []
     real = loading.attn_implementation
-    monkeypatch.setattr(loading, "attn_implementation",
-                        lambda dtype, prefer_flash=True: asked.append(prefer_flash) or real(dtype, prefer_flash))
+    monkeypatch.setattr(
+        loading, "attn_implementation", lambda dtype, prefer_flash=True: asked.append(prefer_flash) or real(dtype, prefer_flash)
+    )
     _trainer(tmp_path / "a", tiny_model_dir, formatted_dir)
     _trainer(tmp_path / "b", tiny_model_dir, formatted_dir, share_prompt_prefix=False)
     _trainer(tmp_path / "c", tiny_model_dir, formatted_dir, gradient_checkpointing=True)

@@ -13,9 +13,21 @@ from ftloop.components.prompts import prompt_messages
 
 LABELS = ["returns", "shipping", "payments", "support"]
 QUESTIONS = [
-    "where is my parcel?", " leading space", "trailing space ", "two\nlines\n", "a\ttab", "  ", "",
-    "returns", "returns,shipping", "ends with <|end|>", "<|user|> in front", "x<|end|>y<|assistant|>z",
-    "émoji 🎉 and ünïcode", "\n", "can I pay with a gift card",
+    "where is my parcel?",
+    " leading space",
+    "trailing space ",
+    "two\nlines\n",
+    "a\ttab",
+    "  ",
+    "",
+    "returns",
+    "returns,shipping",
+    "ends with <|end|>",
+    "<|user|> in front",
+    "x<|end|>y<|assistant|>z",
+    "émoji 🎉 and ünïcode",
+    "\n",
+    "can I pay with a gift card",
 ]
 CORPUS = QUESTIONS * 3 + ["Classify the customer question into exactly one intent. Answer with the intent name only."] * 5
 SPECIAL = ["<|endoftext|>", "<unk>", "<pad>"]
@@ -28,8 +40,9 @@ def _tokenizer(kind: str, strip: dict[str, bool] | None = None, template: str = 
         backend = Tokenizer(models.BPE())
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         backend.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=300, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        )
     else:  # Llama / Phi-3 SentencePiece style: metaspace, prefix space on the first piece only or always
         backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
         backend.normalizer = normalizers.Sequence([normalizers.NFC()])
@@ -38,11 +51,13 @@ def _tokenizer(kind: str, strip: dict[str, bool] | None = None, template: str = 
         trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL, show_progress=False)
     backend.train_from_iterator(CORPUS, trainer)
     strip = strip or {}
-    backend.add_special_tokens([AddedToken(t, lstrip=strip.get("lstrip", False), rstrip=strip.get("rstrip", False),
-                                           normalized=False, special=True) for t in CHAT])
+    backend.add_special_tokens(
+        [AddedToken(t, lstrip=strip.get("lstrip", False), rstrip=strip.get("rstrip", False), normalized=False, special=True) for t in CHAT]
+    )
     backend.add_tokens([AddedToken(label, single_word=True, normalized=False) for label in LABELS])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<|endoftext|>",
-                                        pad_token="<pad>", additional_special_tokens=CHAT)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", eos_token="<|endoftext|>", pad_token="<pad>", additional_special_tokens=CHAT
+    )
     tokenizer.chat_template = template
     return tokenizer
 
@@ -88,7 +103,9 @@ def test_a_window_whose_boundary_token_moved_falls_back(monkeypatch):
     tokenizer = _tokenizer("byte-level")
     prompts = [prompt_messages(q, LABELS) for q in QUESTIONS]
     real_windows = prompt_tokens._window_ids
-    monkeypatch.setattr(prompt_tokens, "_window_ids",
-                        lambda tok, plan, qs: [w[1:] if len(qs) > 1 and i == 3 else w
-                                               for i, w in enumerate(real_windows(tok, plan, qs))])
+    monkeypatch.setattr(
+        prompt_tokens,
+        "_window_ids",
+        lambda tok, plan, qs: [w[1:] if len(qs) > 1 and i == 3 else w for i, w in enumerate(real_windows(tok, plan, qs))],
+    )
     assert encode_prompts(tokenizer, prompts) == _reference(tokenizer, prompts)

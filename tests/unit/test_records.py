@@ -113,6 +113,7 @@ def test_atomic_writes_get_ordinary_permissions(tmp_path):
 
 # ---------------------------------------------------------------- issue 16: input files
 
+
 def test_a_repeated_csv_column_is_refused(tmp_path):
     path = tmp_path / "q.csv"
     path.write_text("text,label,text\nwhere is my parcel,shipping,oops\n")

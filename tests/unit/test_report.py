@@ -44,11 +44,14 @@ def run_dir(tmp_path):
         fake_eval(tmp_path / name, acc, seed)
         evals[name] = tmp_path / name
     for name in ("base", "augmented"):
-        write_json(tmp_path / f"{name}-splits" / "report.json",
-                   {"rows": {"train": 30, "dev": 12, "test": 12}, "groups": {}, "group_overlap": {"train-test": 0}})
+        write_json(
+            tmp_path / f"{name}-splits" / "report.json",
+            {"rows": {"train": 30, "dev": 12, "test": 12}, "groups": {}, "group_overlap": {"train-test": 0}},
+        )
     out = tmp_path / "bundle"
-    summary = run_compare(run_config(), evals, {n: tmp_path / f"{n}-splits" for n in ("base", "augmented")}, out,
-                          tmp_path / "r.md", tmp_path / "r.html")
+    summary = run_compare(
+        run_config(), evals, {n: tmp_path / f"{n}-splits" for n in ("base", "augmented")}, out, tmp_path / "r.md", tmp_path / "r.html"
+    )
     return out, summary
 
 
@@ -73,7 +76,7 @@ def test_html_report_inlines_svg_charts_and_the_bundle_has_them_as_png(run_dir):
         assert f">{label}</text>" in svg  # svg.fonttype none: labels are text the browser draws
     ids = re.findall(r'\sid="([^"]+)"', page)
     assert len(ids) == len(set(ids))  # several inline SVGs on one page: no shared ids
-    refs = set(re.findall(r'url\(#([^)]+)\)', page)) | set(re.findall(r'href="#([^"]+)"', page))
+    refs = set(re.findall(r"url\(#([^)]+)\)", page)) | set(re.findall(r'href="#([^"]+)"', page))
     assert refs and refs <= set(ids)
     assert sorted(str(p.relative_to(out)) for p in (out / "charts").iterdir()) == sorted(CHART_FILES)
     for image in chart_pngs(out):
@@ -92,7 +95,8 @@ def test_summary_metrics_and_markdown(run_dir):
     assert "| test | macro\\_f1 |" in md  # "_" escaped: metric names are literal text
     assert "McNemar" in md
     assert summary["deltas"]["test"]["accuracy"] == pytest.approx(
-        summary["models"]["augmented"]["test"]["accuracy"] - summary["models"]["base"]["test"]["accuracy"])
+        summary["models"]["augmented"]["test"]["accuracy"] - summary["models"]["base"]["test"]["accuracy"]
+    )
 
 
 def test_cli_report_rerenders_from_summary(run_dir):
@@ -119,15 +123,13 @@ def test_cli_report_without_summary_is_a_clear_error(tmp_path):
 
 
 def split_rows(split, n):
-    return [{"id": f"{split}{i}", "text": f"{split} question {i}", "label": LABELS[i % 3], "group": f"g{i}"}
-            for i in range(n)]
+    return [{"id": f"{split}{i}", "text": f"{split} question {i}", "label": LABELS[i % 3], "group": f"g{i}"} for i in range(n)]
 
 
 def write_eval(path, predictions, generate=False):
     """An eval dir whose predictions are given per split (None: an unparseable generate-mode output)."""
     splits = {split: split_rows(split, len(preds)) for split, preds in predictions.items()}
-    probs = {split: [{l: (0.8 if l == p else 0.1) if p else 1 / 3 for l in LABELS} for p in preds]
-             for split, preds in predictions.items()}
+    probs = {split: [{l: (0.8 if l == p else 0.1) if p else 1 / 3 for l in LABELS} for p in preds] for split, preds in predictions.items()}
     generated = {split: [{"raw": str(p), "prediction": p} for p in preds] for split, preds in predictions.items()}
     write_predictions(splits, probs, LABELS, path, progress=lambda m: None, generated=generated if generate else None)
     return path
@@ -145,8 +147,9 @@ def compare(tmp_path, evals, seed=0):
     for name in ("base", "augmented"):
         write_json(tmp_path / f"{name}-splits" / "report.json", {"rows": {}, "groups": {}, "group_overlap": {}})
     out = tmp_path / "bundle"
-    summary = run_compare(run_config(seed), evals, {n: tmp_path / f"{n}-splits" for n in ("base", "augmented")}, out,
-                          tmp_path / "r.md", tmp_path / "r.html")
+    summary = run_compare(
+        run_config(seed), evals, {n: tmp_path / f"{n}-splits" for n in ("base", "augmented")}, out, tmp_path / "r.md", tmp_path / "r.html"
+    )
     return out, summary
 
 
@@ -175,8 +178,10 @@ def test_flips_direction_counts_and_p_value_on_known_rows(tmp_path):
 
     base, augmented = known_flips()
     common = {"train": gold("train", 6), "dev": gold("dev", 6)}
-    evals = {"base": write_eval(tmp_path / "base", {**common, "test": base}),
-             "augmented": write_eval(tmp_path / "augmented", {**common, "test": augmented})}
+    evals = {
+        "base": write_eval(tmp_path / "base", {**common, "test": base}),
+        "augmented": write_eval(tmp_path / "augmented", {**common, "test": augmented}),
+    }
     out, summary = compare(tmp_path, evals)
     pair = summary["significance"]["base->augmented"]
     flips = pair["test_flips"]
@@ -207,15 +212,18 @@ def test_compare_pair_is_directional(tmp_path):
     for name, preds in (("base", base), ("augmented", augmented)):
         test = [{**r, "prediction": p} for r, p in zip(split_rows("test", 12), preds)]
         rows[name] = {split: test for split in ("train", "dev", "test")}
-    metrics = {name: {split: compute_metrics([r["label"] for r in rows[name][split]],
-                                             [r["prediction"] for r in rows[name][split]], LABELS)
-                      for split in ("train", "dev", "test")} for name in rows}
+    metrics = {
+        name: {
+            split: compute_metrics([r["label"] for r in rows[name][split]], [r["prediction"] for r in rows[name][split]], LABELS)
+            for split in ("train", "dev", "test")
+        }
+        for name in rows
+    }
     forward = compare_pair(rows["base"], rows["augmented"], metrics["base"], metrics["augmented"])
     backward = compare_pair(rows["augmented"], rows["base"], metrics["augmented"], metrics["base"])
     assert (forward["test"]["fixed"], forward["test"]["broken"]) == (5, 1)
     assert (backward["test"]["fixed"], backward["test"]["broken"]) == (1, 5)
-    assert {f["id"]: f["change"] for f in backward["test_flips"]} == {
-        **{i: "broken" for i in FIXED}, **{i: "fixed" for i in BROKEN}}
+    assert {f["id"]: f["change"] for f in backward["test_flips"]} == {**{i: "broken" for i in FIXED}, **{i: "fixed" for i in BROKEN}}
     assert forward["deltas"]["test"]["accuracy"] == pytest.approx(4 / 12)
     assert backward["deltas"]["test"]["macro_f1"] == -forward["deltas"]["test"]["macro_f1"] != 0
 
@@ -230,9 +238,11 @@ def test_generate_mode_invalid_predictions_count_as_wrong(tmp_path):
     base = [None, truth[1], None, None, wrong(truth[4]), truth[5], truth[6], None, truth[8], truth[9], truth[10], None]
     augmented = [truth[0], None, truth[2], truth[3], truth[4], truth[5], truth[6], truth[7], None, truth[9], truth[10], None]
     common = {"train": gold("train", 6), "dev": [None, *gold("dev", 6)[1:]]}
-    evals = {"base": write_eval(tmp_path / "base", {**common, "test": base}, generate=True),
-             "augmented": write_eval(tmp_path / "augmented", {**common, "test": augmented}, generate=True),
-             "tfidf": write_eval(tmp_path / "tfidf", {**common, "test": truth})}
+    evals = {
+        "base": write_eval(tmp_path / "base", {**common, "test": base}, generate=True),
+        "augmented": write_eval(tmp_path / "augmented", {**common, "test": augmented}, generate=True),
+        "tfidf": write_eval(tmp_path / "tfidf", {**common, "test": truth}),
+    }
     out, summary = compare(tmp_path, evals, seed=5)
     models = summary["models"]
     assert models["base"]["test"]["accuracy"] == 6 / 12 and models["base"]["test"]["invalid_rate"] == 5 / 12
@@ -247,9 +257,13 @@ def test_generate_mode_invalid_predictions_count_as_wrong(tmp_path):
         assert ci["macro_f1"] == pytest.approx([np.quantile(f1, 0.025), np.quantile(f1, 0.975)], abs=1e-12)
     pair = summary["significance"]["base->augmented"]
     assert {f["id"]: (f["before"], f["after"], f["change"]) for f in pair["test_flips"]} == {
-        "test0": (None, "payments", "fixed"), "test1": ("returns", None, "broken"), "test2": (None, "shipping", "fixed"),
-        "test3": (None, "payments", "fixed"), "test4": ("shipping", "returns", "fixed"),
-        "test7": (None, "returns", "fixed"), "test8": ("shipping", None, "broken"),
+        "test0": (None, "payments", "fixed"),
+        "test1": ("returns", None, "broken"),
+        "test2": (None, "shipping", "fixed"),
+        "test3": (None, "payments", "fixed"),
+        "test4": ("shipping", "returns", "fixed"),
+        "test7": (None, "returns", "fixed"),
+        "test8": ("shipping", None, "broken"),
     }  # test11 is invalid for both: wrong both times, no flip
     # tfidf is right everywhere; base's 5 invalid rows and 1 wrong one are all "broken" against it.
     assert summary["significance"]["tfidf->base"]["test"] == {"fixed": 0, "broken": 6, "discordant": 6, "p_value": 2 / 2**6}
@@ -262,8 +276,14 @@ def test_generate_mode_invalid_predictions_count_as_wrong(tmp_path):
 def test_every_pair_of_models_is_compared(run_dir):
     out, summary = run_dir
     sig = summary["significance"]
-    assert list(sig) == ["base->augmented", "tfidf->augmented", "zero-shot->augmented",
-                         "tfidf->base", "zero-shot->base", "zero-shot->tfidf"]
+    assert list(sig) == [
+        "base->augmented",
+        "tfidf->augmented",
+        "zero-shot->augmented",
+        "tfidf->base",
+        "zero-shot->base",
+        "zero-shot->tfidf",
+    ]
     models = summary["models"]
     for key, pair in sig.items():
         before, after = key.split("->")
@@ -271,8 +291,10 @@ def test_every_pair_of_models_is_compared(run_dir):
         for split in ("train", "dev", "test"):
             for metric in ("accuracy", "macro_f1", "weighted_f1"):
                 assert pair["deltas"][split][metric] == models[after][split][metric] - models[before][split][metric]
-            rows = {n: {r["id"]: r for r in map(json.loads, (out / models[n][split]["predictions"]).read_text().splitlines())}
-                    for n in (before, after)}
+            rows = {
+                n: {r["id"]: r for r in map(json.loads, (out / models[n][split]["predictions"]).read_text().splitlines())}
+                for n in (before, after)
+            }
             fixed = sum(1 for i, r in rows[before].items() if not r["correct"] and rows[after][i]["correct"])
             broken = sum(1 for i, r in rows[before].items() if r["correct"] and not rows[after][i]["correct"])
             assert (pair[split]["fixed"], pair[split]["broken"]) == (fixed, broken)
@@ -289,8 +311,10 @@ def test_every_pair_of_models_is_compared(run_dir):
 def test_markdown_lists_flips_up_to_a_cap_and_small_p_values_are_readable(tmp_path):
     truth = gold("test", 60)
     common = {"train": gold("train", 3), "dev": gold("dev", 3)}
-    evals = {"base": write_eval(tmp_path / "base", {**common, "test": [wrong(t) for t in truth]}),
-             "augmented": write_eval(tmp_path / "augmented", {**common, "test": truth})}
+    evals = {
+        "base": write_eval(tmp_path / "base", {**common, "test": [wrong(t) for t in truth]}),
+        "augmented": write_eval(tmp_path / "augmented", {**common, "test": truth}),
+    }
     out, summary = compare(tmp_path, evals)
     p = summary["significance"]["base->augmented"]["test"]["p_value"]
     assert p == 2 / 2**60
@@ -304,10 +328,18 @@ def test_markdown_lists_flips_up_to_a_cap_and_small_p_values_are_readable(tmp_pa
     assert all(f"<td>test{i}</td>" in page for i in range(60))  # the HTML lists them all (cap 200)
 
 
-@pytest.mark.parametrize("p, shown", [
-    (1.0, "1.0000"), (0.21875, "0.2188"), (0.001, "0.0010"), (0.000999, "9.99e-04"), (3.0517578125e-05, "3.05e-05"),
-    (1.734723475976807e-18, "1.73e-18"), (0.0, "<1e-300"),
-])
+@pytest.mark.parametrize(
+    "p, shown",
+    [
+        (1.0, "1.0000"),
+        (0.21875, "0.2188"),
+        (0.001, "0.0010"),
+        (0.000999, "9.99e-04"),
+        (3.0517578125e-05, "3.05e-05"),
+        (1.734723475976807e-18, "1.73e-18"),
+        (0.0, "<1e-300"),
+    ],
+)
 def test_format_p(p, shown):
     from ftloop.components.reports.tables import format_p
 
@@ -324,14 +356,21 @@ def _mutate_augmented_test(path, change):
     return file
 
 
-@pytest.mark.parametrize("change, expected", [
-    (lambda rows: rows[:-1], "id 'test5' is only in the first file"),
-    (lambda rows: rows + [{**rows[0], "id": "extra"}], "id 'extra' is only in the second file"),
-    (lambda rows: [{**r, "label": "returns"} if r["id"] == "test3" else r for r in rows],
-     "id 'test3': field 'label' differs ('payments' vs 'returns')"),
-    (lambda rows: [{**r, "text": "other"} if r["id"] == "test4" else r for r in rows],
-     "id 'test4': field 'text' differs ('test question 4' vs 'other')"),
-])
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (lambda rows: rows[:-1], "id 'test5' is only in the first file"),
+        (lambda rows: rows + [{**rows[0], "id": "extra"}], "id 'extra' is only in the second file"),
+        (
+            lambda rows: [{**r, "label": "returns"} if r["id"] == "test3" else r for r in rows],
+            "id 'test3': field 'label' differs ('payments' vs 'returns')",
+        ),
+        (
+            lambda rows: [{**r, "text": "other"} if r["id"] == "test4" else r for r in rows],
+            "id 'test4': field 'text' differs ('test question 4' vs 'other')",
+        ),
+    ],
+)
 def test_models_evaluated_on_different_rows_is_a_clear_error(tmp_path, change, expected):
     from ftloop.components.errors import FtloopError
 
@@ -353,8 +392,7 @@ def test_duplicate_prediction_ids_are_a_clear_error(tmp_path):
     changed = _mutate_augmented_test(evals["augmented"], lambda rows: [*rows[:3], {**rows[3], "id": "test1"}, *rows[4:]])
     with pytest.raises(FtloopError) as err:
         compare(tmp_path, evals)
-    assert str(err.value) == (f"{changed}:4: field 'id': duplicate id 'test1' (first on line 2); "
-                              "every row must be evaluated exactly once")
+    assert str(err.value) == (f"{changed}:4: field 'id': duplicate id 'test1' (first on line 2); every row must be evaluated exactly once")
     assert not (tmp_path / "bundle").exists()
 
 
@@ -366,13 +404,16 @@ def good_summary(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("summary")
     base, augmented = known_flips()
     common = {"train": gold("train", 6), "dev": gold("dev", 6)}
-    evals = {"base": write_eval(tmp / "base", {**common, "test": base}),
-             "augmented": write_eval(tmp / "augmented", {**common, "test": augmented})}
+    evals = {
+        "base": write_eval(tmp / "base", {**common, "test": base}),
+        "augmented": write_eval(tmp / "augmented", {**common, "test": augmented}),
+    }
     out, _ = compare(tmp, evals)
     summary = json.loads((out / "summary.json").read_text())
-    summary["data"]["augmented"] = {"augmentation_rounds": [{"round": 1, "errors_mined": 3, "generated": 6, "added": 4,
-                                                             "removed": {}, "confusions": {"a->b": 2}}],
-                                    "loop_stopped": {"round": 2, "reason": "no rows left"}}
+    summary["data"]["augmented"] = {
+        "augmentation_rounds": [{"round": 1, "errors_mined": 3, "generated": 6, "added": 4, "removed": {}, "confusions": {"a->b": 2}}],
+        "loop_stopped": {"round": 2, "reason": "no rows left"},
+    }
     return summary
 
 
@@ -416,18 +457,30 @@ MALFORMED = [
     (("models", "augmented", "test", "macro_f1"), "0.5", "field 'models.augmented.test.macro_f1': expected a number, got a string"),
     (("models",), [], "field 'models': expected an object, got a list"),
     (("models",), {}, "field 'models': empty"),
-    (("models", "base", "test", "confusion_matrix"), [[1, 2], [3, 4]],
-     "field 'models.base.test.confusion_matrix': expected 3 rows of 3 numbers, one per label"),
+    (
+        ("models", "base", "test", "confusion_matrix"),
+        [[1, 2], [3, 4]],
+        "field 'models.base.test.confusion_matrix': expected 3 rows of 3 numbers, one per label",
+    ),
     (("models", "base", "dev", "per_class", "returns"), 0.5, "field 'models.base.dev.per_class.returns': expected an object, got a number"),
     (("deltas", "test"), ..., "field 'deltas.test': missing"),
     (("significance", "base->augmented", "test"), ..., "field 'significance.base->augmented.test': missing"),
-    (("significance", "base->augmented", "dev", "p_value"), None,
-     "field 'significance.base->augmented.dev.p_value': expected a number, got null"),
-    (("significance", "base->augmented", "test_flips", 0, "after"), ...,
-     "field 'significance.base->augmented.test_flips[0].after': missing"),
+    (
+        ("significance", "base->augmented", "dev", "p_value"),
+        None,
+        "field 'significance.base->augmented.dev.p_value': expected a number, got null",
+    ),
+    (
+        ("significance", "base->augmented", "test_flips", 0, "after"),
+        ...,
+        "field 'significance.base->augmented.test_flips[0].after': missing",
+    ),
     (("labels", 1), 7, "field 'labels[1]': expected a string, got a number"),
-    (("data", "augmented", "augmentation_rounds", 0, "confusions"), ...,
-     "field 'data.augmented.augmentation_rounds[0].confusions': missing"),
+    (
+        ("data", "augmented", "augmentation_rounds", 0, "confusions"),
+        ...,
+        "field 'data.augmented.augmentation_rounds[0].confusions': missing",
+    ),
     (("data", "base"), {"rows": {}}, "field 'data.base.groups': missing"),
     (("models", "base", "test", "ci95", "accuracy"), [0.1], "field 'models.base.test.ci95.accuracy': expected [low, high], got a list"),
     (("models", "augmented", "test", "ece"), "low", "field 'models.augmented.test.ece': expected a number, got a string"),
@@ -443,8 +496,7 @@ def test_report_on_a_malformed_summary_is_one_line_naming_the_field(tmp_path, ca
 
 def test_report_on_a_summary_that_is_not_an_object(tmp_path, capsys):
     code, err = _report(tmp_path, capsys, [1, 2])
-    assert (code, err) == (2, f"ftloop: error: {tmp_path / 'summary.json'}: the top level is not a JSON object; "
-                              "not an ftloop summary\n")
+    assert (code, err) == (2, f"ftloop: error: {tmp_path / 'summary.json'}: the top level is not a JSON object; not an ftloop summary\n")
 
 
 class _MetricsArtifact:
@@ -469,10 +521,12 @@ def test_compare_task_scalars_put_every_model_under_one_naming_scheme(run_dir):
         for split in ("dev", "test"):
             for metric in ("accuracy", "macro_f1", "weighted_f1"):
                 assert got[f"{kfp_name}_{split}_{metric}"] == summary["models"][name][split][metric]
-        assert [got[f"{kfp_name}_test_macro_f1_ci95_{end}"] for end in ("low", "high")] == \
-            summary["models"][name]["test"]["ci95"]["macro_f1"]
+        assert [got[f"{kfp_name}_test_macro_f1_ci95_{end}"] for end in ("low", "high")] == summary["models"][name]["test"]["ci95"][
+            "macro_f1"
+        ]
     assert got["augmented_minus_base_test_macro_f1"] == pytest.approx(
-        summary["models"]["augmented"]["test"]["macro_f1"] - summary["models"]["base"]["test"]["macro_f1"])
+        summary["models"]["augmented"]["test"]["macro_f1"] - summary["models"]["base"]["test"]["macro_f1"]
+    )
     p_values = {k: v for k, v in got.items() if k.endswith("_test_mcnemar_p_value")}
     assert len(p_values) == len(summary["significance"]) == 6
     assert p_values["zero_shot_vs_base_test_mcnemar_p_value"] == summary["significance"]["zero-shot->base"]["test"]["p_value"]
@@ -498,8 +552,13 @@ def test_reports_show_each_models_test_scores_with_their_intervals(run_dir, tmp_
     for name in ("base", "augmented", "tfidf", "zero-shot"):
         test = summary["models"][name]["test"]
         (acc_lo, acc_hi), (f1_lo, f1_hi) = test["ci95"]["accuracy"], test["ci95"]["macro_f1"]
-        cells = [name, f"{test['accuracy']:.4f} [{acc_lo:.3f}, {acc_hi:.3f}]", f"{test['macro_f1']:.4f} [{f1_lo:.3f}, {f1_hi:.3f}]",
-                 f"{test['ece']:.4f}", f"{test['invalid_rate']:.4f}"]
+        cells = [
+            name,
+            f"{test['accuracy']:.4f} [{acc_lo:.3f}, {acc_hi:.3f}]",
+            f"{test['macro_f1']:.4f} [{f1_lo:.3f}, {f1_hi:.3f}]",
+            f"{test['ece']:.4f}",
+            f"{test['invalid_rate']:.4f}",
+        ]
         assert md_row(cells) in md, name  # escaped: "| base | 0.5000 \\[0.250, 0.750\\] | ..."
         assert "".join(f"<td>{c}</td>" for c in cells) in page, name
     # a summary from before the intervals existed still renders, with the point values alone
@@ -523,8 +582,10 @@ def test_models_scored_on_different_label_lists_is_a_clear_error(tmp_path):
     metrics_path.write_text(json.dumps(metrics))
     with pytest.raises(FtloopError) as err:
         compare(tmp_path, evals)
-    assert str(err.value) == (f"{tmp_path / 'base' / 'metrics.json'} and {metrics_path}: dev: the label lists differ "
-                              f"({LABELS} vs {list(reversed(LABELS))}); the models were not evaluated on the same labels")
+    assert str(err.value) == (
+        f"{tmp_path / 'base' / 'metrics.json'} and {metrics_path}: dev: the label lists differ "
+        f"({LABELS} vs {list(reversed(LABELS))}); the models were not evaluated on the same labels"
+    )
     assert not (tmp_path / "bundle").exists() and not (tmp_path / "r.md").exists()
 
 
@@ -533,6 +594,7 @@ def test_models_scored_on_different_label_lists_is_a_clear_error(tmp_path):
 
 def verdict_summary(base, augmented, p=None, tfidf=None, zero_shot=None, ci=False):
     """A summary with just what the headline reads: test macro-F1 per model, McNemar p of base->augmented."""
+
     def model(f1):
         test = {"accuracy": f1, "macro_f1": f1, "weighted_f1": f1}
         if ci:
@@ -550,28 +612,63 @@ def verdict_summary(base, augmented, p=None, tfidf=None, zero_shot=None, ci=Fals
     return summary
 
 
-@pytest.mark.parametrize("summary, expected", [
-    (verdict_summary(0.69, 0.67, p=0.79, tfidf=0.54, zero_shot=0.11),
-     ["Augmentation did not help on test: macro-F1 0.69 → 0.67 (−0.02, McNemar p = 0.7900, not significant).",
-      "Both fine-tuned models beat TF-IDF (0.54) and zero-shot (0.11)."]),
-    (verdict_summary(0.61, 0.74, p=0.003, tfidf=0.70, zero_shot=0.20),
-     ["Augmentation helped on test: macro-F1 0.61 → 0.74 (+0.13, McNemar p = 0.0030, significant).",
-      "Both fine-tuned models beat zero-shot (0.20); only the augmented model beats TF-IDF (0.70)."]),
-    (verdict_summary(0.70, 0.72, p=0.41),
-     ["Augmentation did not clearly help on test: macro-F1 0.70 → 0.72 (+0.02, McNemar p = 0.4100, not significant)."]),
-    (verdict_summary(0.80, 0.70, p=0.0004, tfidf=0.75),
-     ["Augmentation hurt on test: macro-F1 0.80 → 0.70 (−0.10, McNemar p = 4.00e-04, significant).",
-      "Only the base model beats TF-IDF (0.75)."]),
-    (verdict_summary(0.70, 0.702, p=1.0, tfidf=0.90, zero_shot=0.95),
-     ["Augmentation made no difference on test: macro-F1 0.70 → 0.70 (+0.002, McNemar p = 1.0000, not significant).",
-      "TF-IDF (0.90) and zero-shot (0.95) do at least as well as both fine-tuned models."]),
-    (verdict_summary(0.69, 0.67, p=0.79, ci=True),
-     ["Augmentation did not help on test: macro-F1 0.69 → 0.67 (−0.02, McNemar p = 0.7900, not significant; "
-      "95% bootstrap intervals [0.59, 0.79] → [0.57, 0.77])."]),
-    (verdict_summary(0.69, 0.75),  # a summary without significance: no p-value claimed
-     ["Augmentation did not clearly help on test: macro-F1 0.69 → 0.75 (+0.06)."]),
-], ids=["did-not-help", "helped-significant", "helped-not-significant", "hurt-significant", "no-change", "with-intervals",
-        "no-significance"])
+@pytest.mark.parametrize(
+    "summary, expected",
+    [
+        (
+            verdict_summary(0.69, 0.67, p=0.79, tfidf=0.54, zero_shot=0.11),
+            [
+                "Augmentation did not help on test: macro-F1 0.69 → 0.67 (−0.02, McNemar p = 0.7900, not significant).",
+                "Both fine-tuned models beat TF-IDF (0.54) and zero-shot (0.11).",
+            ],
+        ),
+        (
+            verdict_summary(0.61, 0.74, p=0.003, tfidf=0.70, zero_shot=0.20),
+            [
+                "Augmentation helped on test: macro-F1 0.61 → 0.74 (+0.13, McNemar p = 0.0030, significant).",
+                "Both fine-tuned models beat zero-shot (0.20); only the augmented model beats TF-IDF (0.70).",
+            ],
+        ),
+        (
+            verdict_summary(0.70, 0.72, p=0.41),
+            ["Augmentation did not clearly help on test: macro-F1 0.70 → 0.72 (+0.02, McNemar p = 0.4100, not significant)."],
+        ),
+        (
+            verdict_summary(0.80, 0.70, p=0.0004, tfidf=0.75),
+            [
+                "Augmentation hurt on test: macro-F1 0.80 → 0.70 (−0.10, McNemar p = 4.00e-04, significant).",
+                "Only the base model beats TF-IDF (0.75).",
+            ],
+        ),
+        (
+            verdict_summary(0.70, 0.702, p=1.0, tfidf=0.90, zero_shot=0.95),
+            [
+                "Augmentation made no difference on test: macro-F1 0.70 → 0.70 (+0.002, McNemar p = 1.0000, not significant).",
+                "TF-IDF (0.90) and zero-shot (0.95) do at least as well as both fine-tuned models.",
+            ],
+        ),
+        (
+            verdict_summary(0.69, 0.67, p=0.79, ci=True),
+            [
+                "Augmentation did not help on test: macro-F1 0.69 → 0.67 (−0.02, McNemar p = 0.7900, not significant; "
+                "95% bootstrap intervals [0.59, 0.79] → [0.57, 0.77])."
+            ],
+        ),
+        (
+            verdict_summary(0.69, 0.75),  # a summary without significance: no p-value claimed
+            ["Augmentation did not clearly help on test: macro-F1 0.69 → 0.75 (+0.06)."],
+        ),
+    ],
+    ids=[
+        "did-not-help",
+        "helped-significant",
+        "helped-not-significant",
+        "hurt-significant",
+        "no-change",
+        "with-intervals",
+        "no-significance",
+    ],
+)
 def test_headline_wording(summary, expected):
     from ftloop.components.reports.verdict import headline
 

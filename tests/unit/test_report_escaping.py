@@ -82,8 +82,7 @@ def build_run(tmp: Path, labels: list[str], texts: list[str], seed: int, models=
         write_predictions(rows, probs, labels, tmp / name, progress=lambda m: None)
         evals[name] = tmp / name
     out = tmp / "bundle"
-    summary = run_compare(run_config(), evals, {"base": tmp / "splits", "augmented": tmp / "splits"}, out,
-                          tmp / "kfp.md", tmp / "kfp.html")
+    summary = run_compare(run_config(), evals, {"base": tmp / "splits", "augmented": tmp / "splits"}, out, tmp / "kfp.md", tmp / "kfp.html")
     return out, summary
 
 
@@ -277,14 +276,17 @@ def test_text_table_and_kfp_categories_are_one_line_each(nasty_run):
     assert kfp_label(["x" * 80, "x" * 81]) == ["x" * 59 + "…", "x" * 55 + "… (2)"]
 
 
-@pytest.mark.parametrize("value, expected", [
-    ("upgrade_$10_to_$20", r"upgrade_\$10_to_\$20"),
-    (r"a\$", r"a\\$"),
-    ("two\nlines", "two lines"),
-    ("_hidden", "\u2060_hidden"),
-    ("x" * 50, "x" * 39 + "…"),
-    ("\u202eabc", "abc"),
-])
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("upgrade_$10_to_$20", r"upgrade_\$10_to_\$20"),
+        (r"a\$", r"a\\$"),
+        ("two\nlines", "two lines"),
+        ("_hidden", "\u2060_hidden"),
+        ("x" * 50, "x" * 39 + "…"),
+        ("\u202eabc", "abc"),
+    ],
+)
 def test_mpl_escape(value, expected):
     assert mpl(value) == expected
 
@@ -307,8 +309,11 @@ user_string = st.lists(pieces, min_size=1, max_size=6).map("".join)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(labels=st.lists(user_string, min_size=2, max_size=4, unique=True), texts=st.lists(user_string, min_size=1, max_size=3),
-       seed=st.integers(0, 2**16))
+@given(
+    labels=st.lists(user_string, min_size=2, max_size=4, unique=True),
+    texts=st.lists(user_string, min_size=1, max_size=3),
+    seed=st.integers(0, 2**16),
+)
 def test_any_unicode_labels_and_texts_render_escaped(tmp_path_factory, labels, texts, seed):
     from ftloop.components.reports.render import rerender_reports
 

@@ -20,11 +20,17 @@ def ex(ident: str, text: str, group: str, label: str = "returns") -> Example:
 def leaky_splits() -> dict[str, list[Example]]:
     """Deliberately leaky: a text in train and test (other groups, other case and punctuation), a group in train and test."""
     return {
-        "train": [ex("t1", "Where is my refund?", "g-refund"), ex("t2", "Can I send shoes back", "g-shoes"),
-                  ex("t3", "How long does a parcel take", "g-parcel", "shipping")],
+        "train": [
+            ex("t1", "Where is my refund?", "g-refund"),
+            ex("t2", "Can I send shoes back", "g-shoes"),
+            ex("t3", "How long does a parcel take", "g-parcel", "shipping"),
+        ],
         "dev": [ex("d1", "Do you ship to Norway", "g-norway", "shipping")],
-        "test": [ex("x1", "  where is my REFUND ", "g-other"), ex("x2", "Are boots free to return?", "g-shoes"),
-                 ex("x3", "Do you ship to norway?!", "g-norway2", "shipping")],
+        "test": [
+            ex("x1", "  where is my REFUND ", "g-other"),
+            ex("x2", "Are boots free to return?", "g-shoes"),
+            ex("x3", "Do you ship to norway?!", "g-norway2", "shipping"),
+        ],
     }
 
 
@@ -46,16 +52,22 @@ def test_the_split_stage_writes_the_text_check_to_report_json_and_metadata(tmp_p
 
 
 def test_a_clean_split_shares_nothing_and_names_nothing():
-    rows = [ex(f"{label}{i}", f"question number {i} about {label}", f"{label}-{i}", label)
-            for label in ("returns", "shipping") for i in range(6)]
+    rows = [
+        ex(f"{label}{i}", f"question number {i} about {label}", f"{label}-{i}", label)
+        for label in ("returns", "shipping")
+        for i in range(6)
+    ]
     report = leakage_report(split_examples(rows, 0.2, 0.2, seed=1))
     assert report["group_overlap"] == report["text_overlap"] == dict.fromkeys(PAIRS, 0)
     assert report["shared_groups"] == report["shared_texts"] == {}
 
 
 def test_at_most_twenty_shared_texts_are_named_but_all_are_counted():
-    splits = {"train": [ex(f"t{i}", f"same question {i:02d}", f"a{i}") for i in range(30)], "dev": [],
-              "test": [ex(f"x{i}", f"Same question {i:02d}?", f"b{i}") for i in range(30)]}
+    splits = {
+        "train": [ex(f"t{i}", f"same question {i:02d}", f"a{i}") for i in range(30)],
+        "dev": [],
+        "test": [ex(f"x{i}", f"Same question {i:02d}?", f"b{i}") for i in range(30)],
+    }
     report = leakage_report(splits)
     assert report["text_overlap"]["train-test"] == 30 and report["group_overlap"]["train-test"] == 0
     assert report["shared_texts"]["train-test"] == [f"same question {i:02d}" for i in range(20)]
@@ -63,8 +75,11 @@ def test_at_most_twenty_shared_texts_are_named_but_all_are_counted():
 
 def doubled_questions(tmp_path):
     """Issue 16's file: every question twice, under two ids (so two groups)."""
-    rows = [{"text": f"question {i} about {label}: what happens to order {i * 7}", "label": label}
-            for label in ("returns", "shipping", "payments") for i in range(10)]
+    rows = [
+        {"text": f"question {i} about {label}: what happens to order {i * 7}", "label": label}
+        for label in ("returns", "shipping", "payments")
+        for i in range(10)
+    ]
     lines = [{**r, "id": f"{copy}-{i}"} for i, r in enumerate(rows) for copy in ("first", "second")]
     path = write_lines(tmp_path / "questions.jsonl", lines)
     (tmp_path / "run.yaml").write_text("seed: 3\ndata:\n  questions: questions.jsonl\nsplit: {train: 0.6, dev: 0.2, test: 0.2}\n")

@@ -89,10 +89,17 @@ def test_bootstrap_agrees_with_scipy_percentile_intervals():
     ours = bootstrap_ci(y_true, y_pred, labels, seed=1, resamples=4000)
     t, p = np.array(y_true), np.array(y_pred)
     idx = np.arange(len(t))
-    ref_acc = scipy_stats.bootstrap((idx,), lambda i: np.mean(t[i] == p[i]), method="percentile",
-                                    n_resamples=4000, random_state=2, vectorized=False).confidence_interval
-    ref_f1 = scipy_stats.bootstrap((idx,), lambda i: f1_score(t[i], p[i], labels=labels, average="macro", zero_division=0),
-                                   method="percentile", n_resamples=1000, random_state=2, vectorized=False).confidence_interval
+    ref_acc = scipy_stats.bootstrap(
+        (idx,), lambda i: np.mean(t[i] == p[i]), method="percentile", n_resamples=4000, random_state=2, vectorized=False
+    ).confidence_interval
+    ref_f1 = scipy_stats.bootstrap(
+        (idx,),
+        lambda i: f1_score(t[i], p[i], labels=labels, average="macro", zero_division=0),
+        method="percentile",
+        n_resamples=1000,
+        random_state=2,
+        vectorized=False,
+    ).confidence_interval
     assert ours["accuracy"][0] == pytest.approx(ref_acc.low, abs=0.015)
     assert ours["accuracy"][1] == pytest.approx(ref_acc.high, abs=0.015)
     assert ours["macro_f1"][0] == pytest.approx(ref_f1.low, abs=0.02)

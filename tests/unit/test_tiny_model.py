@@ -32,8 +32,9 @@ def test_directory_loads_like_a_hub_model(tiny_model_dir, loaded):
 
 def test_phi3_special_tokens(loaded):
     model, tokenizer = loaded
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in
-           ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "<|pad|>"]}
+    ids = {
+        t: tokenizer.convert_tokens_to_ids(t) for t in ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "<|pad|>"]
+    }
     assert len(set(ids.values())) == len(ids)
     assert tokenizer.unk_token_id not in ids.values()
     assert tokenizer.eos_token == "<|endoftext|>"
