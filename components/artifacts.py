@@ -7,7 +7,7 @@ field (``models.base.train.accuracy``), never a pydantic traceback.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, NamedTuple
 
@@ -25,9 +25,10 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from ftloop.components.errors import FtloopError, InputFileError
+from ftloop.components.errors import FtloopError, json_type, located_error
 from ftloop.components.evaluation.metrics import compute_metrics
-from ftloop.components.records import SPLITS, read_json, read_jsonl, write_json, write_jsonl
+from ftloop.components.prompts import chat_row
+from ftloop.components.records import SPLITS, Origin, read_json, read_jsonl, write_json, write_jsonl
 
 # ---------------------------------------------------------------- where each artifact lives
 
@@ -127,65 +128,6 @@ def _fail(problem: str, *at: str | int) -> PydanticCustomError:
     return PydanticCustomError("ftloop", "{problem}", {"problem": problem, "at": at})
 
 
-_EXPECTED = {
-    "float_type": "a number",
-    "int_type": "an integer",
-    "string_type": "a string",
-    "bool_type": "a boolean",
-    "dict_type": "an object",
-    "model_type": "an object",
-    "model_attributes_type": "an object",
-    "list_type": "a list",
-    "tuple_type": "a list",
-}
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, dict):
-        return "an object"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, (int, float)):
-        return "a number"
-    return type(value).__name__
-
-
-def _dotted(loc: tuple[str | int, ...]) -> str:
-    """('models', 'base', 'train', 'accuracy') -> models.base.train.accuracy; list indices as [i]."""
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def located_error(path: str | Path, exc: ValidationError, kind: str, line: int | None = None) -> InputFileError:
-    """The first problem of ``exc`` as one line: ``PATH[:LINE]: field 'a.b[0].c': PROBLEM; not an ftloop KIND``."""
-    error = exc.errors(include_url=False)[0]
-    loc, kind_of_error, ctx = tuple(error["loc"]), error["type"], error.get("ctx") or {}
-    if kind_of_error == "ftloop":
-        loc, problem = loc + tuple(ctx.get("at", ())), str(ctx["problem"])
-    elif kind_of_error == "missing":
-        problem = "missing"
-    elif kind_of_error in _EXPECTED:
-        if not loc:
-            shape = "list" if kind_of_error in ("list_type", "tuple_type") else "object"
-            return InputFileError(str(path), f"the top level is not a JSON {shape}; not an ftloop {kind}", line)
-        problem = f"expected {_EXPECTED[kind_of_error]}, got {_json_type(error.get('input'))}"
-    else:
-        msg = str(error["msg"])
-        problem = msg[:1].lower() + msg[1:]
-    suffix = f"; not an ftloop {kind}"
-    if not loc:
-        return InputFileError(str(path), problem + suffix, line)
-    return InputFileError(str(path), problem + suffix, line, _dotted(loc))
-
-
 class Artifact(BaseModel):
     """An artifact's contract: strict JSON types (no "0.5" for a number), unknown keys kept."""
 
@@ -238,20 +180,72 @@ def write_labels(artifact_dir: str | Path, labels: list[str], minimum: int = 2) 
 # ---------------------------------------------------------------- formatted splits (chat rows)
 
 
+class ChatMessage(Artifact):
+    role: str
+    content: str
+
+
+def _whole_row(problem: str) -> PydanticCustomError:
+    """A problem of the row as a whole: reported as ``PATH:LINE: PROBLEM``, no field and no kind."""
+    return PydanticCustomError("ftloop", "{problem}", {"problem": problem, "whole": True})
+
+
+class ChatRow(Artifact):
+    """A row of a formatted split (``<split>.jsonl`` of format_chat): the example's provenance fields and the
+    conversational prompt/completion (TRL's format). The completion is one assistant message, the bare label;
+    the label must be one of labels.json (``context={"labels": [...]}``)."""
+
+    id: str
+    text: str
+    label: str
+    group: str
+    origin: Origin | None = None
+    prompt: list[ChatMessage]
+    completion: list[ChatMessage]
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _prompt(cls, value: Any, handler: Callable[[Any], list[ChatMessage]]) -> list[ChatMessage]:
+        try:
+            messages = handler(value)
+        except ValidationError:
+            messages = []
+        if not messages:
+            raise _whole_row("'prompt' must be a non-empty list of chat messages")
+        return messages
+
+    @field_validator("completion", mode="wrap")
+    @classmethod
+    def _completion(cls, value: Any, handler: Callable[[Any], list[ChatMessage]]) -> list[ChatMessage]:
+        try:
+            messages = handler(value)
+        except ValidationError:
+            messages = []
+        if len(messages) != 1 or messages[0].role != "assistant":
+            raise _whole_row("'completion' must be a list with one assistant message")
+        return messages
+
+    @model_validator(mode="after")
+    def _label_is_the_completion(self, info: ValidationInfo) -> ChatRow:
+        labels = (info.context or {}).get("labels")
+        if (labels is not None and self.label not in labels) or self.completion[0].content != self.label:
+            raise _whole_row(f"label {self.label!r} is not in labels.json or differs from the completion")
+        return self
+
+
+def chat_rows(examples: Iterable[dict[str, Any]], labels: list[str], template: str | None = None) -> Iterator[dict[str, Any]]:
+    """format_chat's rows, each built and checked as a ``ChatRow``, as written."""
+    for example in examples:
+        yield ChatRow.model_validate(chat_row(example, labels, template), context={"labels": labels}).to_json()
+
+
 def read_split(formatted_dir: str | Path, split: str, labels: list[str]) -> list[dict[str, Any]]:
-    """Rows of one formatted split, checked for the fields training and scoring rely on."""
+    """Rows of one formatted split, each validated as a ``ChatRow``; returned as read (``__line__`` included)."""
     path = split_path(formatted_dir, split)
     rows = read_jsonl(path)
-    allowed = set(labels)
     for row in rows:
-        where = f"{path}:{row.get('__line__')}"
-        prompt, completion = row.get("prompt"), row.get("completion")
-        if not (isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt)):
-            raise FtloopError(f"{where}: 'prompt' must be a non-empty list of chat messages")
-        if not (isinstance(completion, list) and len(completion) == 1 and isinstance(completion[0], dict)):
-            raise FtloopError(f"{where}: 'completion' must be a list with one assistant message")
-        if row.get("label") not in allowed or completion[0].get("content") != row.get("label"):
-            raise FtloopError(f"{where}: label {row.get('label')!r} is not in labels.json or differs from the completion")
+        line = row.get("__line__")
+        _validate(ChatRow, {k: v for k, v in row.items() if k != "__line__"}, path, "formatted split", line, labels=list(labels))
     return rows
 
 
@@ -483,7 +477,7 @@ def write_split_report(split_dir: str | Path, report: dict[str, Any]) -> SplitRe
 
 def _bounds(value: Any) -> Any:
     if not (isinstance(value, list) and len(value) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in value)):
-        raise _fail(f"expected [low, high], got {_json_type(value)}")
+        raise _fail(f"expected [low, high], got {json_type(value)}")
     return value
 
 

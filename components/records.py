@@ -16,18 +16,26 @@ import sys
 import tempfile
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ftloop.components.errors import FtloopError, InputFileError
+from pydantic import ConfigDict, ValidationError
+from pydantic.dataclasses import dataclass
+
+from ftloop.components.errors import FtloopError, InputFileError, located_error
 
 Origin = Literal["generated", "rephrased", "imported"]
 SPLITS = ("train", "dev", "test")
 MAX_ERRORS_SHOWN = 5
 
+# Rows are pydantic dataclasses: every construction (a loader's, a generator's, ``dataclasses.replace``) is
+# validated, strictly (no "3" for a round, no 3 for an id); the loaders check user files by hand first, for
+# their messages (a number id becomes a string there), so pydantic's errors are left for a stage's bad row.
+_ROW_CONFIG = ConfigDict(strict=True)
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, config=_ROW_CONFIG)
 class Article:
     id: str
     text: str
@@ -35,7 +43,7 @@ class Article:
     title: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_ROW_CONFIG)
 class Example:
     id: str
     text: str
@@ -374,8 +382,15 @@ def _read_csv(path: str) -> list[dict[str, Any]]:
 
 
 def load_examples(path: str | Path) -> list[Example]:
-    """Load examples written by an earlier stage (trusted format)."""
-    return [Example.from_dict({k: v for k, v in row.items() if k != "__line__"}) for row in read_jsonl(path)]
+    """Load examples written by an earlier stage, each validated as an ``Example``; a bad row is a located error."""
+    examples = []
+    for row in read_jsonl(path):
+        line = row.pop("__line__")
+        try:
+            examples.append(Example.from_dict(row))
+        except ValidationError as exc:
+            raise located_error(path, exc, "examples file", line) from None
+    return examples
 
 
 def label_counts(examples: Iterable[Example]) -> dict[str, int]:

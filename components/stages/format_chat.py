@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ftloop.components.artifacts import labels_path, split_path, write_labels
+from ftloop.components.artifacts import chat_rows, labels_path, split_path, write_labels
 from ftloop.components.config import RunConfig
-from ftloop.components.prompts import chat_row
 from ftloop.components.records import SPLITS, content_hash, write_jsonl
 from ftloop.components.stages.split_examples import read_splits
 
@@ -22,7 +21,7 @@ def run(config: RunConfig, split_dir: str | Path, out_dir: str | Path) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name in SPLITS:
-        write_jsonl(split_path(out, name), (chat_row(e.to_dict(), labels, system_prompt) for e in splits[name]))
+        write_jsonl(split_path(out, name), chat_rows((e.to_dict() for e in splits[name]), labels, system_prompt))
     write_labels(out, labels)
     return {
         **{f"{name}_rows": len(splits[name]) for name in SPLITS},

@@ -350,3 +350,46 @@ def test_a_stage_reading_a_foreign_artifact_fails_with_the_file_and_field(tmp_pa
         f"{A.report_path(tmp_path / 'splits')}: field 'loop_stopped': expected an object, got a string; not an ftloop splits report"
     )
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ formatted splits (ChatRow)
+
+
+def write_formatted(path, **change):
+    """A formatted dir as format_chat writes it (through ChatRow); ``change`` edits the second dev row."""
+    rows = {s: list(A.chat_rows((e.to_dict() for e in examples), LABELS)) for s, examples in splits_of().items()}
+    rows["dev"][1].update(change)
+    for split, split_rows in rows.items():
+        write_jsonl(A.split_path(path, split), split_rows)
+    return rows
+
+
+def test_chat_rows_are_what_read_split_reads(tmp_path):
+    written = write_formatted(tmp_path)
+    read = A.read_split(tmp_path, "dev", LABELS)
+    assert [{k: v for k, v in r.items() if k != "__line__"} for r in read] == written["dev"]
+    assert set(written["dev"][0]) == {"id", "text", "label", "group", "origin", "prompt", "completion"}
+    assert written["dev"][0]["completion"] == [{"role": "assistant", "content": written["dev"][0]["label"]}]
+
+
+@pytest.mark.parametrize(
+    "change,problem",
+    [
+        ({"prompt": []}, "'prompt' must be a non-empty list of chat messages"),
+        ({"prompt": [{"role": "user"}]}, "'prompt' must be a non-empty list of chat messages"),
+        ({"completion": [{"role": "user", "content": "returns"}]}, "'completion' must be a list with one assistant message"),
+        ({"completion": []}, "'completion' must be a list with one assistant message"),
+        ({"label": "shipping"}, "label 'shipping' is not in labels.json or differs from the completion"),
+        ({"id": 7}, "field 'id': expected a string, got a number; not an ftloop formatted split"),
+        ({"origin": "typed"}, "field 'origin': input should be 'generated', 'rephrased' or 'imported'; not an ftloop formatted split"),
+    ],
+)
+def test_read_split_names_the_line_of_a_bad_row(tmp_path, change, problem):
+    write_formatted(tmp_path, **change)
+    assert error_of(lambda: A.read_split(tmp_path, "dev", LABELS)) == f"{A.split_path(tmp_path, 'dev')}:2: {problem}"
+
+
+def test_read_split_rejects_a_label_outside_labels_json(tmp_path):
+    write_formatted(tmp_path)
+    message = error_of(lambda: A.read_split(tmp_path, "dev", LABELS[:2]))
+    assert message == f"{A.split_path(tmp_path, 'dev')}:3: label 'shipping' is not in labels.json or differs from the completion"

@@ -171,3 +171,19 @@ def test_a_nul_escape_in_a_text_field_is_refused(tmp_path):
     path = write_lines(tmp_path / "a.jsonl", [{**GOOD, "text": "returns\u0000 policy"}])
     with pytest.raises(InputFileError, match=r"a\.jsonl:1: field 'text': contains a NUL character"):
         load_articles(path)
+
+
+def test_rows_are_validated_on_construction_and_load_examples_names_the_line(tmp_path):
+    from ftloop.components.records import Example, load_examples, write_jsonl
+
+    good = Example("q1", "where is my parcel", "shipping", "g1", "imported")
+    for bad in ({"round": "1"}, {"origin": "typed"}, {"id": 3}):
+        with pytest.raises(ValueError):
+            Example(**{**good.to_dict(), **bad})
+    path = tmp_path / "train.jsonl"
+    write_jsonl(path, [good.to_dict(), {**good.to_dict(), "round": "1"}])
+    with pytest.raises(InputFileError) as err:
+        load_examples(path)
+    assert str(err.value) == f"{path}:2: field 'round': expected an integer, got a string; not an ftloop examples file"
+    write_jsonl(path, [good.to_dict()])
+    assert load_examples(path) == [good]
