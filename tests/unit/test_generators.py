@@ -2,6 +2,7 @@
 
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -178,6 +179,37 @@ def test_openai_unreachable_server_fails_clearly():
     cfg = config(generators={"openai": {"base_url": "http://127.0.0.1:9/v1", "max_retries": 1, "backoff_seconds": 0}})
     with pytest.raises(GeneratorError, match="connection failed"):
         make_generator("openai", cfg).questions(ARTICLES[:1], 1)
+
+
+def test_openai_honours_retry_after_ms_and_an_http_date_and_ignores_openai_env_headers(monkeypatch):
+    """The server's wait in any of its forms: ``retry-after-ms`` first, ``Retry-After`` as an HTTP date."""
+    from email.utils import format_datetime
+
+    from tests.unit.test_survivors import ARTICLE, FakeOpenAIWithHeaders, openai_backend
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-ambient-should-not-be-sent")  # only api_key_env's key is used
+    monkeypatch.setenv("OPENAI_ORG_ID", "org-ambient")
+    monkeypatch.delenv("FTLOOP_SURVIVOR_KEY", raising=False)
+    in_30s = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
+    sleeps: list[float] = []
+    with FakeOpenAIWithHeaders() as server:
+        server.faults = [
+            ("status_headers", (429, {"retry-after-ms": "1500", "Retry-After": "9"})),
+            ("status_headers", (503, {"Retry-After": in_30s})),
+            ("status_headers", (503, {"Retry-After": "Thu, 01 Jan 1970 00:00:00 GMT"})),  # in the past: no wait
+        ]
+        assert len(openai_backend(server, sleeps, max_retries=3).questions(ARTICLE, 1)) == 1
+    assert sleeps[0] == 1.5 and 25 < sleeps[1] <= 30 and sleeps[2] == 0.0
+    assert all("authorization" not in h and "openai-organization" not in h for h in server.headers)
+
+
+def test_openai_content_that_is_not_text_is_a_malformed_reply():
+    from tests.unit.test_survivors import ARTICLE, openai_backend
+
+    with FakeOpenAI() as server:
+        server.faults = [("raw", b'{"choices": [{"message": {"content": 5}}]}')] * 2
+        with pytest.raises(GeneratorError, match=r"gave up after 2 tries: malformed chat completion: b'\{\"choices"):
+            openai_backend(server, [], max_retries=1).questions(ARTICLE, 1)
 
 
 # ------------------------------------------------------------------------ hf
