@@ -32,8 +32,13 @@ test: lint
 # mutant names are the real module names. MUTANTS narrows the run, e.g.
 #   make mutation MUTANTS='ftloop.components.evaluation.stats.*'
 # Results stay in .mutation/mutants/ (`cd .mutation && ../.venv/bin/mutmut results`). Not build/: packaging tests remove it.
+# MUTATION_TESTS replaces the test files of [tool.mutmut] for one run (mutmut has one list for all modules), e.g.
+# config's KFP slicing helpers, which only the fast pipeline tests reach:
+#   make mutation MUTANTS='ftloop.components.config.*' \
+#     MUTATION_TESTS='tests/unit/test_config.py tests/pipeline/test_compile.py tests/pipeline/test_reproducibility.py'
 MUTATION_DIR := .mutation
 MUTANTS ?=
+MUTATION_TESTS ?=
 MUTATION_JOBS ?= 2
 
 mutation: $(STAMP)
@@ -44,6 +49,9 @@ mutation: $(STAMP)
 	cp -R pipelines $(MUTATION_DIR)/ftloop/pipelines
 	cp -R tests data configs manifests pyproject.toml $(MUTATION_DIR)/
 	find $(MUTATION_DIR) -name __pycache__ -prune -exec rm -rf {} +
+	if [ -n "$(strip $(MUTATION_TESTS))" ]; then $(abspath $(VENV))/bin/python -c 'import re, sys; p = sys.argv[1]; \
+	  s = re.sub(r"pytest_add_cli_args_test_selection = \[.*?\]", "pytest_add_cli_args_test_selection = %r" % sys.argv[2:], \
+	  open(p).read(), flags=re.S); open(p, "w").write(s)' $(MUTATION_DIR)/pyproject.toml $(MUTATION_TESTS); fi
 	cd $(MUTATION_DIR) && $(abspath $(VENV))/bin/mutmut run --max-children $(MUTATION_JOBS) $(MUTANTS)
 	cd $(MUTATION_DIR) && $(abspath $(VENV))/bin/mutmut export-cicd-stats
 	cd $(MUTATION_DIR) && $(abspath $(VENV))/bin/mutmut results

@@ -138,9 +138,12 @@ class FakeClient:
         self.log: list[tuple[str, str]] = []
 
     def bucket(self, name):
+        assert name, "a bucket needs a name"
+        self.bucket_name = name
         return SimpleNamespace(name=name, blob=lambda key: FakeBlob(self, key))
 
     def list_blobs(self, bucket, prefix="", retry=None):
+        assert bucket is not None and bucket.name == self.bucket_name, bucket
         return [FakeBlob(self, n) for n in sorted(self.blobs) if n.startswith(prefix)]
 
 
@@ -269,3 +272,165 @@ def test_fingerprint_depends_on_what_is_trained_only():
     assert training_fingerprint(model, "sha") != base
     fmt = RunConfig.model_validate({"seed": 1, "data": {"questions": "q.jsonl"}, "format": {"system_prompt": "x {labels}"}})
     assert training_fingerprint(fmt, "sha") != base
+
+
+# ------------------------------------------------- transient gs:// failures are retried
+
+
+class FlakyBlob(FakeBlob):
+    """Each call fails once with a transient 503 and is then served, but only when it is retried with the
+    retry policy the store passes (google-cloud-storage retries an upload only when told to)."""
+
+    def _call(self, op, retry, fn):
+        return self.client.call(op, self.name, retry, fn)
+
+    def upload_from_filename(self, path, retry=None):
+        return self._call("upload_from_filename", retry, lambda: FakeBlob.upload_from_filename(self, path))
+
+    def upload_from_string(self, data, retry=None):
+        return self._call("upload_from_string", retry, lambda: FakeBlob.upload_from_string(self, data))
+
+    def download_to_filename(self, path, retry=None):
+        return self._call("download_to_filename", retry, lambda: FakeBlob.download_to_filename(self, path))
+
+    def exists(self, retry=None):
+        return self._call("exists", retry, lambda: FakeBlob.exists(self))
+
+    def delete(self, retry=None):
+        return self._call("delete", retry, lambda: FakeBlob.delete(self))
+
+
+class FlakyClient(FakeClient):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.policies: list[tuple[str, object]] = []  # (operation, the retry= it was given)
+        self.failed: list[str] = []
+
+    def bucket(self, name):
+        super().bucket(name)
+        return SimpleNamespace(name=name, blob=lambda key: FlakyBlob(self, key))
+
+    def call(self, op, name, retry, fn):
+        from google.api_core.exceptions import ServiceUnavailable
+
+        self.policies.append((op, retry))
+        first = [True]
+
+        def attempt():
+            if first[0]:
+                first[0] = False
+                self.failed.append(f"{op} {name}")
+                raise ServiceUnavailable(f"transient: {op} {name}")
+            return fn()
+
+        return retry(attempt)() if retry is not None else attempt()
+
+    def list_blobs(self, bucket, prefix="", retry=None):
+        assert bucket is not None and bucket.name == self.bucket_name, bucket
+        return self.call("list_blobs", prefix, retry, lambda: [FlakyBlob(self, n) for n in sorted(self.blobs) if n.startswith(prefix)])
+
+
+def test_gcs_store_retries_every_call_with_the_library_default_policy(tmp_path, monkeypatch):
+    """Uploads included: the library retries only conditional uploads unless given retry=, and a preempted
+    run must not lose a checkpoint to one 503."""
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    monkeypatch.setattr("time.sleep", lambda seconds: None)  # the backoff between tries
+    client = FlakyClient()
+    store = GcsStore("gs://bucket/runs/fp", client=client)
+    store.upload(make_checkpoint(tmp_path / "local", 7))
+    store.upload(make_checkpoint(tmp_path / "local", 8))
+    assert store.complete() == ["checkpoint-7", "checkpoint-8"]
+    store.download("checkpoint-7", tmp_path / "back")
+    assert (tmp_path / "back" / "adapter_model.safetensors").read_bytes() == b"w7"
+    store.delete("checkpoint-7")
+    assert store.complete() == ["checkpoint-8"]
+    ops = {op for op, _ in client.policies}
+    assert ops == {"upload_from_filename", "upload_from_string", "list_blobs", "download_to_filename", "exists", "delete"}
+    assert all(policy is DEFAULT_RETRY for _, policy in client.policies), client.policies
+    assert len(client.failed) == len(client.policies)  # every call failed once and was retried
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"train": {"epochs": 2}},
+        {"train": {"batch_size": 8}},
+        {"train": {"gradient_accumulation_steps": 2}},
+        {"train": {"max_length": 128}},
+        {"train": {"warmup_ratio": 0.1}},
+        {"train": {"weight_decay": 0.01}},
+        {"train": {"lr_scheduler": "cosine"}},
+        {"train": {"max_grad_norm": 0.5}},
+        {"train": {"eval_every_steps": 5}},
+        {"train": {"early_stopping_patience": 1}},
+        {"train": {"share_prompt_prefix": False}},
+        {"lora": {"alpha": 8}},
+        {"lora": {"dropout": 0.0}},
+        {"lora": {"target_modules": ["q_proj"]}},
+        {"model": {"quantization": "nf4"}},
+        {"model": {"name_or_path": "/models/other"}},
+    ],
+)
+def test_fingerprint_changes_with_each_setting_that_shapes_the_weights(change):
+    base = RunConfig.model_validate({"seed": 1, "data": {"questions": "q.jsonl"}})
+    changed = RunConfig.model_validate({"seed": 1, "data": {"questions": "q.jsonl"}, **change})
+    assert training_fingerprint(changed, "sha") != training_fingerprint(base, "sha")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"eval": {"batch_size": 8}},
+        {"augment": {"max_per_class": 3}},
+        {"name": "other"},
+        {"cluster": {"spot": True}},
+        {"data": {"questions": "elsewhere.jsonl"}},  # the data's hash counts, not its path
+    ],
+)
+def test_fingerprint_ignores_settings_outside_training(change):
+    base = RunConfig.model_validate({"seed": 1, "data": {"questions": "q.jsonl"}})
+    changed = RunConfig.model_validate({"seed": 1, "data": {"questions": "q.jsonl"}, **change})
+    assert training_fingerprint(changed, "sha") == training_fingerprint(base, "sha")
+
+
+def test_gcs_store_keeps_to_its_bucket_and_prefix_and_writes_the_marker_text(tmp_path):
+    """Prefixes ending in X: a strip of the wrong characters shows; a neighbour prefix must never be listed."""
+    client = FakeClient()
+    store = GcsStore("gs://bucket/Xruns/fpX/", client=client)
+    assert (store.uri, store._prefix, client.bucket_name) == ("gs://bucket/Xruns/fpX", "Xruns/fpX", "bucket")
+    local = make_checkpoint(tmp_path / "local", 4)
+    (local / "deep" / "er").mkdir(parents=True)
+    (local / "deep" / "er" / "a.bin").write_bytes(b"a")  # listed first: its parents do not exist yet
+    (local / "sub" / "second.pt").write_bytes(b"s")  # two files in one folder
+    store.upload(local)
+    assert client.blobs[f"Xruns/fpX/checkpoint-4/{COMPLETE_MARKER}"] == b"complete\n"
+    client.blobs[f"Xruns/fpY/checkpoint-9/{COMPLETE_MARKER}"] = b"complete\n"  # another run's prefix, same length
+    assert store.complete() == ["checkpoint-4"]
+    store.download("checkpoint-4", tmp_path / "back")
+    files = sorted(p.relative_to(tmp_path / "back").as_posix() for p in (tmp_path / "back").rglob("*") if p.is_file())
+    assert files == ["adapter_model.safetensors", "deep/er/a.bin", "sub/optimizer.pt", "sub/second.pt"]
+    store.delete("checkpoint-4")
+    assert store.complete() == [] and f"Xruns/fpY/checkpoint-9/{COMPLETE_MARKER}" in client.blobs
+
+
+def test_open_store_strips_only_slashes(monkeypatch):
+    import google.cloud.storage
+
+    monkeypatch.setattr(google.cloud.storage, "Client", FakeClient)
+    assert open_store("gs://bucket/runX/", "fp").uri == "gs://bucket/runX/fp"
+
+
+def test_directory_store_upload_clears_a_partial_copy_left_by_a_killed_upload(tmp_path):
+    store = DirectoryStore(tmp_path / "store")
+    (store.root / ".checkpoint-3.partial" / "junk").mkdir(parents=True)
+    store.upload(make_checkpoint(tmp_path / "local", 3))
+    assert store.complete() == ["checkpoint-3"] and not (store.root / "checkpoint-3" / "junk").exists()
+    assert not (store.root / ".checkpoint-3.partial").exists()
+
+
+def test_directory_store_error_names_the_reason_not_the_errno(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FtloopError) as err:
+        DirectoryStore(tmp_path / "file" / "fp")
+    assert str(err.value) == f"train.checkpoint_uri: cannot create {tmp_path / 'file' / 'fp'}: Not a directory"
