@@ -24,6 +24,11 @@ as its model always ran) and the strict one, which on a random model that never 
 <|end|> runs --gpu-max-new-tokens steps (default 2 = a one-token label plus <|end|>, the
 fewest a fine-tuned model could need: generous to generate).
 
+--batch-tokens / --gpu-batch-tokens N also time label scoring with a token budget per batch
+(``score_labels(batch_tokens=N)``, eval.batch_tokens: rows sorted by length, lengths padded to
+a multiple of 16) next to the row batches, and report the speedup and the largest score
+difference between the two.
+
 Prints a table and PASS/FAIL per target; exits 0 either way (it is a benchmark).
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/eval_speed.py --rows 200 --seed 0 --json bench/eval_speed.json
@@ -71,6 +76,7 @@ from tests.fixtures.ml import LABELS, build_tiny, demo_config, synthetic_example
 
 SPEEDUP_TARGET = 20.0
 GPU_SCORE_TARGET_S = 10.0
+GPU_BUDGET_SPEEDUP_TARGET = 4.0  # issue 13 item 3: scoring near the compute bound
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 
 
@@ -108,6 +114,23 @@ def _scoring_invalid(scores: list[dict[str, float]], labels: list[str]) -> int:
         if list(s) != labels or not all(math.isfinite(v) for v in values) or abs(sum(values) - 1.0) > 1e-6:
             bad += 1
     return bad
+
+
+def _max_abs_diff(a: list[dict[str, float]], b: list[dict[str, float]]) -> float:
+    """Largest difference between two runs' probabilities, over every row and label."""
+    return max((abs(x[k] - y[k]) for x, y in zip(a, b, strict=True) for k in x), default=0.0)
+
+
+def _budget_result(rows: int, row_seconds: float, times: list[float], scores, reference, batch_tokens: int) -> dict[str, Any]:
+    seconds = statistics.median(times)
+    return {
+        "batch_tokens": batch_tokens,
+        "seconds": seconds,
+        "seconds_all": times,
+        "rows_per_s": rows / seconds,
+        "speedup_vs_row_batches": row_seconds / seconds,
+        "max_abs_diff_vs_row_batches": _max_abs_diff(scores, reference),
+    }
 
 
 def _versions() -> dict[str, str]:
@@ -169,11 +192,16 @@ def bench_cpu(args, workdir: Path, log) -> dict[str, Any]:
         "per_row": lambda: per_row_generate(model, tokenizer, prompts, LABELS, args.max_new_tokens),
         "batched": lambda: generate_predictions(model, tokenizer, prompts, LABELS, args.batch_size, args.max_new_tokens),
     }
+    batch_tokens = getattr(args, "batch_tokens", None)
+    if batch_tokens:
+        methods["score_budget"] = lambda: score_labels(model, tokenizer, prompts, LABELS, args.batch_size, batch_tokens=batch_tokens)
 
     with _threads(model, args.threads):
         threads = torch.get_num_threads()
         # Warm-up: first calls pay one-off costs (allocator, kernel selection, tokenizer caches).
         score_labels(model, tokenizer, prompts[:8], LABELS, args.batch_size)
+        if batch_tokens:
+            score_labels(model, tokenizer, prompts[:8], LABELS, args.batch_size, batch_tokens=batch_tokens)
         published_generate(model, tokenizer, prompts[:2], LABELS)
         per_row_generate(model, tokenizer, prompts[:2], LABELS, args.max_new_tokens)
         generate_predictions(model, tokenizer, prompts[:8], LABELS, args.batch_size, args.max_new_tokens)
@@ -219,6 +247,11 @@ def bench_cpu(args, workdir: Path, log) -> dict[str, Any]:
         "score accuracy >= published accuracy": result["accuracy"]["score"] >= result["accuracy"]["published"],
         "score: zero invalid outputs": result["invalid_rate"]["score"] == 0.0,
     }
+    if batch_tokens:
+        result["budget"] = _budget_result(n, median["score"], times["score_budget"], outputs["score_budget"], scores, batch_tokens)
+        result["targets"]["score with a token budget: scores within 1e-3 of row batches"] = (
+            result["budget"]["max_abs_diff_vs_row_batches"] <= 1e-3
+        )
     return result
 
 
@@ -253,13 +286,21 @@ def bench_gpu(args, tiny_dir: Path, log, device: str = "cuda", config=None) -> d
     prompts = [prompt_messages(q, LABELS) for q in questions]
     sample = prompts[: args.gpu_generate_rows]
 
+    batch_tokens = getattr(args, "gpu_batch_tokens", None)
     score_labels(model, tokenizer, prompts[: args.gpu_batch_size], LABELS, args.gpu_batch_size)  # warm-up
+    if batch_tokens:  # every bucketed shape once, so the timed runs see no first-shape costs
+        budget_scores = score_labels(model, tokenizer, prompts, LABELS, args.gpu_batch_size, batch_tokens=batch_tokens)
     per_row_generate(model, tokenizer, sample[:2], LABELS, args.gpu_max_new_tokens)
     published_generate(model, tokenizer, sample[:2], LABELS)
-    score_times, gen_times, pub_times = [], [], []
+    score_times, gen_times, pub_times, budget_times = [], [], [], []
     for _ in range(args.repeats):
-        _, t = _timed(lambda: score_labels(model, tokenizer, prompts, LABELS, args.gpu_batch_size))
+        row_scores, t = _timed(lambda: score_labels(model, tokenizer, prompts, LABELS, args.gpu_batch_size))
         score_times.append(t)
+        if batch_tokens:
+            budget_scores, t = _timed(
+                lambda: score_labels(model, tokenizer, prompts, LABELS, args.gpu_batch_size, batch_tokens=batch_tokens)
+            )
+            budget_times.append(t)
         _, t = _timed(lambda: published_generate(model, tokenizer, sample, LABELS, PUBLISHED_MAX_NEW_TOKENS))
         pub_times.append(t)
         _, t = _timed(lambda: per_row_generate(model, tokenizer, sample, LABELS, args.gpu_max_new_tokens))
@@ -297,10 +338,25 @@ def bench_gpu(args, tiny_dir: Path, log, device: str = "cuda", config=None) -> d
         f"score {len(prompts)} questions < {GPU_SCORE_TARGET_S:g} s": score_s < GPU_SCORE_TARGET_S,
         f"score >= {SPEEDUP_TARGET:g}x faster than the published per-row generate": pub_extrapolated / score_s >= SPEEDUP_TARGET,
     }
+    if batch_tokens:
+        budget = _budget_result(len(prompts), score_s, budget_times, budget_scores, row_scores, batch_tokens)
+        result["budget"] = budget
+        result["targets"][f"score with a token budget >= {GPU_BUDGET_SPEEDUP_TARGET:g}x faster than row batches"] = (
+            budget["speedup_vs_row_batches"] >= GPU_BUDGET_SPEEDUP_TARGET
+        )
+        result["targets"]["score with a token budget: scores within 1e-3 of row batches"] = budget["max_abs_diff_vs_row_batches"] <= 1e-3
     return result
 
 
 # ---------------------------------------------------------------------- report
+
+
+def _print_budget(budget: dict[str, Any], batch_size: int) -> None:
+    print(
+        f"label scoring with a token budget of {budget['batch_tokens']}: {budget['seconds']:.3f} s "
+        f"({budget['rows_per_s']:.0f} rows/s), {budget['speedup_vs_row_batches']:.2f}x vs batches of {batch_size} rows; "
+        f"largest score difference {budget['max_abs_diff_vs_row_batches']:.1e}"
+    )
 
 
 def print_report(res: dict[str, Any]) -> None:
@@ -329,6 +385,8 @@ def print_report(res: dict[str, Any]) -> None:
         f"(batched generate vs strict per-row: {cpu['speedup_batched_generate_vs_per_row']:.1f}x)"
     )
     print(f"agreement scoring vs published: {cpu['agreement_vs_published']:.3f}; vs strict per-row generate: {cpu['agreement']:.3f}")
+    if cpu.get("budget"):
+        _print_budget(cpu["budget"], cpu["batch_size"])
     gpu = res.get("gpu")
     if gpu:
         print()
@@ -337,6 +395,8 @@ def print_report(res: dict[str, Any]) -> None:
             f"label scoring {gpu['rows']} questions (batch {gpu['batch_size']}): {gpu['score_seconds']:.2f} s "
             f"({gpu['score_rows_per_s']:.0f} rows/s)"
         )
+        if gpu.get("budget"):
+            _print_budget(gpu["budget"], gpu["batch_size"])
         print(
             f"per-row generate {gpu['generate_sample_rows']} rows, max_new_tokens {gpu['generate_max_new_tokens']}: "
             f"{gpu['generate_sample_seconds']:.2f} s -> {gpu['generate_seconds_extrapolated']:.1f} s per "
@@ -378,6 +438,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-rows", type=int, default=1000)
     p.add_argument("--gpu-generate-rows", type=int, default=50)
     p.add_argument("--gpu-batch-size", type=int, default=64)
+    p.add_argument(
+        "--batch-tokens",
+        type=int,
+        help="CPU: also time label scoring with this token budget per batch (eval.batch_tokens) next to --batch-size rows",
+    )
+    p.add_argument(
+        "--gpu-batch-tokens",
+        type=int,
+        help="GPU: also time label scoring with this token budget per batch next to --gpu-batch-size rows (e.g. 16384)",
+    )
     p.add_argument("--gpu-max-new-tokens", type=int, default=2)
     p.add_argument(
         "--threads",
@@ -390,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.rows < 1 or args.repeats < 1 or args.batch_size < 1:
         p.error("--rows, --repeats and --batch-size must be >= 1")
+    if any(v is not None and v < 1 for v in (args.batch_tokens, args.gpu_batch_tokens)):
+        p.error("--batch-tokens and --gpu-batch-tokens must be >= 1")
 
     def log(line: str) -> None:
         print(line, flush=True)

@@ -365,6 +365,11 @@ class EvalConfig(_Section):
     # it applied as separate LoRA layers. An nf4 base always keeps it applied.
     merge_adapter: bool = True
     batch_size: Annotated[int, Field(gt=0, le=4096)] = 32
+    # Label scoring: fill each forward pass up to this many tokens (rows x padded length, rows
+    # sorted by length, lengths padded to a multiple of 16 so shapes repeat) instead of
+    # batch_size rows. None (default) keeps row batches, which suit a CPU; on CUDA a budget
+    # (e.g. 16384) is recommended: less padding and fewer, fuller passes.
+    batch_tokens: Annotated[int, Field(gt=0, le=1_048_576)] | None = None
     max_new_tokens: Annotated[int, Field(gt=0, le=1024)] = 8
 
 
@@ -577,7 +582,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "format_chat": ("format",),
     "tfidf_baseline": ("seed",),
     "evaluate_zero_shot": ("model", "eval"),
-    "finetune": ("model", "lora", "train", "format", "eval.batch_size", "seed"),
+    "finetune": ("model", "lora", "train", "format", "eval.batch_size", "eval.batch_tokens", "seed"),
     "evaluate": ("model", "eval"),
     "augment_from_errors": (*_AUGMENT_FIELDS, "filters", "seed"),
     "select_final_model": ("augment.rounds", "augment.min_dev_improvement"),
@@ -597,7 +602,7 @@ def stage_sections(stage: str, config: RunConfig) -> tuple[str, ...]:
         if config.augment.backend != "offline":
             paths += (f"generators.{config.augment.backend}",)
         if config.augment.label_filter == "model":  # the judge scores labels as evaluation does
-            paths += ("model", "format", "eval.batch_size")
+            paths += ("model", "format", "eval.batch_size", "eval.batch_tokens")
     return paths
 
 

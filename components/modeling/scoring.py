@@ -71,9 +71,21 @@ def label_token_ids(tokenizer, prompt: list[Message], labels: Sequence[str]) -> 
     return out
 
 
-def _pad_batch(seqs: list[list[int]], pad_id: int, padding_side: str, device) -> dict[str, torch.Tensor]:
-    """Padded ids + mask + explicit positions, so padding never shifts a real token's position."""
-    width = max(len(s) for s in seqs)
+# Token-budget batches pad each batch's width up to a multiple of this, so a long evaluation
+# repeats a few shapes (what CUDA graphs / torch.compile can reuse) instead of one per batch.
+LENGTH_BUCKET = 16
+
+
+def _bucketed(length: int, bucket: int) -> int:
+    return -(-length // bucket) * bucket
+
+
+def _pad_batch(seqs: list[list[int]], pad_id: int, padding_side: str, device, width: int | None = None) -> dict[str, torch.Tensor]:
+    """Padded ids + mask + explicit positions, so padding never shifts a real token's position.
+
+    ``width`` (at least the longest row) pads further, to a bucketed length.
+    """
+    width = max(width or 0, max(len(s) for s in seqs))
     rows, masks = [], []
     for seq in seqs:  # plain lists, one tensor per batch: a tensor per row cost ~10 us each
         pad = width - len(seq)
@@ -127,6 +139,26 @@ def contiguous_lm_head(model: nn.Module) -> Iterator[None]:
         handle.remove()
 
 
+def _batches(lengths: list[int], batch_size: int, batch_tokens: int | None, bucket: int = LENGTH_BUCKET) -> list[list[int]]:
+    """Row indices of each batch, rows sorted shortest-first (less padding).
+
+    Without ``batch_tokens``: ``batch_size`` rows per batch. With it: each batch takes the
+    next rows while rows x (longest length rounded up to ``bucket``) stays within the budget,
+    so batches of short rows hold more rows and padding per batch stays small; a row longer
+    than the budget is a batch alone (``batch_size`` is then not used).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    if batch_tokens is None:
+        return [order[lo : lo + batch_size] for lo in range(0, len(order), batch_size)]
+    out: list[list[int]] = []
+    for i in order:  # ascending lengths: the row being added is the batch's longest
+        if out and (len(out[-1]) + 1) * _bucketed(lengths[i], bucket) <= batch_tokens:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
 def _batch_cache(prefix_cache, batch: int):
     """A private copy of the one-row prefix cache, repeated to ``batch`` rows (the forward appends to it)."""
     cache = copy.deepcopy(prefix_cache)
@@ -144,6 +176,7 @@ def _span_logprobs(
     batch_size: int,
     padding_side: str,
     prefix_cache: bool = True,
+    batch_tokens: int | None = None,
 ) -> torch.Tensor:
     """Log-probs of chosen next tokens after every position in each sequence's span [a, b).
 
@@ -157,6 +190,10 @@ def _span_logprobs(
     runs only on the trailing positions that hold a requested span (``logits_to_keep``);
     and the span positions of a whole batch go through one gather and one log_softmax,
     not one per row (per-row slicing was ~10% of scoring on the tiny model).
+
+    ``batch_tokens`` batches by a token budget instead of ``batch_size`` rows (``_batches``;
+    counted on the tokens each row runs, i.e. after the shared prefix) and pads every batch
+    to a multiple of ``LENGTH_BUCKET``; results come back in input order either way.
     """
     device = next(model.parameters()).device
     params = forward_params(model)
@@ -173,12 +210,12 @@ def _span_logprobs(
     if wanted.shape[0] != first_out_row[-1]:
         raise ValueError(f"wanted has {wanted.shape[0]} rows for {first_out_row[-1]} span positions")
     out = torch.empty(wanted.shape, dtype=torch.float32)
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    batches = _batches([len(s) - shared for s in seqs], batch_size, batch_tokens)
     with contiguous_lm_head(model):
-        for lo in range(0, len(order), batch_size):
-            idx = order[lo : lo + batch_size]
+        for idx in batches:
             tails = [seqs[i][shared:] for i in idx]
-            batch = _pad_batch(tails, pad_id, padding_side, device)
+            width = _bucketed(max(len(t) for t in tails), LENGTH_BUCKET) if batch_tokens is not None else None
+            batch = _pad_batch(tails, pad_id, padding_side, device, width)
             width = batch["input_ids"].shape[1]
             offsets = [width - len(t) if padding_side == "left" else 0 for t in tails]
             # Column of each row's first requested position; logits are kept from the earliest on.
@@ -215,6 +252,7 @@ def score_labels(
     batch_size: int,
     padding_side: str = "right",
     prefix_cache: bool = True,
+    batch_tokens: int | None = None,
 ) -> list[dict[str, float]]:
     """P(label | prompt) for every prompt: label log-likelihoods, softmaxed over the labels.
 
@@ -223,7 +261,13 @@ def score_labels(
     scored by the summed log-probs of all the label's tokens. ``prefix_cache=False``
     forces the plain path (every token of every row through the model), which the
     tests compare the default, shared-prefix path against.
+
+    ``batch_tokens`` (``eval.batch_tokens``): fill each forward pass up to this many tokens
+    (rows x bucketed padded length) instead of ``batch_size`` rows; None keeps row batches.
+    Same scores up to float rounding, in the input order (tests/unit/test_scoring_budget.py).
     """
+    if batch_tokens is not None and batch_tokens < 1:
+        raise ValueError("batch_tokens must be >= 1 or None")
     if not prompts:
         return []
     if padding_side not in ("left", "right"):
@@ -236,7 +280,7 @@ def score_labels(
     if len(set(firsts)) == len(firsts):
         spans = [(len(p) - 1, len(p)) for p in prompt_ids]
         wanted = torch.tensor(firsts).expand(len(prompt_ids), -1)
-        scores = _span_logprobs(model, pad_id, prompt_ids, spans, wanted, batch_size, padding_side, prefix_cache)
+        scores = _span_logprobs(model, pad_id, prompt_ids, spans, wanted, batch_size, padding_side, prefix_cache, batch_tokens)
     else:
         seqs, spans, targets, owner = [], [], [], []
         for p in prompt_ids:
@@ -246,7 +290,7 @@ def score_labels(
                 spans.append((len(p) - 1, len(p) + len(ids) - 1))
                 targets += ids
         wanted = torch.tensor(targets).unsqueeze(1)
-        token_logprobs = _span_logprobs(model, pad_id, seqs, spans, wanted, batch_size, padding_side, prefix_cache)
+        token_logprobs = _span_logprobs(model, pad_id, seqs, spans, wanted, batch_size, padding_side, prefix_cache, batch_tokens)
         summed = torch.zeros(len(seqs)).index_add_(0, torch.tensor(owner), token_logprobs[:, 0])
         scores = summed.view(len(prompts), len(labels))
     probs = torch.softmax(scores.double(), dim=-1)

@@ -101,7 +101,9 @@ def _evaluation_args(config: RunConfig, has_dev: bool) -> dict[str, Any]:
     }
 
 
-def _dev_scoring_trainer(base: type, labels: list[str], dev_rows: list[dict[str, Any]], batch_size: int) -> type:
+def _dev_scoring_trainer(
+    base: type, labels: list[str], dev_rows: list[dict[str, Any]], batch_size: int, batch_tokens: int | None = None
+) -> type:
     """SFTTrainer whose evaluation also label-scores the dev split, so early stopping can watch macro-F1.
 
     Dev loss covers only the label tokens and can keep falling while the argmax
@@ -121,7 +123,7 @@ def _dev_scoring_trainer(base: type, labels: list[str], dev_rows: list[dict[str,
             self.model.eval()
             try:
                 with _eager():  # compiled layers would recompile for every layer's slot in the prefix cache
-                    probabilities = score_labels(self.model, self.processing_class, prompts, labels, batch_size)
+                    probabilities = score_labels(self.model, self.processing_class, prompts, labels, batch_size, batch_tokens=batch_tokens)
             finally:
                 self.model.train(was_training)
             predicted = [max(p, key=p.get) for p in probabilities]
@@ -294,7 +296,7 @@ def build_trainer(
     if args.eval_strategy != "no":
         all_callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
         if train.early_stopping_metric == "dev_macro_f1":
-            trainer_cls = _dev_scoring_trainer(SFTTrainer, labels, dev_rows, config.eval.batch_size)
+            trainer_cls = _dev_scoring_trainer(SFTTrainer, labels, dev_rows, config.eval.batch_size, config.eval.batch_tokens)
     # (gradient checkpointing's recomputed forwards would append to the cache twice)
     share_prefix = try_sharing and not padding_free and supports_prefix_cache(model, longest)
     if share_prefix:

@@ -74,7 +74,7 @@ def model_judge(config: RunConfig, model_dir: str | Path, labels: list[str]) -> 
 
     def score(texts: list[str]) -> list[dict[str, float]]:
         prompts = [prompt_messages(t, labels, config.format.system_prompt) for t in texts]
-        return score_labels(model, tokenizer, prompts, labels, config.eval.batch_size)
+        return score_labels(model, tokenizer, prompts, labels, config.eval.batch_size, batch_tokens=config.eval.batch_tokens)
 
     return score
 

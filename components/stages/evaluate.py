@@ -42,7 +42,7 @@ def predict_splits(
             torch.cuda.synchronize()
         start = time.perf_counter()
         if generated is None:
-            probabilities[split] = score_labels(model, tokenizer, prompts, labels, batch_size)
+            probabilities[split] = score_labels(model, tokenizer, prompts, labels, batch_size, batch_tokens=config.eval.batch_tokens)
         else:
             generated[split] = generate_predictions(model, tokenizer, prompts, labels, batch_size, config.eval.max_new_tokens)
             probabilities[split] = [{label: float(label == g["prediction"]) for label in labels} for g in generated[split]]

@@ -110,7 +110,8 @@ def test_each_task_embeds_only_the_config_sections_its_stage_reads(compiled):
     by_stage = {s["stage"]: s for s in slices.values()}
     assert set(by_stage["split_examples"]["config"]) == {"split"} and by_stage["split_examples"]["runtime"] == ["seed"]
     assert set(by_stage["finetune"]["config"]) == {"model", "train", "lora", "format", "eval"}
-    assert by_stage["finetune"]["config"]["eval"] == {}  # eval.batch_size only, which is a run parameter
+    # eval.batch_size (a run parameter) and eval.batch_tokens (dev-set label scoring), nothing else of eval
+    assert by_stage["finetune"]["config"]["eval"] == {"batch_tokens": None}
     assert "learning_rate" not in by_stage["finetune"]["config"]["train"]  # a run parameter, not a constant
     assert set(by_stage["augment_from_errors"]["config"]) == {"augment", "filters"}
     assert "rounds" not in by_stage["augment_from_errors"]["config"]["augment"]
