@@ -32,7 +32,7 @@ def _print_results(summary: dict, workdir: Path) -> None:
     print(f"took {summary['timings']['total_seconds']} s")
 
 
-def _run(config_path: Path, workdir: Path, use_cache: bool = True) -> int:
+def _run(config_path: Path, workdir: Path, use_cache: bool = True, verbose: bool = False) -> int:
     from ftloop.components.config import load_config
     from ftloop.pipelines.local import prepare_workdir, run_local, sigterm_raises
 
@@ -41,7 +41,7 @@ def _run(config_path: Path, workdir: Path, use_cache: bool = True) -> int:
         # so a failed or stopped run never leaves them looking current. A missing workdir is not created yet.
         prepare_workdir(workdir.resolve(), _progress, create=False)
         config = load_config(config_path)
-        summary = run_local(config, workdir, progress=_progress, use_cache=use_cache)
+        summary = run_local(config, workdir, progress=_progress, use_cache=use_cache, verbose=verbose)
     _print_results(summary, workdir.resolve())
     return 0
 
@@ -50,13 +50,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     config = TINY_DEMO_CONFIG if args.tiny else DEMO_CONFIG
     if not config.exists():
         raise FtloopError(f"{config}: demo config not found; run the demo from a checkout of the ftloop repository")
-    return _run(config, Path(args.workdir), use_cache=not args.no_cache)
+    return _run(config, Path(args.workdir), use_cache=not args.no_cache, verbose=args.verbose)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     if not args.local:
         raise FtloopError("only local runs are supported by 'ftloop run'; pass --local (cluster runs: compile, then submit)")
-    return _run(Path(args.config), Path(args.workdir), use_cache=not args.no_cache)
+    return _run(Path(args.config), Path(args.workdir), use_cache=not args.no_cache, verbose=args.verbose)
 
 
 def _images(args: argparse.Namespace) -> dict[str, str]:
@@ -244,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--tiny", action="store_true", help="use the random-init tiny model instead (configs/demo.yaml): fast, but it knows no English"
     )
+    demo.add_argument(
+        "--verbose", action="store_true", help="show kfp.local's whole output (every task's executor input and log), not one line per task"
+    )
     demo.set_defaults(func=cmd_demo)
 
     run = sub.add_parser("run", help="run the pipeline for a config")
@@ -252,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workdir", default="ftloop-run", help="where results go (default: ./ftloop-run)")
     run.add_argument(
         "--no-cache", action="store_true", help="rerun every stage instead of reusing unchanged ones from WORKDIR/kfp/.kfp_cache"
+    )
+    run.add_argument(
+        "--verbose", action="store_true", help="show kfp.local's whole output (every task's executor input and log), not one line per task"
     )
     run.set_defaults(func=cmd_run)
 

@@ -28,6 +28,7 @@ from ftloop.components.disk import _writes_to
 from ftloop.components.errors import FtloopError
 from ftloop.components.records import content_hash
 from ftloop.components.stages.prepare_examples import load_source
+from ftloop.pipelines.console import TASKS_LOG, TaskConsole, count_tasks
 
 RESULT_FILES = (SUMMARY_FILE, REPORT_MD, REPORT_HTML)
 RESULT_DIRS = (predictions_dir, charts_dir)  # each: artifact dir -> the folder the run copies into the work dir
@@ -237,6 +238,7 @@ def sigterm_raises() -> Iterator[None]:
 
 
 _TASKS: set[subprocess.Popen] = set()
+_CONSOLE: TaskConsole | None = None  # the quiet console of the running pipeline, if any
 _TASKS_LOCK = threading.Lock()
 _STOPPING = threading.Event()
 
@@ -258,7 +260,9 @@ def _run_task_subprocess(full_command: list[str], env_vars: dict[str, str] | Non
     try:
         assert process.stdout is not None
         for line in iter(process.stdout.readline, ""):
-            print(line, end="")
+            print(line, end="")  # to the terminal with --verbose, else to WORKDIR/kfp-tasks.log (pipelines/console.py)
+            if _CONSOLE is not None:
+                _CONSOLE.task_line(line)
         print("\n")  # kfp's separator after a task's log
         return process.wait()
     except BaseException:
@@ -336,7 +340,22 @@ def source_fingerprint(config: RunConfig) -> str | None:
     return content_hash([path]) if path.is_file() else None
 
 
-def _run_pipeline(config: RunConfig, workdir: Path, progress: Callable[[str], None], use_cache: bool):
+@contextlib.contextmanager
+def _task_console(workdir: Path, pipeline, verbose: bool) -> Iterator[None]:
+    """Quiet kfp.local's output into WORKDIR/kfp-tasks.log and show one line per task, unless ``verbose``."""
+    global _CONSOLE
+    if verbose:
+        yield
+        return
+    with TaskConsole(workdir, total=count_tasks(pipeline)) as console:
+        _CONSOLE = console
+        try:
+            yield
+        finally:
+            _CONSOLE = None
+
+
+def _run_pipeline(config: RunConfig, workdir: Path, progress: Callable[[str], None], use_cache: bool, verbose: bool = False):
     """Check the inputs, then run every stage through kfp.local; returns the pipeline task."""
     from kfp import local
 
@@ -359,18 +378,26 @@ def _run_pipeline(config: RunConfig, workdir: Path, progress: Callable[[str], No
     )
     cache_note = "unchanged stages reused from the cache" if use_cache else "no cache"
     progress(f"pipeline: running {config.name} with kfp.local (artifacts under {workdir / 'kfp'}; {cache_note})")
+    if not verbose:
+        progress(f"task logs: {workdir / TASKS_LOG} (--verbose shows them here)")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
         warnings.filterwarnings("ignore", message=".*image.*", category=RuntimeWarning)
-        return build_pipeline(config, source_sha256=source_fingerprint(config), use_cache=use_cache)()
+        pipeline = build_pipeline(config, source_sha256=source_fingerprint(config), use_cache=use_cache)
+        with _task_console(workdir, pipeline, verbose):
+            return pipeline()
 
 
-def run_local(config: RunConfig, workdir: str | Path, progress: Callable[[str], None] = print, use_cache: bool = True) -> dict:
+def run_local(
+    config: RunConfig, workdir: str | Path, progress: Callable[[str], None] = print, use_cache: bool = True, verbose: bool = False
+) -> dict:
     """Validate inputs, run every stage through kfp.local, and write WORKDIR/summary.json last.
 
     With ``use_cache`` every stage whose inputs, config slice and run parameters are unchanged
     (and, transitively, those of the stages it reads from) is reused from WORKDIR/kfp/.kfp_cache;
     remote generator calls always run, and training and scoring too with ``cluster.cache_training: false``.
+    kfp.local's own output goes to WORKDIR/kfp-tasks.log, one line per task to the console
+    (pipelines/console.py); ``verbose`` shows kfp's whole stream instead.
     An earlier run's results are first moved to WORKDIR/previous/; SIGTERM (inside
     :func:`sigterm_raises`) or SIGINT stops the running task and raises Terminated / KeyboardInterrupt.
     """
@@ -378,7 +405,7 @@ def run_local(config: RunConfig, workdir: str | Path, progress: Callable[[str], 
     started = time.monotonic()
     prepare_workdir(workdir, progress)
     try:
-        task = _run_pipeline(config, workdir, progress, use_cache)
+        task = _run_pipeline(config, workdir, progress, use_cache, verbose)
     except BaseException as exc:
         stopped = stop_tasks()  # SIGINT/SIGTERM (or a bug) in the middle of a task: stop it, don't orphan it
         if isinstance(exc, Terminated):

@@ -208,7 +208,7 @@ def test_the_demo_runs_the_real_model_and_the_tiny_one_on_request(monkeypatch, t
     from ftloop.pipelines import cli
 
     ran: list[Path] = []
-    monkeypatch.setattr(cli, "_run", lambda config, workdir, use_cache=True: ran.append(config) or 0)
+    monkeypatch.setattr(cli, "_run", lambda config, workdir, use_cache=True, verbose=False: ran.append(config) or 0)
     assert cli.main(["demo", "--workdir", str(tmp_path)]) == 0
     assert cli.main(["demo", "--tiny", "--workdir", str(tmp_path)]) == 0
     assert [load_config(path).model.name_or_path for path in ran] == [SMOLLM2_MODEL_REF, TINY_MODEL_REF]
