@@ -115,8 +115,8 @@ def test_model_judge_loads_the_model_and_scores_as_evaluation_does(tmp_path, mon
         calls["load"] = (model_dir, base_model)
         return "MODEL", "TOKENIZER"
 
-    def fake_score(model, tokenizer, prompts, labels, batch_size):
-        calls["score"] = (model, tokenizer, prompts, labels, batch_size)
+    def fake_score(model, tokenizer, prompts, labels, batch_size, batch_tokens=None):
+        calls["score"] = (model, tokenizer, prompts, labels, batch_size, batch_tokens)
         return [{"returns": 0.5}] * len(prompts)
 
     monkeypatch.setattr("ftloop.components.artifacts.read_model_meta", fake_meta)
@@ -128,7 +128,7 @@ def test_model_judge_loads_the_model_and_scores_as_evaluation_does(tmp_path, mon
     config = RunConfig.model_validate(
         {
             "data": {"questions": "q.jsonl"},
-            "eval": {"batch_size": 7},
+            "eval": {"batch_size": 7, "batch_tokens": 512},
             "model": {"name_or_path": "/models/base"},
             "format": {"system_prompt": "Pick one of {labels}."},
         }
@@ -143,6 +143,7 @@ def test_model_judge_loads_the_model_and_scores_as_evaluation_does(tmp_path, mon
         [prompt_messages(t, ["returns", "shipping"], "Pick one of {labels}.") for t in ("a b", "c d")],
         ["returns", "shipping"],
         7,
+        512,
     )
 
 
