@@ -62,11 +62,12 @@ def test_cpu_section_end_to_end_on_a_small_budget(tmp_path, capsys):
     assert "published per-row generate (5 tokens)" in report and "[cpu] score >= 20x" in report
 
 
-def test_gpu_section_runs_on_cpu_with_a_small_config(tiny_model_dir):
+def small_phi3_config(tiny_model_dir):
+    """A one-layer Phi-3 on the tiny model's tokenizer: the GPU section, run on the CPU in seconds."""
     from transformers import AutoTokenizer, Phi3Config
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
-    config = Phi3Config(
+    return Phi3Config(
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=1,
@@ -77,6 +78,10 @@ def test_gpu_section_runs_on_cpu_with_a_small_config(tiny_model_dir):
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
+
+
+def test_gpu_section_runs_on_cpu_with_a_small_config(tiny_model_dir):
+    config = small_phi3_config(tiny_model_dir)
     args = argparse.Namespace(seed=0, gpu_rows=12, gpu_generate_rows=4, gpu_batch_size=8, gpu_max_new_tokens=2, repeats=1)
     result = eval_speed.bench_gpu(args, tiny_model_dir, log=lambda line: None, device="cpu", config=config)
     assert result["rows"] == 12 and result["generate_sample_rows"] == 4
@@ -85,3 +90,16 @@ def test_gpu_section_runs_on_cpu_with_a_small_config(tiny_model_dir):
     assert result["speedup_vs_published"] == result["published_seconds_extrapolated"] / result["score_seconds"]
     assert result["peak_memory_gib"] is None  # only measured on CUDA
     assert len(result["targets"]) == 2
+
+
+def test_gpu_section_times_a_token_budget(tiny_model_dir):
+    """--gpu-batch-tokens, run on the CPU with a small config (the GPU session measures it)."""
+    args = argparse.Namespace(
+        seed=0, gpu_rows=12, gpu_generate_rows=2, gpu_batch_size=4, gpu_batch_tokens=64, gpu_max_new_tokens=1, repeats=1
+    )
+    result = eval_speed.bench_gpu(args, tiny_model_dir, log=lambda line: None, device="cpu", config=small_phi3_config(tiny_model_dir))
+    budget = result["budget"]
+    assert budget["batch_tokens"] == 64 and budget["seconds"] > 0
+    assert budget["speedup_vs_row_batches"] == result["score_seconds"] / budget["seconds"]
+    assert budget["max_abs_diff_vs_row_batches"] <= 1e-3  # bf16: different batch shapes round differently
+    assert len(result["targets"]) == 4

@@ -76,40 +76,6 @@ def test_budget_must_be_positive(model_and_tokenizer):
         score_labels(model, tokenizer, [prompt_messages("refund?", LABELS)], LABELS, batch_size=4, batch_tokens=0)
 
 
-def test_bench_gpu_section_times_a_token_budget(tiny_model_dir):
-    """bench/eval_speed.py --gpu-batch-tokens, run on the CPU with a small config (the GPU session measures it)."""
-    import argparse
-    import sys
-    from pathlib import Path
-
-    from transformers import AutoTokenizer, Phi3Config
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-    import eval_speed
-
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
-    config = Phi3Config(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    args = argparse.Namespace(
-        seed=0, gpu_rows=12, gpu_generate_rows=2, gpu_batch_size=4, gpu_batch_tokens=64, gpu_max_new_tokens=1, repeats=1
-    )
-    result = eval_speed.bench_gpu(args, tiny_model_dir, log=lambda line: None, device="cpu", config=config)
-    budget = result["budget"]
-    assert budget["batch_tokens"] == 64 and budget["seconds"] > 0
-    assert budget["speedup_vs_row_batches"] == result["score_seconds"] / budget["seconds"]
-    assert budget["max_abs_diff_vs_row_batches"] <= 1e-3  # bf16: different batch shapes round differently
-    assert len(result["targets"]) == 4
-
-
 def test_the_evaluate_stage_passes_the_configured_budget_on(monkeypatch):
     from ftloop.components.config import RunConfig
     from ftloop.components.stages import evaluate
