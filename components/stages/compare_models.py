@@ -15,6 +15,7 @@ from ftloop.components.artifacts import (
     check_summary,
     metrics_path,
     predictions_path,
+    read_base_model,
     read_metrics,
     read_predictions,
     read_split_report,
@@ -111,6 +112,19 @@ def compare_pair(
     return out
 
 
+# Whose base model is the run's: the fine-tuned models', else the prompted base model's (the same model, untuned).
+RUN_BASE_MODEL_FROM = ("base", "augmented", "zero-shot")
+
+
+def run_base_model(models: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The run's base model for summary.json's top level: the first of ``RUN_BASE_MODEL_FROM`` that recorded one."""
+    for name in RUN_BASE_MODEL_FROM:
+        recorded = models.get(name, {}).get("base_model")
+        if recorded is not None and recorded.get("source") != "tfidf":
+            return recorded
+    return None
+
+
 def summarize(
     eval_dirs: dict[str, str | Path],
     split_dirs: dict[str, str | Path],
@@ -157,6 +171,9 @@ def summarize(
                 "confusion_matrix": recorded.get("confusion_matrix"),
                 "predictions": bundle_predictions_file(name, split),
             }
+        provenance = read_base_model(eval_dir)  # None: an evaluation written before base_model.json existed
+        if provenance is not None:
+            models[name]["base_model"] = provenance.to_json()
     names = list(models)
     if names:
         reference = model_order({"models": models})[0]
@@ -183,9 +200,11 @@ def summarize(
         }
         for before, after in model_pairs(names)
     }
+    run_base = run_base_model(models)
     return {
         "summary_version": SUMMARY_VERSION,
         **run_info,
+        **({"base_model": run_base} if run_base is not None else {}),
         "labels": labels,
         "models": models,
         # base -> augmented, kept at the top level for the KFP artifact's delta_test_* metadata and older readers

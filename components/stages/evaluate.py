@@ -9,11 +9,12 @@ from typing import Any
 
 import torch
 
-from ftloop.components.artifacts import labels_path, read_labels, read_model_meta, read_split, write_predictions
+from ftloop.components.artifacts import labels_path, read_labels, read_model_meta, read_split, write_base_model, write_predictions
 from ftloop.components.config import RunConfig
 from ftloop.components.errors import FtloopError
 from ftloop.components.modeling.generate_mode import generate_predictions
 from ftloop.components.modeling.loading import base_model_fallback, cpu_threads_for, load_for_inference
+from ftloop.components.modeling.provenance import describe_base_model
 from ftloop.components.modeling.scoring import score_labels
 from ftloop.components.progress import Progress
 from ftloop.components.records import SPLITS
@@ -69,11 +70,21 @@ def run(
         raise FtloopError(f"{labels_path(formatted_dir)} lists {labels} but the model in {model_dir} was trained on {meta.labels}")
     splits = {split: read_split(formatted_dir, split, labels) for split in SPLITS}
     recorded = meta.base_model.name_or_path
+    fallback = base_model_fallback(recorded, config.model.name_or_path)
     model, tokenizer = load_for_inference(
         model_dir,
-        base_model_fallback(recorded, config.model.name_or_path),
+        fallback,
         merged=config.eval.use_merged,
         merge_adapter=config.eval.merge_adapter,
     )
+    provenance = describe_base_model(fallback or recorded, meta.base_model.revision)
+    trained_on = meta.base_model_provenance
+    if trained_on and trained_on.weights_sha256 and provenance.weights_sha256 and trained_on.weights_sha256 != provenance.weights_sha256:
+        progress(
+            f"warning: the base model's weights differ from those the adapter in {model_dir} was trained on "
+            f"(sha256 {provenance.weights_sha256[:12]} here, {trained_on.weights_sha256[:12]} when trained)"
+        )
     with cpu_threads_for(model):
-        return predict_splits(config, model, tokenizer, splits, labels, output_dir, progress)
+        metrics = predict_splits(config, model, tokenizer, splits, labels, output_dir, progress)
+    write_base_model(output_dir, provenance)
+    return metrics

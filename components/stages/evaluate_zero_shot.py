@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ftloop.components.artifacts import read_labels, read_split
+from ftloop.components.artifacts import read_labels, read_split, write_base_model
 from ftloop.components.config import RunConfig
 from ftloop.components.modeling.loading import (
     cpu_threads_for,
@@ -15,6 +15,7 @@ from ftloop.components.modeling.loading import (
     load_tokenizer,
     quiet_progress_bars,
 )
+from ftloop.components.modeling.provenance import describe_base_model
 from ftloop.components.progress import Progress
 from ftloop.components.records import SPLITS
 from ftloop.components.stages.evaluate import predict_splits
@@ -33,4 +34,6 @@ def run(config: RunConfig, formatted_dir: str | Path, output_dir: str | Path, pr
     if torch.cuda.is_available():
         model.to("cuda")
     with cpu_threads_for(model):
-        return predict_splits(config, model, tokenizer, splits, labels, output_dir, progress)
+        metrics = predict_splits(config, model, tokenizer, splits, labels, output_dir, progress)
+    write_base_model(output_dir, describe_base_model(config.model.name_or_path, config.model.revision))
+    return metrics

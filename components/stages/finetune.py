@@ -17,6 +17,7 @@ from ftloop.components.config import RunConfig
 from ftloop.components.disk import _removed_on_failure, _writes_to
 from ftloop.components.errors import FtloopError
 from ftloop.components.modeling.loading import _is_local, cpu_threads_for, device_description, library_versions, quiet_progress_bars
+from ftloop.components.modeling.provenance import describe_base_model
 from ftloop.components.modeling.trainer import (
     _dev_history,
     _peak_memory,
@@ -169,6 +170,8 @@ def _train_and_write(
             "dtype": config.model.dtype,
             "quantization": config.model.quantization,
         },
+        # which base model this is: source (builtin, tiny, local, hub), builtin wheel, hub commit, weights hash
+        "base_model_provenance": describe_base_model(config.model.name_or_path, config.model.revision).to_json(),
         "labels": info["labels"],
         "target_modules": info["target_modules"],
         "lora": {"r": config.lora.r, "alpha": config.lora.alpha, "dropout": config.lora.dropout},

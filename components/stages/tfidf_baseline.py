@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ftloop.components.artifacts import read_labels, read_split, write_predictions
+from ftloop.components.artifacts import BaseModelProvenance, read_labels, read_split, write_base_model, write_predictions
 from ftloop.components.config import RunConfig
 from ftloop.components.modeling.tfidf import TfidfClassifier
 from ftloop.components.records import SPLITS
@@ -21,7 +21,9 @@ def run(config: RunConfig, formatted_dir: str | Path, output_dir: str | Path, pr
     splits = {split: read_split(formatted_dir, split, labels) for split in SPLITS}
     model = TfidfClassifier([r["text"] for r in splits["train"]], [r["label"] for r in splits["train"]], labels, seed)
     probabilities, timings = timed_scores(model, splits)
-    return write_predictions(splits, probabilities, labels, output_dir, progress, timings)
+    metrics = write_predictions(splits, probabilities, labels, output_dir, progress, timings)
+    write_base_model(output_dir, BaseModelProvenance(source="tfidf"))  # no base model: said so, like every evaluation
+    return metrics
 
 
 def timed_scores(model: TfidfClassifier, splits: dict[str, list[dict[str, Any]]]) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:

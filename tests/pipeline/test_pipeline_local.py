@@ -1,6 +1,7 @@
 """The whole pipeline through kfp.local with the tiny model, via the real CLI."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -66,6 +67,15 @@ def test_summary_has_both_models_and_baselines_on_every_split(run):
     assert lo <= summary["models"]["base"]["test"]["macro_f1"] <= hi
     assert (workdir / "report.md").read_text().count("macro\\_f1") == 3  # Markdown-escaped
     assert "<table" in (workdir / "report.html").read_text()
+    # which base model ran: the tiny model built for this run, its weights hashed (components/modeling/provenance.py)
+    base_model = summary["base_model"]
+    assert base_model["source"] == "tiny" and base_model["name_or_path"] == str(workdir / "models" / "tiny-phi3")
+    assert re.fullmatch(r"[0-9a-f]{64}", base_model["weights_sha256"])
+    for name in ("base", "augmented", "zero-shot"):  # the fine-tuned models and the prompted one share that base
+        assert summary["models"][name]["base_model"] == base_model, name
+    assert summary["models"]["tfidf"]["base_model"] == {"source": "tfidf"}
+    assert f"Base model: tiny random-init test model at {workdir}" in (workdir / "report.md").read_text().replace("\\", "")
+    assert 'id="base-model"' in (workdir / "report.html").read_text()
 
 
 def test_summary_metrics_equal_sklearn_on_the_prediction_files(run):

@@ -65,7 +65,17 @@ def test_path_helpers_name_every_artifact(tmp_path):
     assert A.bundle_predictions_file("zero-shot", "dev") == "predictions/zero-shot/dev.jsonl"
 
 
-ARTIFACT_FILES = {A.LABELS_FILE, A.METRICS_FILE, A.REPORT_FILE, A.SUMMARY_FILE, A.MODEL_META, A.EXAMPLES_FILE, A.REPORT_MD, A.REPORT_HTML}
+ARTIFACT_FILES = {
+    A.LABELS_FILE,
+    A.METRICS_FILE,
+    A.REPORT_FILE,
+    A.SUMMARY_FILE,
+    A.MODEL_META,
+    A.EXAMPLES_FILE,
+    A.REPORT_MD,
+    A.REPORT_HTML,
+    A.BASE_MODEL_FILE,
+}
 
 
 def test_artifact_paths_are_built_only_in_artifacts_py():
