@@ -50,10 +50,9 @@ class HFGenerator(PromptedGenerator):
 
         model, tokenizer = self._load()
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        stop_ids = [tokenizer.eos_token_id]
-        end_id = tokenizer.convert_tokens_to_ids("<|end|>")
-        if isinstance(end_id, int) and end_id != tokenizer.unk_token_id:
-            stop_ids.append(end_id)  # Phi-3 ends a turn with <|end|>, not eos
+        from ftloop.components.modeling.generate_mode import stop_token_ids
+
+        stop_ids = stop_token_ids(tokenizer, model)  # eos, the chat template's turn end, the generation config's eos ids
         device = next(model.parameters()).device
         replies: list[str | Exception] = []
         with cpu_threads_for(model), torch.no_grad():

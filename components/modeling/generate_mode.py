@@ -4,8 +4,9 @@ Common fine-tuning recipes evaluate a classifier by letting the model generate
 free text and string-matching it against the labels (the slowest option: a decode
 loop per row). ftloop evaluates by label scoring instead (``scoring.score_labels``):
 one batched forward pass, no parsing, never an invalid label. This module
-reproduces the generate path *correctly* (left padding, greedy, stopping on
-Phi-3's ``<|end|>`` as well as eos) so the two can be compared on the same model
+reproduces the generate path *correctly* (left padding, greedy, stopping at the chat
+template's end of turn, Phi-3's ``<|end|>`` or ChatML's ``<|im_end|>``, as well as eos:
+``stop_token_ids``) so the two can be compared on the same model
 and rows: ``bench/eval_speed.py`` times both and measures their agreement, and
 ``eval.mode: generate`` in the run config evaluates the pipeline's models this way.
 """
@@ -20,10 +21,22 @@ import torch
 
 Message = dict[str, str]
 
-# Strings a chat model may emit after its answer. Phi-3 ends a turn with <|end|> and a
-# document with <|endoftext|> (its eos); runtimes that stop on eos only keep going (pitfall 2).
-END_TOKENS: tuple[str, ...] = ("<|end|>", "<|endoftext|>")
-TURN_END = "<|end|>"
+# What ``parse_label`` strips from the end of an answer when the caller names no end tokens: the
+# turn ends and eos tokens of the common chat families (Phi-3 <|end|> / <|endoftext|>, ChatML
+# <|im_end|>, Llama-3 <|eot_id|> / <|end_of_text|>, Gemma <end_of_turn> / <eos>, Llama-2 and
+# Mistral </s>). The generate paths pass the model's own (``end_strings``) instead.
+END_TOKENS: tuple[str, ...] = (
+    "<|end|>",
+    "<|endoftext|>",
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end_of_text|>",
+    "<end_of_turn>",
+    "<eos>",
+    "</s>",
+)
+# An assistant message that no template changes (no whitespace to trim, nothing to escape).
+_SENTINEL = "ftloopSentinelAnswer7q"
 
 
 # ------------------------------------------------------------------- parsing
@@ -52,17 +65,82 @@ def parse_label(text: str, labels: Sequence[str], end_tokens: Sequence[str] = EN
 # ---------------------------------------------------------------- generating
 
 
-def stop_token_ids(tokenizer) -> list[int]:
-    """eos id plus the id of ``<|end|>`` when the vocabulary has it, without duplicates."""
+def turn_end_token(tokenizer) -> str | None:
+    """The token the chat template writes right after an assistant message, or None.
+
+    A conversation whose assistant message is a sentinel is rendered, and the first token
+    after the sentinel (surrounding whitespace skipped) is the turn end: ``<|end|>`` for
+    Phi-3, ``<|im_end|>`` for ChatML (SmolLM2, Qwen), ``<|eot_id|>`` for Llama-3. None when
+    the tokenizer has no chat template, the template fails on a user/assistant exchange,
+    writes nothing after the answer, or writes something that is not one vocabulary entry
+    (an added token or, failing that, the piece up to the next whitespace).
+    """
+    if getattr(tokenizer, "chat_template", None) is None:
+        return None
+    messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": _SENTINEL}]
+    try:
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception:  # noqa: BLE001 - jinja and template-specific errors (role order, missing system turn)
+        return None
+    if not isinstance(rendered, str) or rendered.count(_SENTINEL) != 1:
+        return None
+    after = rendered.split(_SENTINEL, 1)[1].lstrip()
+    if not after:
+        return None
+    vocab = tokenizer.get_vocab()
+    added = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.content]
+    starts = [t for t in added if after.startswith(t) and t in vocab]
+    if starts:
+        return max(starts, key=len)  # of two added tokens starting there, the longer
+    piece = after.split(maxsplit=1)[0]
+    return piece if piece in vocab else None
+
+
+def _generation_eos_ids(model) -> list[int]:
+    """The eos id(s) of ``model``'s generation config (an int or a list in transformers), else []."""
+    config = getattr(model, "generation_config", None)
+    ids = getattr(config, "eos_token_id", None)
+    if ids is None:
+        return []
+    return [int(i) for i in ([ids] if isinstance(ids, int) else ids)]
+
+
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """Token ids that end an answer, without duplicates: eos, the chat template's turn end
+    (``turn_end_token``) and, given the model, every eos id of its generation config.
+
+    A runtime that stops on eos only runs past the answer whenever the template ends a turn
+    with another token (Phi-3's ``<|end|>``, ChatML's ``<|im_end|>`` on a base tokenizer whose
+    eos is ``<|endoftext|>``). Without a turn end in the vocabulary, eos (and the generation
+    config) alone stop; with none of the three, generation could not stop and this raises.
+    """
     ids: list[int] = []
-    if tokenizer.eos_token_id is not None:
-        ids.append(int(tokenizer.eos_token_id))
-    end_id = tokenizer.get_vocab().get(TURN_END)
-    if end_id is not None and end_id not in ids:
-        ids.append(int(end_id))
+
+    def add(token_id) -> None:
+        if token_id is not None and int(token_id) not in ids:
+            ids.append(int(token_id))
+
+    add(getattr(tokenizer, "eos_token_id", None))
+    end = turn_end_token(tokenizer)
+    if end is not None:
+        add(tokenizer.get_vocab().get(end))
+    for token_id in _generation_eos_ids(model):
+        add(token_id)
     if not ids:
-        raise ValueError("tokenizer has neither an eos token nor <|end|>; generation could not stop")
+        raise ValueError(
+            "cannot tell when generation should stop: the tokenizer has no eos token, its chat template "
+            "ends an assistant turn with no single token, and the model's generation config names no eos token"
+        )
     return ids
+
+
+def end_strings(tokenizer, stop_ids: Sequence[int]) -> tuple[str, ...]:
+    """The text of each stop id and of the template's turn end: what ``parse_label`` strips from an answer."""
+    out = [tokenizer.decode([token_id], skip_special_tokens=False) for token_id in stop_ids]
+    end = turn_end_token(tokenizer)
+    if end is not None:
+        out.append(end)
+    return tuple(dict.fromkeys(t for t in out if t and t.strip()))
 
 
 @contextlib.contextmanager
@@ -79,23 +157,23 @@ def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def _result(tokenizer, new_ids: list[int], stops: list[int], labels: Sequence[str]) -> dict[str, Any]:
+def _result(tokenizer, new_ids: list[int], stops: list[int], labels: Sequence[str], ends: Sequence[str]) -> dict[str, Any]:
     """Decode the generated ids up to and including the first stop token (the rest is padding)."""
     for k, tok in enumerate(new_ids):
         if tok in stops:
             new_ids = new_ids[: k + 1]
             break
     raw = tokenizer.decode(new_ids, skip_special_tokens=False)
-    prediction = parse_label(raw, labels, (*END_TOKENS, *(t for t in (tokenizer.eos_token,) if t)))
+    prediction = parse_label(raw, labels, ends)
     return {"raw": raw, "prediction": prediction, "valid": prediction is not None}
 
 
-def _generate_kwargs(tokenizer, max_new_tokens: int) -> dict[str, Any]:
+def _generate_kwargs(model, tokenizer, max_new_tokens: int) -> dict[str, Any]:
     return {
         "max_new_tokens": max_new_tokens,
         "do_sample": False,
         "num_beams": 1,
-        "eos_token_id": stop_token_ids(tokenizer),
+        "eos_token_id": stop_token_ids(tokenizer, model),
         "pad_token_id": _pad_id(tokenizer),
     }
 
@@ -121,7 +199,8 @@ def generate_predictions(
     from ftloop.components.modeling.scoring import contiguous_lm_head
 
     device = next(model.parameters()).device
-    kwargs = _generate_kwargs(tokenizer, max_new_tokens)
+    kwargs = _generate_kwargs(model, tokenizer, max_new_tokens)
+    ends = end_strings(tokenizer, kwargs["eos_token_id"])
     out: list[dict[str, Any]] = []
     # generate() keeps only the last position's logits: the same sliced head input as label scoring.
     with _padding_side(tokenizer, "left"), contiguous_lm_head(model):
@@ -139,7 +218,7 @@ def generate_predictions(
             generated = model.generate(**enc, **kwargs)
             width = enc["input_ids"].shape[1]
             for row in generated[:, width:].tolist():
-                out.append(_result(tokenizer, row, kwargs["eos_token_id"], labels))
+                out.append(_result(tokenizer, row, kwargs["eos_token_id"], labels, ends))
     return out
 
 
@@ -152,11 +231,12 @@ def per_row_generate(
     max_new_tokens: int = 8,
 ) -> list[dict[str, Any]]:
     """The published loop: one prompt at a time, no padding, greedy ``generate``, parse. Bench only."""
-    kwargs = _generate_kwargs(tokenizer, max_new_tokens)
+    kwargs = _generate_kwargs(model, tokenizer, max_new_tokens)
+    ends = end_strings(tokenizer, kwargs["eos_token_id"])
     out = []
     for prompt in prompts:
         enc, generated = _generate_one(model, tokenizer, prompt, kwargs)
-        out.append(_result(tokenizer, generated[0, enc["input_ids"].shape[1] :].tolist(), kwargs["eos_token_id"], labels))
+        out.append(_result(tokenizer, generated[0, enc["input_ids"].shape[1] :].tolist(), kwargs["eos_token_id"], labels, ends))
     return out
 
 

@@ -17,9 +17,11 @@ def resolve_target_modules(model: nn.Module, spec: str | list[str]) -> list[str]
     """Concrete LoRA target names, so the adapter config says what was trained.
 
     'all-linear' becomes the leaf names of every linear layer except the output
-    head (Phi-3: qkv_proj, o_proj, gate_up_proj, down_proj). An explicit list is
-    checked against the model, because names copied from other architectures
-    (q_proj/v_proj on Phi-3's fused layers) would otherwise fail late or match nothing.
+    head, whatever the architecture (Phi-3: qkv_proj, o_proj, gate_up_proj, down_proj;
+    Llama/SmolLM2: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj). An explicit
+    list is checked against the model, because names copied from other architectures
+    (q_proj/v_proj on Phi-3's fused layers, qkv_proj on Llama) would otherwise fail late or
+    match nothing. tests/unit/test_architectures.py checks both families.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     available: list[str] = []

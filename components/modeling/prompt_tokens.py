@@ -3,8 +3,9 @@
 Scoring a split renders and tokenizes every prompt in full, although all of them share
 the system turn and the chat tags and only the question differs: on the tiny CPU model
 that was about a third of label scoring's time. A fast (Rust) tokenizer splits its input
-at added tokens (``<|user|>``, ``<|end|>``, ...) before normalizing and pre-tokenizing
-each piece on its own, so the ids of a rendered prompt are the ids of the text up to the
+at added tokens (Phi-3's ``<|user|>`` and ``<|end|>``, ChatML's ``<|im_start|>`` and
+``<|im_end|>``, ...) before normalizing and pre-tokenizing each piece on its own, so the
+ids of a rendered prompt are the ids of the text up to the
 last added token before the question, the ids of the window from that token to the first
 added token after it, and the ids of the rest, with the two boundary tokens counted
 once. The parts without the question are tokenized once per call and each question's

@@ -1,4 +1,4 @@
-"""A tiny, random-init Phi-3-architecture model built offline.
+"""Tiny, random-init models built offline: a Phi-3 (the default) and a Llama with a ChatML template.
 
 CI and laptops cannot download Phi-3-mini (7.6 GB) and could not train it on a
 CPU anyway. This builds a model with the *same architecture classes, special
@@ -6,6 +6,11 @@ tokens, chat template and generation config* as Phi-3, so every code path that
 later runs on the real model (loading via ``Auto*``, TRL SFT, PEFT all-linear
 LoRA, label scoring) is exercised for real, just small enough to fine-tune in
 seconds. Its tokenizer is trained on the fly on the project's own texts.
+
+``architecture="llama"`` builds the other family the project runs (the local demo's
+SmolLM2-135M-Instruct, components/modeling/builtin.py): ``LlamaForCausalLM`` with separate
+q/k/v and gate/up projections and SmolLM2's ChatML template (``<|im_start|>role\n...<|im_end|>\n``),
+so tests can check that nothing assumes Phi-3's fused layers or ``<|end|>`` tags.
 """
 
 from __future__ import annotations
@@ -20,7 +25,15 @@ from typing import Any
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GenerationConfig, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast, set_seed
+from transformers import (
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    PreTrainedTokenizerFast,
+    set_seed,
+)
 
 from ftloop.components.errors import FtloopError
 from ftloop.components.modeling.loading import quiet_progress_bars
@@ -39,6 +52,23 @@ UNK, BOS, EOS, PAD = "<unk>", "<s>", "<|endoftext|>", "<|pad|>"
 CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 # Fixed order so ids are stable: <unk>=0 and <s>=1 as in Phi-3 (its config's bos_token_id is 1).
 SPECIAL_TOKENS = [UNK, BOS, EOS, PAD, *CHAT_TOKENS]
+
+# SmolLM2-135M-Instruct's chat template, verbatim: ChatML, with a default system turn when the
+# conversation has none, and nothing after the last turn (no eos).
+CHATML_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+# The tiny Llama's eos is the document end, not the turn end: as in Qwen2.5's and Llama-3's base
+# tokenizers (SmolLM2-Instruct's eos happens to be <|im_end|>). A runtime that stops on eos only, or
+# on Phi-3's <|end|>, then runs past the answer, so the tests catch code that assumes either.
+# Ids in SmolLM2's order (<|endoftext|>=0, <|im_start|>=1, <|im_end|>=2), then a distinct pad.
+LLAMA_SPECIAL_TOKENS = [EOS, IM_START, IM_END, PAD]
+
+ARCHITECTURES = ("phi3", "llama")
 
 # Query/key weights start this much smaller than the rest, so attention starts close to
 # uniform (a bag of words at the answer position) yet stays learnable. With full-size
@@ -62,34 +92,38 @@ DEFAULT_SIZE: dict[str, int] = {
 }
 
 
-def _train_tokenizer(corpus: list[str], labels: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+def _train_tokenizer(corpus: list[str], labels: list[str], vocab_size: int, architecture: str = "phi3") -> PreTrainedTokenizerFast:
     # Byte-level BPE never needs <unk>, so any user text round-trips.
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=SPECIAL_TOKENS if architecture == "phi3" else LLAMA_SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     backend.train_from_iterator(corpus, trainer)
+    if architecture == "phi3":
+        special: dict[str, Any] = {"unk_token": UNK, "bos_token": BOS, "additional_special_tokens": CHAT_TOKENS}
+        template = PHI3_CHAT_TEMPLATE
+    else:  # no <unk> (byte-level BPE); bos is <|im_start|> as in SmolLM2, never added by the tokenizer
+        special = {"bos_token": IM_START, "additional_special_tokens": [IM_START, IM_END]}
+        template = CHATML_CHAT_TEMPLATE
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        unk_token=UNK,
-        bos_token=BOS,
         eos_token=EOS,
         # Distinct from eos: collators that mask pad labels must not mask the stop token.
         pad_token=PAD,
-        additional_special_tokens=CHAT_TOKENS,
         padding_side="right",
         model_max_length=4096,
         clean_up_tokenization_spaces=False,
+        **special,
     )
     # Whole-word added tokens make every label exactly one token wherever it appears,
     # so label scoring needs a single forward pass.
     tokenizer.add_tokens([AddedToken(label, single_word=True, normalized=False) for label in labels])
-    tokenizer.chat_template = PHI3_CHAT_TEMPLATE
+    tokenizer.chat_template = template
     return tokenizer
 
 
@@ -99,16 +133,20 @@ BUILD_VERSION = 1
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", MARKER)
 
 
-def tiny_model_fingerprint(texts: list[str], labels: list[str], seed: int, dims: dict[str, int]) -> str:
-    """What decides the built model: its texts (the tokenizer's corpus), labels, seed and size."""
+def tiny_model_fingerprint(texts: list[str], labels: list[str], seed: int, dims: dict[str, int], architecture: str = "phi3") -> str:
+    """What decides the built model: its texts (the tokenizer's corpus), labels, seed, size and architecture."""
     corpus = hashlib.sha256()
     for text in texts:
         corpus.update(text.encode("utf-8") + b"\0")
     identity = {"build": BUILD_VERSION, "seed": seed, "labels": list(labels), "size": dims, "corpus": corpus.hexdigest()}
+    if architecture != "phi3":  # a Phi-3's fingerprint stays what it was, so its cached builds stay valid
+        identity["architecture"] = architecture
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-def reusable_tiny_model(output_dir: str | Path, texts: list[str], labels: list[str], seed: int = 0, **size: Any) -> bool:
+def reusable_tiny_model(
+    output_dir: str | Path, texts: list[str], labels: list[str], seed: int = 0, architecture: str = "phi3", **size: Any
+) -> bool:
     """True if ``output_dir`` holds a completely written tiny model built from exactly these inputs."""
     output_dir = Path(output_dir)
     if not all((output_dir / name).is_file() for name in REQUIRED_FILES):
@@ -117,7 +155,7 @@ def reusable_tiny_model(output_dir: str | Path, texts: list[str], labels: list[s
         recorded = json.loads((output_dir / MARKER).read_text(encoding="utf-8")).get("fingerprint")
     except (OSError, ValueError, AttributeError):
         return False
-    return recorded == tiny_model_fingerprint(texts, labels, seed, {**DEFAULT_SIZE, **size})
+    return recorded == tiny_model_fingerprint(texts, labels, seed, {**DEFAULT_SIZE, **size}, architecture)
 
 
 def _write_error(directory: Path, exc: BaseException) -> FtloopError:
@@ -131,11 +169,13 @@ def build_tiny_model(
     labels: list[str],
     seed: int = 0,
     replace: bool = False,
+    architecture: str = "phi3",
     **size: Any,
 ) -> Path:
     """Write a loadable tiny Phi-3 (weights, tokenizer, generation config) to ``output_dir``.
 
-    ``size`` overrides keys of ``DEFAULT_SIZE``. Same inputs and seed give the same model.
+    ``architecture="llama"`` writes a tiny Llama with a ChatML template instead (see the module
+    docstring). ``size`` overrides keys of ``DEFAULT_SIZE``. Same inputs and seed give the same model.
     The model is built in a temporary directory beside ``output_dir`` and renamed into
     place when complete, so a full disk or a crash never leaves a directory that looks like
     a model. An existing ``output_dir`` must be empty or an earlier tiny model (any
@@ -146,6 +186,8 @@ def build_tiny_model(
         raise TypeError(f"unknown size keys: {sorted(unknown)}; allowed: {sorted(DEFAULT_SIZE)}")
     if not labels:
         raise ValueError("labels must not be empty")
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {architecture!r}; known: {', '.join(ARCHITECTURES)}")
     dims = {**DEFAULT_SIZE, **size}
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
@@ -158,7 +200,7 @@ def build_tiny_model(
     except OSError as exc:
         raise _write_error(output_dir.parent, exc) from None
     try:
-        _build(building, texts, labels, seed, dims)
+        _build(building, texts, labels, seed, dims, architecture)
         _move_into_place(building, output_dir)
     except BaseException as exc:
         shutil.rmtree(building, ignore_errors=True)
@@ -182,14 +224,37 @@ def _move_into_place(building: Path, output_dir: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _build(output_dir: Path, texts: list[str], labels: list[str], seed: int, dims: dict[str, int]) -> None:
+def _build(output_dir: Path, texts: list[str], labels: list[str], seed: int, dims: dict[str, int], architecture: str = "phi3") -> None:
     # The system instruction starts every training row, so weight it like that: its words
     # become whole tokens instead of eating most of each sequence as characters.
     instruction = system_instruction(sorted(labels))
     corpus = [*texts, *labels, *[instruction] * max(1, len(texts))]
-    tokenizer = _train_tokenizer(corpus, list(labels), dims["vocab_size"])
-    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in [*SPECIAL_TOKENS]}
+    if architecture == "llama":  # ChatML writes the roles as text: make them whole tokens too
+        corpus += ["system\nuser\nassistant\n"] * max(1, len(texts))
+    tokenizer = _train_tokenizer(corpus, list(labels), dims["vocab_size"], architecture)
+    if architecture == "phi3":
+        model = _phi3_model(tokenizer, dims, seed)
+    else:
+        model = _llama_model(tokenizer, dims, seed)
+    with quiet_progress_bars():
+        model.save_pretrained(output_dir)  # safetensors is the only format transformers 5 writes
+        tokenizer.save_pretrained(output_dir)
+    # Written last: with the fingerprint it marks a complete model built from these inputs.
+    meta = {
+        "seed": seed,
+        "size": dims,
+        "labels": list(labels),
+        "n_texts": len(texts),
+        "fingerprint": tiny_model_fingerprint(texts, labels, seed, dims, architecture),
+    }
+    if architecture != "phi3":
+        meta["architecture"] = architecture
+    with open(output_dir / MARKER, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(meta, indent=2) + "\n")
 
+
+def _phi3_model(tokenizer: PreTrainedTokenizerFast, dims: dict[str, int], seed: int) -> Phi3ForCausalLM:
+    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in [*SPECIAL_TOKENS]}
     hidden = dims["hidden_size"]
     config = Phi3Config(
         vocab_size=-(-len(tokenizer) // 64) * 64,  # padded like Phi-3's 32064 > 32011 tokens
@@ -221,16 +286,33 @@ def _build(output_dir: Path, texts: list[str], labels: list[str], seed: int, dim
         eos_token_id=[ids[EOS], ids["<|end|>"]],
         pad_token_id=ids[PAD],
     )
-    with quiet_progress_bars():
-        model.save_pretrained(output_dir)  # safetensors is the only format transformers 5 writes
-        tokenizer.save_pretrained(output_dir)
-    # Written last: with the fingerprint it marks a complete model built from these inputs.
-    meta = {
-        "seed": seed,
-        "size": dims,
-        "labels": list(labels),
-        "n_texts": len(texts),
-        "fingerprint": tiny_model_fingerprint(texts, labels, seed, dims),
-    }
-    with open(output_dir / MARKER, "w", encoding="utf-8") as handle:
-        handle.write(json.dumps(meta, indent=2) + "\n")
+    return model
+
+
+def _llama_model(tokenizer: PreTrainedTokenizerFast, dims: dict[str, int], seed: int) -> LlamaForCausalLM:
+    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in LLAMA_SPECIAL_TOKENS}
+    hidden = dims["hidden_size"]
+    config = LlamaConfig(
+        vocab_size=-(-len(tokenizer) // 64) * 64,
+        hidden_size=hidden,
+        intermediate_size=dims["intermediate_size"],
+        num_hidden_layers=dims["num_hidden_layers"],
+        num_attention_heads=dims["num_attention_heads"],
+        # Grouped-query attention as in SmolLM2 (9 query heads, 3 key/value heads): k/v narrower than q.
+        num_key_value_heads=max(1, dims["num_attention_heads"] // 2),
+        max_position_embeddings=dims["max_position_embeddings"],
+        initializer_range=hidden**-0.5,  # see _phi3_model
+        bos_token_id=ids[IM_START],
+        eos_token_id=ids[EOS],
+        pad_token_id=ids[PAD],
+        tie_word_embeddings=False,
+    )
+    set_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight *= ATTENTION_QK_INIT_SCALE
+            layer.self_attn.k_proj.weight *= ATTENTION_QK_INIT_SCALE
+    # eos only, as in SmolLM2's and Qwen2.5-base's generation config: the turn end must come from the template.
+    model.generation_config = GenerationConfig(bos_token_id=ids[IM_START], eos_token_id=ids[EOS], pad_token_id=ids[PAD])
+    return model

@@ -1,4 +1,8 @@
-"""Training with the shared prompt prefix run once per batch must equal training on whole rows."""
+"""Training with the shared prompt prefix run once per batch must equal training on whole rows.
+
+The split and the equality of loss, gradients and the trained adapter are checked on the tiny
+Phi-3 and the tiny Llama (ChatML template; ``tiny_arch_dir`` in tests/fixtures/ml.py).
+"""
 
 from __future__ import annotations
 
@@ -42,8 +46,8 @@ def _trainer(tmp_path, tiny_model_dir, formatted_dir, **train):
 
 
 @pytest.fixture(scope="module")
-def sharing(tmp_path_factory, tiny_model_dir, formatted_dir):
-    return _trainer(tmp_path_factory.mktemp("sharing"), tiny_model_dir, formatted_dir)
+def sharing(tmp_path_factory, tiny_arch_dir, formatted_dir):
+    return _trainer(tmp_path_factory.mktemp("sharing"), tiny_arch_dir, formatted_dir)
 
 
 def _features(trainer, n):
@@ -151,10 +155,10 @@ def test_loss_and_gradients_equal_the_whole_row_computation(sharing):
     assert outputs.logits.shape[1] == plain["input_ids"].shape[1]
 
 
-def test_training_with_sharing_ends_at_the_same_adapter(tmp_path, tiny_model_dir, formatted_dir):
+def test_training_with_sharing_ends_at_the_same_adapter(tmp_path, tiny_arch_dir, formatted_dir):
     adapters, losses = {}, {}
     for share in (True, False):
-        trainer, info = _trainer(tmp_path / str(share), tiny_model_dir, formatted_dir, epochs=1, share_prompt_prefix=share)
+        trainer, info = _trainer(tmp_path / str(share), tiny_arch_dir, formatted_dir, epochs=1, share_prompt_prefix=share)
         assert info["shared_prefix"] is share
         torch.set_num_threads(1)
         losses[share] = trainer.train().training_loss

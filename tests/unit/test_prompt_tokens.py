@@ -1,4 +1,8 @@
-"""Spliced prompt encoding must give exactly apply_chat_template's ids, or not be used."""
+"""Spliced prompt encoding must give exactly apply_chat_template's ids, or not be used.
+
+Checked for Phi-3's template (``<|user|>`` ... ``<|end|>``) and for ChatML (SmolLM2: the role is text
+between ``<|im_start|>`` and a newline, so the question's window starts with the role name).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from transformers import PreTrainedTokenizerFast
 
 from ftloop.components.modeling import prompt_tokens
 from ftloop.components.modeling.prompt_tokens import encode_prompts
-from ftloop.components.modeling.tiny import PHI3_CHAT_TEMPLATE
+from ftloop.components.modeling.tiny import CHATML_CHAT_TEMPLATE, PHI3_CHAT_TEMPLATE
 from ftloop.components.prompts import prompt_messages
 
 LABELS = ["returns", "shipping", "payments", "support"]
@@ -25,6 +29,9 @@ QUESTIONS = [
     "ends with <|end|>",
     "<|user|> in front",
     "x<|end|>y<|assistant|>z",
+    "ends with <|im_end|>",
+    "<|im_start|>user\nin front",
+    "user\n",
     "émoji 🎉 and ünïcode",
     "\n",
     "can I pay with a gift card",
@@ -32,9 +39,11 @@ QUESTIONS = [
 CORPUS = QUESTIONS * 3 + ["Classify the customer question into exactly one intent. Answer with the intent name only."] * 5
 SPECIAL = ["<|endoftext|>", "<unk>", "<pad>"]
 CHAT = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+# Each chat family: its template and the added tokens it tags turns with.
+FAMILIES = {"phi3": (PHI3_CHAT_TEMPLATE, CHAT), "chatml": (CHATML_CHAT_TEMPLATE, ["<|im_start|>", "<|im_end|>"])}
 
 
-def _tokenizer(kind: str, strip: dict[str, bool] | None = None, template: str = PHI3_CHAT_TEMPLATE):
+def _tokenizer(kind: str, strip: dict[str, bool] | None = None, template: str = PHI3_CHAT_TEMPLATE, chat: list[str] = CHAT):
     """A small trained tokenizer in the style of a real model family."""
     if kind == "byte-level":  # GPT-2 / the tiny demo model
         backend = Tokenizer(models.BPE())
@@ -52,11 +61,11 @@ def _tokenizer(kind: str, strip: dict[str, bool] | None = None, template: str = 
     backend.train_from_iterator(CORPUS, trainer)
     strip = strip or {}
     backend.add_special_tokens(
-        [AddedToken(t, lstrip=strip.get("lstrip", False), rstrip=strip.get("rstrip", False), normalized=False, special=True) for t in CHAT]
+        [AddedToken(t, lstrip=strip.get("lstrip", False), rstrip=strip.get("rstrip", False), normalized=False, special=True) for t in chat]
     )
     backend.add_tokens([AddedToken(label, single_word=True, normalized=False) for label in LABELS])
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", eos_token="<|endoftext|>", pad_token="<pad>", additional_special_tokens=CHAT
+        tokenizer_object=backend, unk_token="<unk>", eos_token="<|endoftext|>", pad_token="<pad>", additional_special_tokens=chat
     )
     tokenizer.chat_template = template
     return tokenizer
@@ -67,10 +76,12 @@ def _reference(tokenizer, prompts):
     return [list(ids) for ids in encoded["input_ids"]]
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("kind", ["byte-level", "metaspace:first", "metaspace:always"])
 @pytest.mark.parametrize("strip", [{}, {"rstrip": True}, {"lstrip": True, "rstrip": True}])
-def test_spliced_ids_equal_the_full_tokenization(kind, strip, monkeypatch):
-    tokenizer = _tokenizer(kind, strip)
+def test_spliced_ids_equal_the_full_tokenization(kind, strip, family, monkeypatch):
+    template, chat = FAMILIES[family]
+    tokenizer = _tokenizer(kind, strip, template, chat)
     prompts = [prompt_messages(q, LABELS) for q in QUESTIONS]
     plans = []
     real_plan = prompt_tokens._splice_plan
@@ -79,10 +90,12 @@ def test_spliced_ids_equal_the_full_tokenization(kind, strip, monkeypatch):
     assert plans and plans[0] is not None, "the splice was not used"
 
 
-def test_a_template_that_trims_the_question_takes_the_full_path(monkeypatch):
-    trimming = PHI3_CHAT_TEMPLATE.replace("message['content']", "message['content'] | trim")
-    assert trimming != PHI3_CHAT_TEMPLATE
-    tokenizer = _tokenizer("byte-level", template=trimming)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_template_that_trims_the_question_takes_the_full_path(family, monkeypatch):
+    template, chat = FAMILIES[family]
+    trimming = template.replace("message['content']", "message['content'] | trim")
+    assert trimming != template
+    tokenizer = _tokenizer("byte-level", template=trimming, chat=chat)
     prompts = [prompt_messages(q, LABELS) for q in QUESTIONS]
     assert prompt_tokens._splice_plan(tokenizer, prompts[0][:-1], "user") is None
     assert encode_prompts(tokenizer, prompts) == _reference(tokenizer, prompts)
