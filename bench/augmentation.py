@@ -83,7 +83,49 @@ def run_seed(
     started = time.monotonic()
     sink = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
     with sink:
-        summary = run_local(config, out, progress=lambda _: None)
+        run_local(config, out, progress=lambda _: None)
+    return collect_seed(out, seed, round(time.monotonic() - started, 1))
+
+
+def round_candidates(seed_dir: Path, base_rows: dict[str, list[dict]], labels: list[str]) -> list[dict]:
+    """Every round's fine-tuned model, kept by the loop or not: its dev/test macro-F1 and McNemar against the base on test.
+
+    The loop reports only the model it kept, so a round that dev rejected leaves no trace in summary.json; its
+    evaluation is still in kfp.local's outputs of the newest run (``evaluate-2`` for round 1, ``evaluate-3`` for
+    round 2, ...; ``evaluate`` is the base model's).
+    """
+    from ftloop.components.evaluation.stats import mcnemar_exact
+
+    runs = sorted((seed_dir / "kfp").glob("*/"), key=lambda d: d.stat().st_mtime)
+    if not runs:
+        return []
+    out = []
+    for r in range(1, 10):
+        results = runs[-1] / f"evaluate-{r + 1}" / "results"
+        if not (results / "predictions" / "test.jsonl").exists():
+            break
+        rows = {split: read_jsonl(results / "predictions" / f"{split}.jsonl") for split in ("dev", "test")}
+        index = {label: i for i, label in enumerate(labels)}
+        by_id = {row["id"]: row for row in rows["test"]}
+        base_test = base_rows["test"]
+        test = mcnemar_exact(
+            [row["prediction"] == row["label"] for row in base_test], [by_id[row["id"]]["prediction"] == row["label"] for row in base_test]
+        )
+        scores = {
+            split: macro_f1(
+                np.array([index[row["label"]] for row in rows[split]]),
+                np.array([index[row["prediction"]] for row in rows[split]]),
+                len(labels),
+            )
+            for split in ("dev", "test")
+        }
+        out.append({"round": r, "dev_macro_f1": scores["dev"], "test_macro_f1": scores["test"], "mcnemar_test_vs_base": test})
+    return out
+
+
+def collect_seed(out: Path, seed: int, seconds: float | None) -> dict:
+    """One finished seed's results, from its work directory (also after the fact: ``--report-only``)."""
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     rows = {
         model: {split: read_jsonl(out / summary["models"][model][split]["predictions"]) for split in ("dev", "test")}
         for model in ("base", "augmented", "tfidf")
@@ -91,7 +133,7 @@ def run_seed(
     data = summary["data"]["augmented"]
     return {
         "seed": seed,
-        "seconds": round(time.monotonic() - started, 1),
+        "seconds": seconds,
         "labels": summary["labels"],
         "metrics": {
             model: {
@@ -108,6 +150,7 @@ def run_seed(
         "rounds": [
             {k: r[k] for k in ("round", "errors_mined", "generated", "added", "removed")} for r in data.get("augmentation_rounds", [])
         ],
+        "candidates": round_candidates(out, rows["base"], summary["labels"]),
         "loop_stopped": data.get("loop_stopped"),
         "train_rows": {"base": summary["data"]["base"]["rows"]["train"], "augmented": data["rows"]["train"]},
         "rows": rows,
@@ -149,6 +192,22 @@ def report(runs: list[dict], args: argparse.Namespace) -> str:
                 f"| {run['seed']} | {split} | {fmt(m['base'][split])} | {fmt(m['augmented'][split])} | "
                 f"{fmt(m['tfidf'][split])} | {delta:+.3f} | {p} | {rows} | {loop if split == 'dev' else ''} |"
             )
+    candidates = [(run["seed"], c, run["metrics"]["base"]) for run in runs for c in run.get("candidates", [])]
+    if candidates:
+        lines += [
+            "",
+            "Each round's fine-tuned model, kept or not (the loop keeps a round only if it raises dev):",
+            "",
+            "| seed | round | dev (base -> round) | test (base -> round) | test delta | McNemar test: fixed / broken, p |",
+            "|---|---|---|---|---:|---|",
+        ]
+        for seed, c, base in candidates:
+            m = c["mcnemar_test_vs_base"]
+            lines.append(
+                f"| {seed} | {c['round']} | {base['dev']['macro_f1']:.3f} -> {c['dev_macro_f1']:.3f} | "
+                f"{base['test']['macro_f1']:.3f} -> {c['test_macro_f1']:.3f} | {c['test_macro_f1'] - base['test']['macro_f1']:+.3f} | "
+                f"{m['fixed']} / {m['broken']}, {m['p_value']:.3f} |"
+            )
     lines += [
         "",
         "Pooled over seeds (rows of all seeds together; bootstrap 95% CI):",
@@ -180,10 +239,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default="/tmp/ftloop-bench-augmentation")
     parser.add_argument("--json", help="write per-seed results (without prediction rows) here")
     parser.add_argument("--verbose", action="store_true", help="show the pipeline's own output")
+    parser.add_argument("--report-only", action="store_true", help="run nothing: report the seeds already finished in --workdir")
     args = parser.parse_args(argv)
 
     runs = []
     for seed in args.seeds:
+        if args.report_only:
+            runs.append(collect_seed(Path(args.workdir) / f"seed-{seed}", seed, None))
+            continue
         print(f"seed {seed}: running the local pipeline ...", file=sys.stderr, flush=True)
         run = run_seed(Path(args.config), seed, args.rounds, args.label_filter, Path(args.workdir), args.verbose, args.early_stopping)
         print(f"seed {seed}: done in {run['seconds']} s", file=sys.stderr, flush=True)

@@ -60,6 +60,7 @@ sys.path.insert(0, str(REPO))  # tests.fixtures.ml holds the synthetic data
 
 import torch  # noqa: E402
 
+from bench.real_model import REAL_RECIPE, recipe_config, resolve_model  # noqa: E402
 from ftloop.components.artifacts import read_split
 from ftloop.components.modeling.generate_mode import (
     PUBLISHED_MAX_NEW_TOKENS,
@@ -80,13 +81,13 @@ GPU_BUDGET_SPEEDUP_TARGET = 4.0  # issue 13 item 3: scoring near the compute bou
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 
 
-def demo_eval_batch_size() -> int:
+def demo_eval_batch_size(config_path: Path = DEMO_CONFIG) -> int:
     """The CPU demo's eval.batch_size: the CPU comparison runs with the pipeline's own setting."""
     import yaml
 
     from ftloop.components.config import RunConfig
 
-    return RunConfig.model_validate(yaml.safe_load(DEMO_CONFIG.read_text(encoding="utf-8"))).eval.batch_size
+    return RunConfig.model_validate(yaml.safe_load(config_path.read_text(encoding="utf-8"))).eval.batch_size
 
 
 def _sync() -> None:
@@ -165,6 +166,22 @@ def prepare_tiny(workdir: Path, rows: int, train_rows: int, epochs: float, seed:
     return workdir / "adapter", eval_rows
 
 
+def prepare_real(workdir: Path, model_ref: str, rows: int, train_rows: int, epochs: float, seed: int, log) -> tuple[Path, list[dict]]:
+    """The same synthetic splits, a real pretrained base (--model) fine-tuned with the local demo's recipe."""
+    n_labels = len(LABELS)
+    formatted = write_formatted(
+        workdir / "formatted", n_train=math.ceil(train_rows / n_labels), n_dev=1, n_test=math.ceil(rows / n_labels), seed=seed
+    )
+    model_dir = resolve_model(model_ref)
+    config = recipe_config(model_dir, epochs=epochs, early_stopping_metric="none").model_copy(update={"seed": seed})
+    meta = finetune(config, formatted, workdir / "adapter", progress=lambda line: None)
+    log(
+        f"fine-tuned {model_ref}: {meta['n_train_rows']} rows, {epochs:g} epochs, {meta['steps']} steps, "
+        f"{meta['wall_time_s']:.1f}s on {meta['device']}, mean train loss {meta['train_loss']:.3f}"
+    )
+    return workdir / "adapter", read_split(formatted, "test", LABELS)[:rows]
+
+
 @contextlib.contextmanager
 def _threads(model, threads: int | None) -> Iterator[None]:
     """--threads N, else the pipeline evaluation's own setting for this model (cpu_threads_for)."""
@@ -181,7 +198,10 @@ def _threads(model, threads: int | None) -> Iterator[None]:
 
 
 def bench_cpu(args, workdir: Path, log) -> dict[str, Any]:
-    adapter, rows = prepare_tiny(workdir, args.rows, args.train_rows, args.epochs, args.seed, log)
+    if args.model:
+        adapter, rows = prepare_real(workdir, args.model, args.rows, args.train_rows, args.epochs, args.seed, log)
+    else:
+        adapter, rows = prepare_tiny(workdir, args.rows, args.train_rows, args.epochs, args.seed, log)
     model, tokenizer = load_for_inference(adapter)
     model.to("cpu")
     prompts = [r["prompt"] for r in rows]
@@ -363,7 +383,7 @@ def print_report(res: dict[str, Any]) -> None:
     cpu = res["cpu"]
     print()
     print(
-        f"CPU, tiny Phi-3 + LoRA, {cpu['rows']} rows, torch {res['env']['versions']['torch']}, "
+        f"CPU, {res['args'].get('model') or 'tiny Phi-3'} + LoRA, {cpu['rows']} rows, torch {res['env']['versions']['torch']}, "
         f"{res['env']['cpu_count']} cores, median of {cpu['repeats']}"
     )
     print(f"torch threads {cpu['torch_threads']}, load average {res['env']['loadavg_start']} at the start")
@@ -371,7 +391,7 @@ def print_report(res: dict[str, Any]) -> None:
     names = {
         "score": f"label scoring (batch {cpu['batch_size']})",
         "published": f"published per-row generate ({cpu['max_new_tokens']['published']} tokens)",
-        "per_row": "strict per-row generate (stops on <|end|>)",
+        "per_row": "strict per-row generate (stops at turn end)",
         "batched": f"batched generate (batch {cpu['batch_size']})",
     }
     for key, name in names.items():
@@ -421,12 +441,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="OUT", help="write all results as JSON to OUT")
     p.add_argument("--train-rows", type=int, default=200, help="synthetic train rows for the tiny fine-tune")
-    p.add_argument("--epochs", type=float, default=20, help="tiny fine-tune epochs (rest: the demo settings)")
+    p.add_argument(
+        "--model",
+        help="a real base (builtin:smollm2-135m-instruct or a model directory), fine-tuned with configs/demo-smollm2.yaml's "
+        "recipe, instead of the tiny random-init Phi-3",
+    )
+    p.add_argument("--epochs", type=float, help="fine-tune epochs (default: 20 for the tiny model, 2 with --model)")
     p.add_argument(
         "--batch-size",
         type=int,
-        default=demo_eval_batch_size(),
-        help="CPU batch size of label scoring and batched generate (default: configs/demo.yaml's eval.batch_size)",
+        help="CPU batch size of label scoring and batched generate (default: the demo config's eval.batch_size, "
+        "configs/demo.yaml, or configs/demo-smollm2.yaml with --model)",
     )
     p.add_argument(
         "--max-new-tokens",
@@ -458,6 +483,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-gpu", action="store_true", help="skip the GPU section even when CUDA is available")
     p.add_argument("--workdir", help="keep the tiny model and adapter here (default: a temp dir)")
     args = p.parse_args(argv)
+    if args.epochs is None:
+        args.epochs = 2.0 if args.model else 20.0
+    if args.batch_size is None:
+        args.batch_size = demo_eval_batch_size(REAL_RECIPE if args.model else DEMO_CONFIG)
     if args.rows < 1 or args.repeats < 1 or args.batch_size < 1:
         p.error("--rows, --repeats and --batch-size must be >= 1")
     if any(v is not None and v < 1 for v in (args.batch_tokens, args.gpu_batch_tokens)):
@@ -481,10 +510,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ftloop-eval-speed-") as tmp:
         workdir = Path(args.workdir) if args.workdir else Path(tmp)
         res["cpu"] = bench_cpu(args, workdir, log)
-        if torch.cuda.is_available() and not args.no_gpu:
+        if torch.cuda.is_available() and not args.no_gpu and not args.model:
             res["gpu"] = bench_gpu(args, workdir / "tiny", log)
         else:
-            res["gpu_skipped"] = "no CUDA device" if not torch.cuda.is_available() else "--no-gpu"
+            res["gpu_skipped"] = (
+                "--model (the GPU section uses the tiny tokenizer)"
+                if args.model
+                else ("no CUDA device" if not torch.cuda.is_available() else "--no-gpu")
+            )
     res["env"]["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     print_report(res)
     if args.json:

@@ -212,8 +212,9 @@ def bf16_peak_tflops(device_name: str) -> float | None:
     return None
 
 
-def _ours_config(model_dir: Path, epochs: float, gpu_recipe: bool):
-    """Ours as the pipeline runs it: demo settings on CPU, the cluster (webbizz-gke) settings on a GPU."""
+def _ours_config(model_dir: Path, epochs: float, gpu_recipe: bool, real: bool = False):
+    """Ours as the pipeline runs it: demo settings on CPU (configs/demo-smollm2.yaml's for a real base,
+    --model), the cluster (webbizz-gke) settings on a GPU."""
     from ftloop.components.config import RunConfig
     from tests.fixtures.ml import demo_config
 
@@ -227,6 +228,10 @@ def _ours_config(model_dir: Path, epochs: float, gpu_recipe: bool):
                 "train": {"epochs": epochs, "learning_rate": 2e-4, "batch_size": 16, "max_length": 256, "warmup_ratio": 0.03},
             }
         )
+    elif real:
+        from bench.real_model import recipe_config
+
+        config = recipe_config(model_dir, epochs=epochs)
     else:
         config = demo_config(model_dir, epochs=epochs)
     # Dev evaluation / early stopping (when build_trainer has them) is not training throughput.
@@ -238,12 +243,12 @@ def _ours_config(model_dir: Path, epochs: float, gpu_recipe: bool):
     return config
 
 
-def build_ours(model_dir: Path, formatted: Path, out: Path, epochs: float, gpu_recipe: bool):
+def build_ours(model_dir: Path, formatted: Path, out: Path, epochs: float, gpu_recipe: bool, real: bool = False):
     from transformers.trainer_utils import SaveStrategy
 
     from ftloop.components.modeling.trainer import build_trainer
 
-    config = _ours_config(model_dir, epochs, gpu_recipe)
+    config = _ours_config(model_dir, epochs, gpu_recipe, real)
     trainer, info = build_trainer(config, formatted, out, progress=lambda line: None)
     # A build_trainer that checkpoints every epoch (for resuming and best-checkpoint selection)
     # would time checkpoint writes too; the published run saves none either.
@@ -260,7 +265,7 @@ def build_ours(model_dir: Path, formatted: Path, out: Path, epochs: float, gpu_r
     }
 
 
-def build_published(model_dir: Path, formatted: Path, out: Path, epochs: float, gpu_recipe: bool):
+def build_published(model_dir: Path, formatted: Path, out: Path, epochs: float, gpu_recipe: bool, real: bool = False):
     """The notebooks' get_model_tokenizer_trainer, in trl 1.x / transformers 5.x names.
 
     Their GPU recipe is QLoRA; it needs CUDA and bitsandbytes, so without them (the CPU smoke
@@ -351,7 +356,14 @@ def build_published(model_dir: Path, formatted: Path, out: Path, epochs: float, 
 
 
 def worker(
-    kind: str, model_dir: Path, formatted: Path, epochs: float, result_path: Path, gpu_recipe: bool, peak_tflops: float | None = None
+    kind: str,
+    model_dir: Path,
+    formatted: Path,
+    epochs: float,
+    result_path: Path,
+    gpu_recipe: bool,
+    peak_tflops: float | None = None,
+    real: bool = False,
 ) -> None:
     """One training run in this (fresh) process; writes its measurements to result_path.
 
@@ -367,7 +379,7 @@ def worker(
     on_cuda = torch.cuda.is_available()
     with tempfile.TemporaryDirectory(prefix=f"ftloop-train-speed-{kind}-") as out, quiet_progress_bars(), peft_deprecation_silenced():
         build = build_ours if kind == "ours" else build_published
-        trainer, info = build(model_dir, formatted, Path(out), epochs, gpu_recipe)
+        trainer, info = build(model_dir, formatted, Path(out), epochs, gpu_recipe, real)
         trainer.remove_callback(PrinterCallback)
         counter = CountingCollator(trainer.data_collator)
         trainer.data_collator = counter
@@ -443,6 +455,7 @@ def run_worker(
     device: str,
     gpu_recipe: bool,
     peak_tflops: float | None = None,
+    real: bool = False,
 ) -> dict:
     """One run in a fresh process (spawned, never forked: CUDA cannot be used in a forked child)."""
     result = workdir / f"result-{kind}-{time.monotonic_ns()}.json"
@@ -467,6 +480,8 @@ def run_worker(
         cmd.append("--gpu-recipe")
     if peak_tflops is not None:
         cmd += ["--peak-tflops", str(peak_tflops)]
+    if real:
+        cmd.append("--real-recipe")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{kind} worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -654,7 +669,7 @@ def print_report(res: dict[str, Any]) -> None:
     if "cpu" in res:
         cpu = res["cpu"]
         print_section(
-            f"CPU, tiny Phi-3, {cpu['ours']['params']['total']:,} params, "
+            f"CPU, {args.get('model') or 'tiny Phi-3'}, {cpu['ours']['params']['total']:,} params, "
             f"{args['rows_per_label'] * len(LABELS)} train rows, {args['epochs']:g} epochs, median of "
             f"{args['repeats']} (load average {env['loadavg_start'][0]:.1f} at the start)",
             cpu,
@@ -695,16 +710,31 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--no-gpu", action="store_true", help="skip the GPU section even when CUDA is available")
     p.add_argument("--workdir", help="keep data, models and raw results here (default: a temp dir)")
+    p.add_argument(
+        "--model",
+        help="CPU section on a real base (builtin:smollm2-135m-instruct or a model directory) with configs/demo-smollm2.yaml's "
+        "recipe as ours, instead of the tiny Phi-3 with a stand-in tokenizer; no GPU section",
+    )
     p.add_argument("--worker", choices=["ours", "published"], help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--formatted", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--gpu-recipe", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--peak-tflops", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--real-recipe", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.worker:
-        worker(args.worker, Path(args.model_dir), Path(args.formatted), args.epochs, Path(args.result), args.gpu_recipe, args.peak_tflops)
+        worker(
+            args.worker,
+            Path(args.model_dir),
+            Path(args.formatted),
+            args.epochs,
+            Path(args.result),
+            args.gpu_recipe,
+            args.peak_tflops,
+            args.real_recipe,
+        )
         return 0
     if args.repeats < 1 or args.epochs <= 0 or args.rows_per_label < 1:
         p.error("--repeats, --epochs and --rows-per-label must be positive")
@@ -732,7 +762,12 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(args.workdir) if args.workdir else Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         formatted, texts = prepare_data(workdir / "cpu", args.rows_per_label, args.seed)
-        tiny = build_tiny_model(workdir / "cpu" / "tiny", texts, LABELS, seed=args.seed, vocab_size=args.vocab_size)
+        if args.model:
+            from bench.real_model import resolve_model
+
+            tiny = resolve_model(args.model)
+        else:
+            tiny = build_tiny_model(workdir / "cpu" / "tiny", texts, LABELS, seed=args.seed, vocab_size=args.vocab_size)
         res["tokenizer"] = tokenizer_granularity(tiny, formatted)
         print(
             f"stand-in tokenizer: {res['tokenizer']['vocab']} tokens, "
@@ -742,13 +777,15 @@ def main(argv: list[str] | None = None) -> int:
         runs: dict[str, list[dict]] = {"ours": [], "published": []}
         for i in range(args.repeats):
             for kind in ("ours", "published") if i % 2 == 0 else ("published", "ours"):
-                runs[kind].append(run_worker(kind, tiny, formatted, args.epochs, workdir, "cpu", gpu_recipe=False))
+                runs[kind].append(run_worker(kind, tiny, formatted, args.epochs, workdir, "cpu", gpu_recipe=False, real=bool(args.model)))
                 print(f"cpu run {i + 1}/{args.repeats} {kind}: {runs[kind][-1]['seconds_per_epoch']:.2f} s/epoch", flush=True)
         res["cpu"] = compare(runs)
         res["cpu"]["runs"] = runs
         res["cpu"]["targets"] = targets(res["cpu"], gpu=False)
 
-        if torch.cuda.is_available() and not args.no_gpu:
+        if args.model:
+            res["gpu_skipped"] = "--model (the GPU section runs a random Phi-3-mini with the tiny tokenizer)"
+        elif torch.cuda.is_available() and not args.no_gpu:
             # Device time is scarce: a failure here must not lose the CPU results.
             try:
                 res["gpu"] = bench_gpu(args, tiny, workdir)

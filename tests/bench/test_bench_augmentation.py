@@ -116,3 +116,47 @@ def test_report_has_a_row_per_seed_and_split_and_the_pooled_table():
     assert "fine-tune early stopping none" in lines[0]
     pooled = [line for line in lines if line.startswith(("| dev |", "| test |"))]
     assert len(pooled) == 2
+
+
+def _write_round(seed_dir: Path, run: str, task: str, rows: dict[str, list[dict]]) -> None:
+    predictions = seed_dir / "kfp" / run / task / "results" / "predictions"
+    predictions.mkdir(parents=True)
+    for split, split_rows in rows.items():
+        (predictions / f"{split}.jsonl").write_text("".join(f"{augmentation.json.dumps(r)}\n" for r in split_rows), encoding="utf-8")
+
+
+def test_round_candidates_reports_a_dropped_rounds_model_from_the_newest_run(tmp_path):
+    """The loop reports only the kept model; the bench must still show what each round's model scored."""
+    base = {"dev": _rows(30, 0.6, random.Random(1)), "test": _rows(30, 0.6, random.Random(2))}
+    flipped = [dict(r, prediction=r["label"]) for r in base["test"]]  # the round fixes every base error on test
+    fixed = sum(r["prediction"] != r["label"] for r in base["test"])
+    _write_round(tmp_path, "run-old", "evaluate-2", {"dev": base["dev"], "test": base["test"]})
+    newest = tmp_path / "kfp" / "run-new"
+    _write_round(tmp_path, "run-new", "evaluate-2", {"dev": base["dev"], "test": flipped})
+    import os
+
+    os.utime(tmp_path / "kfp" / "run-old", (1, 1))  # older than run-new
+    assert newest.exists()
+
+    (candidate,) = augmentation.round_candidates(tmp_path, base, LABELS)
+
+    assert candidate["round"] == 1
+    assert candidate["test_macro_f1"] == 1.0
+    assert candidate["dev_macro_f1"] == pytest.approx(augmentation.macro_f1(*_arrays(base["dev"]), len(LABELS)))
+    assert candidate["mcnemar_test_vs_base"]["fixed"] == fixed > 0
+    assert candidate["mcnemar_test_vs_base"]["broken"] == 0
+
+
+def _arrays(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    index = {label: i for i, label in enumerate(LABELS)}
+    return np.array([index[r["label"]] for r in rows]), np.array([index[r["prediction"]] for r in rows])
+
+
+def test_report_lists_each_rounds_model(tmp_path):
+    run = _run(0, 0.6, 0.6)
+    run["candidates"] = [
+        {"round": 1, "dev_macro_f1": 0.5, "test_macro_f1": 0.75, "mcnemar_test_vs_base": {"fixed": 7, "broken": 2, "p_value": 0.18}}
+    ]
+    args = argparse.Namespace(config="c.yaml", rounds=1, label_filter=None, early_stopping=None, seeds=[0])
+    text = augmentation.report([run], args)
+    assert "| 0 | 1 |" in text and "-> 0.750" in text and "7 / 2, 0.180" in text

@@ -62,6 +62,23 @@ def test_cpu_section_end_to_end_on_a_small_budget(tmp_path, capsys):
     assert "published per-row generate (5 tokens)" in report and "[cpu] score >= 20x" in report
 
 
+def test_model_option_fine_tunes_that_base_with_the_real_models_recipe(tmp_path, tiny_llama_dir, capsys):
+    """--model: a given base (here the tiny Llama standing in for SmolLM2) with configs/demo-smollm2.yaml's recipe."""
+    from bench.real_model import REAL_RECIPE
+
+    out = tmp_path / "eval_speed.json"
+    argv = ["--model", str(tiny_llama_dir), "--rows", "16", "--train-rows", "16", "--epochs", "1", "--repeats", "1", "--no-gpu"]
+    assert eval_speed.main([*argv, "--workdir", str(tmp_path / "work"), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    meta = json.loads((tmp_path / "work" / "adapter" / "ftloop_model.json").read_text())
+    assert meta["base_model"]["name_or_path"] == str(tiny_llama_dir)
+    recipe = yaml.safe_load(REAL_RECIPE.read_text(encoding="utf-8"))
+    assert meta["lora"]["r"] == recipe["lora"]["r"] and meta["base_model"]["dtype"] == recipe["model"]["dtype"]
+    assert result["cpu"]["batch_size"] == recipe["eval"]["batch_size"]
+    assert result["gpu_skipped"].startswith("--model")
+    assert f"CPU, {tiny_llama_dir} + LoRA" in capsys.readouterr().out
+
+
 def small_phi3_config(tiny_model_dir):
     """A one-layer Phi-3 on the tiny model's tokenizer: the GPU section, run on the CPU in seconds."""
     from transformers import AutoTokenizer, Phi3Config

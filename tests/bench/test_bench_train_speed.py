@@ -296,3 +296,18 @@ def test_a_failed_gpu_section_keeps_the_cpu_results(gpu_section, tmp_path, monke
     assert res["gpu_error"] == "RuntimeError: published worker failed (1): CUDA out of memory"
     assert res["cpu"]["token_ratio_fed"] == s["token_ratio_fed"] and "gpu" not in res
     assert "GPU section failed: RuntimeError" in capsys.readouterr().out
+
+
+def test_ours_with_model_is_the_real_recipe_on_that_model(tmp_path):
+    """--model: ours trains with configs/demo-smollm2.yaml's recipe (not the tiny demo's), dev evaluation off."""
+    import yaml
+
+    from bench.real_model import REAL_RECIPE
+
+    recipe = yaml.safe_load(REAL_RECIPE.read_text(encoding="utf-8"))
+    config = train_speed._ours_config(tmp_path, 1.0, gpu_recipe=False, real=True)
+    assert config.model.name_or_path == str(tmp_path) and config.model.dtype == recipe["model"]["dtype"]
+    assert config.lora.r == recipe["lora"]["r"] and config.train.learning_rate == recipe["train"]["learning_rate"]
+    assert config.train.epochs == 1.0 and config.train.early_stopping_metric == "none"
+    tiny = train_speed._ours_config(tmp_path, 1.0, gpu_recipe=False)
+    assert tiny.train.learning_rate != config.train.learning_rate  # the tiny demo's recipe differs
