@@ -166,6 +166,14 @@ class PromptedGenerator:
         """One reply per request, or the exception that ended that request after transport retries."""
         raise NotImplementedError
 
+    def question_messages(self, article: Article, n: int) -> list[Message]:
+        """The chat asking for ``n`` questions about ``article``; a backend may word it for its models."""
+        return question_messages(article, n)
+
+    def rephrase_messages(self, example: Example, n: int, confused_with: str | None) -> list[Message]:
+        """The chat asking for ``n`` rephrasings of ``example``; a backend may word it for its models."""
+        return rephrase_messages(example, n, confused_with)
+
     def _run(self, jobs: list[tuple[str, list[Message], int]]) -> dict[str, list[str]]:
         keys = {key for key, _, _ in jobs}
         results = {key: items for key in keys if (items := self.checkpoint.get(key)) is not None}
@@ -211,7 +219,7 @@ class PromptedGenerator:
         return ""
 
     def questions(self, articles: list[Article], n: int) -> list[Example]:
-        jobs = [(request_key(self.identity, m, n), m, n) for m in (question_messages(a, n) for a in articles)]
+        jobs = [(request_key(self.identity, m, n), m, n) for m in (self.question_messages(a, n) for a in articles)]
         results = self._run(jobs)
         rows: list[Example] = []
         for article, (key, _, _) in zip(articles, jobs):
@@ -232,7 +240,7 @@ class PromptedGenerator:
 
     def rephrase(self, examples: list[Example], n: int, hint: dict[str, str] | None = None, round: int | None = None) -> list[Example]:
         hint = hint or {}
-        jobs = [(request_key(self.identity, m, n), m, n) for m in (rephrase_messages(e, n, hint.get(e.id)) for e in examples)]
+        jobs = [(request_key(self.identity, m, n), m, n) for m in (self.rephrase_messages(e, n, hint.get(e.id)) for e in examples)]
         results = self._run(jobs)
         rows: list[Example] = []
         for example, (key, _, _) in zip(examples, jobs):
