@@ -56,14 +56,23 @@ def resolve_builtin_model(config: RunConfig, progress: Callable[[str], None]) ->
     Fetched and converted on first use (components/modeling/builtin.py), then reused; the directory
     is loaded exactly as a user's own model directory. ``builtin:tiny-phi3`` is left to ``ensure_tiny_model``.
     """
-    ref = config.model.name_or_path
-    if ref not in BUILTIN_MODEL_REFS or ref == TINY_MODEL_REF:
-        return config
     from ftloop.components.modeling.builtin import ensure_builtin_model
 
-    model_dir = ensure_builtin_model(ref, progress=progress)
-    progress(f"built-in model: using {model_dir} for {ref}")
-    return config.with_model_path(str(model_dir))
+    def fetched(ref: str) -> bool:
+        return ref in BUILTIN_MODEL_REFS and ref != TINY_MODEL_REF
+
+    ref = config.model.name_or_path
+    if fetched(ref):
+        model_dir = ensure_builtin_model(ref, progress=progress)
+        progress(f"built-in model: using {model_dir} for {ref}")
+        config = config.with_model_path(str(model_dir))
+    hf = config.generators.hf
+    if fetched(hf.name_or_path):  # the hf generator may run a built-in model too
+        model_dir = ensure_builtin_model(hf.name_or_path, progress=progress)
+        progress(f"built-in model: using {model_dir} for {hf.name_or_path} (generators.hf)")
+        generators = config.generators.model_copy(update={"hf": hf.model_copy(update={"name_or_path": str(model_dir)})})
+        config = config.model_copy(update={"generators": generators})
+    return config
 
 
 def check_base_model(config: RunConfig) -> None:

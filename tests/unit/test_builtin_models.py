@@ -448,6 +448,24 @@ def test_a_local_run_resolves_the_ref_to_the_cached_directory_and_loads_it_as_a_
     assert resolve_builtin_model(tiny, messages.append) is tiny  # left to ensure_tiny_model
 
 
+def test_a_local_run_resolves_a_builtin_ref_for_the_hf_generator_too(smollm2_is_the_tiny_wheel):
+    from ftloop.components.config import SMOLLM2_MODEL_REF, TINY_MODEL_REF, RunConfig
+    from ftloop.pipelines.local import check_base_model, resolve_builtin_model
+
+    config = RunConfig.model_validate(
+        {
+            "data": {"questions": "q.jsonl"},
+            "model": {"name_or_path": TINY_MODEL_REF},
+            "augment": {"backend": "hf"},
+            "generators": {"hf": {"name_or_path": SMOLLM2_MODEL_REF}},
+        }
+    )
+    resolved = resolve_builtin_model(config, lambda line: None)
+    assert resolved.generators.hf.name_or_path == str(smollm2_is_the_tiny_wheel)
+    assert resolved.model.name_or_path == TINY_MODEL_REF  # the fine-tune base is left to ensure_tiny_model
+    check_base_model(resolved.with_model_path(str(smollm2_is_the_tiny_wheel)))  # the generator's directory loads
+
+
 def test_fetch_model_prints_the_directory_under_cache_dir(smollm2_is_the_tiny_wheel, tmp_path, capsys):
     from ftloop.pipelines.cli import main
 
