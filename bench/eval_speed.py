@@ -166,15 +166,22 @@ def prepare_tiny(workdir: Path, rows: int, train_rows: int, epochs: float, seed:
     return workdir / "adapter", eval_rows
 
 
-def prepare_real(workdir: Path, model_ref: str, rows: int, train_rows: int, epochs: float, seed: int, log) -> tuple[Path, list[dict]]:
-    """The same synthetic splits, a real pretrained base (--model) fine-tuned with the local demo's recipe."""
+def prepare_real(
+    workdir: Path, model_ref: str, rows: int, train_rows: int, epochs: float, seed: int, log, reuse: bool = False
+) -> tuple[Path, list[dict]]:
+    """The same synthetic splits, a real pretrained base (--model) fine-tuned with the local demo's recipe
+    (``reuse``: the adapter an earlier run left in --workdir, for timing again without training again)."""
     n_labels = len(LABELS)
     formatted = write_formatted(
         workdir / "formatted", n_train=math.ceil(train_rows / n_labels), n_dev=1, n_test=math.ceil(rows / n_labels), seed=seed
     )
+    adapter = workdir / "adapter"
+    if reuse and (adapter / "ftloop_model.json").exists():
+        log(f"reusing the fine-tuned adapter in {adapter}")
+        return adapter, read_split(formatted, "test", LABELS)[:rows]
     model_dir = resolve_model(model_ref)
     config = recipe_config(model_dir, epochs=epochs, early_stopping_metric="none").model_copy(update={"seed": seed})
-    meta = finetune(config, formatted, workdir / "adapter", progress=lambda line: None)
+    meta = finetune(config, formatted, adapter, progress=lambda line: None)
     log(
         f"fine-tuned {model_ref}: {meta['n_train_rows']} rows, {epochs:g} epochs, {meta['steps']} steps, "
         f"{meta['wall_time_s']:.1f}s on {meta['device']}, mean train loss {meta['train_loss']:.3f}"
@@ -199,7 +206,7 @@ def _threads(model, threads: int | None) -> Iterator[None]:
 
 def bench_cpu(args, workdir: Path, log) -> dict[str, Any]:
     if args.model:
-        adapter, rows = prepare_real(workdir, args.model, args.rows, args.train_rows, args.epochs, args.seed, log)
+        adapter, rows = prepare_real(workdir, args.model, args.rows, args.train_rows, args.epochs, args.seed, log, args.reuse_adapter)
     else:
         adapter, rows = prepare_tiny(workdir, args.rows, args.train_rows, args.epochs, args.seed, log)
     model, tokenizer = load_for_inference(adapter)
@@ -482,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--no-gpu", action="store_true", help="skip the GPU section even when CUDA is available")
     p.add_argument("--workdir", help="keep the tiny model and adapter here (default: a temp dir)")
+    p.add_argument("--reuse-adapter", action="store_true", help="with --model and --workdir: time the adapter a previous run left there")
     args = p.parse_args(argv)
     if args.epochs is None:
         args.epochs = 2.0 if args.model else 20.0

@@ -78,6 +78,12 @@ def test_model_option_fine_tunes_that_base_with_the_real_models_recipe(tmp_path,
     assert result["gpu_skipped"].startswith("--model")
     assert f"CPU, {tiny_llama_dir} + LoRA" in capsys.readouterr().out
 
+    adapter_file = tmp_path / "work" / "adapter" / "adapter_model.safetensors"
+    trained = adapter_file.stat().st_mtime_ns
+    assert eval_speed.main([*argv, "--workdir", str(tmp_path / "work"), "--reuse-adapter"]) == 0  # times it again, no training
+    assert adapter_file.stat().st_mtime_ns == trained
+    assert f"reusing the fine-tuned adapter in {tmp_path / 'work' / 'adapter'}" in capsys.readouterr().out
+
 
 def small_phi3_config(tiny_model_dir):
     """A one-layer Phi-3 on the tiny model's tokenizer: the GPU section, run on the CPU in seconds."""
