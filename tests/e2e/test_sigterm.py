@@ -23,6 +23,10 @@ from tests.fixtures.data import corpus_subset, write_lines
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _small_config(tmp_path: Path, epochs: int) -> Path:
     articles = write_lines(tmp_path / "articles.jsonl", corpus_subset(["returns", "shipping", "payments"], 6))
     config = {
@@ -95,6 +99,9 @@ def test_a_signal_stops_the_run_and_its_running_task(tmp_path, signum, task, cod
         cwd=REPO,
         env=env,
         start_new_session=True,
+        # As from a terminal: a shell starts background jobs (`nohup make test &`, some CI runners) with SIGINT
+        # ignored, which the child inherits and rightly keeps, so the interrupt would never arrive.
+        preexec_fn=_default_sigint,
     )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(ftloop.stdout.readline, "")), daemon=True)
