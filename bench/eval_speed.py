@@ -13,6 +13,9 @@ rates. Methods:
   ``<|end|>``, strict parser: generous to generation, reported as a second baseline;
 - batched generate (left padding, same batch size as scoring), for information: it separates
   the gain from batching from the gain from not decoding.
+--model builtin:smollm2-135m-instruct (or a model directory) runs the CPU comparison on that real
+base instead, fine-tuned with configs/demo-smollm2.yaml's recipe (bench/real_model.py); the tiny
+model's decode steps cost almost nothing, a real model's do not.
 All timings run with the thread count the pipeline's evaluation uses for this model
 (``finetune.cpu_threads_for``: one thread for the tiny model) unless --threads is given.
 

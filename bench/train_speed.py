@@ -23,6 +23,9 @@ tests/fixtures/ml.py; its BPE tokenizer is trained on both formats' texts, so ne
 is split into characters by a vocabulary that never saw it. GPU (when CUDA is available): a
 Phi-3-mini-sized model, random init from Phi3Config() defaults in bf16, with the tiny tokenizer.
 
+--model builtin:smollm2-135m-instruct (or a model directory): the CPU section on that real base,
+with configs/demo-smollm2.yaml's recipe as ours (bench/real_model.py), and no GPU section.
+
 Targets (issue 4): ours processes at most 1/3 of the published recipe's tokens per epoch and
 trains at least 2x faster per epoch; on a GPU, LoRA training reaches >= 40% MFU of the GPU's
 dense bf16 peak. Prints PASS/FAIL per target and exits 0; 1 if the GPU section failed (the CPU
