@@ -228,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="augment.rounds, 1-5 (0, augmentation off, has no augmented model to compare)"
+    )
     parser.add_argument("--label-filter", choices=["tfidf", "model", "none"], default=None)
     parser.add_argument(
         "--early-stopping",
@@ -241,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true", help="show the pipeline's own output")
     parser.add_argument("--report-only", action="store_true", help="run nothing: report the seeds already finished in --workdir")
     args = parser.parse_args(argv)
+    if not 1 <= args.rounds <= 5:
+        parser.error(f"--rounds {args.rounds}: this bench compares the base model with the augmented one; use 1-5")
 
     runs = []
     for seed in args.seeds:

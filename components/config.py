@@ -377,8 +377,12 @@ class AugmentConfig(_Section):
     backend: GeneratorBackend = "offline"
     rephrasings_per_error: Annotated[int, Field(gt=0, le=50)] = 3
     max_per_class: Count = Field(default=50, description="Most rows added per class in one round.")
-    rounds: Annotated[int, Field(ge=1, le=5)] = Field(
-        default=1, description="Augment-retrain rounds, unrolled at compile time; later rounds stop early."
+    rounds: Annotated[int, Field(ge=0, le=5)] = Field(
+        default=1,
+        description=(
+            "Augment-retrain rounds, unrolled at compile time; later rounds stop early. 0 turns augmentation off: "
+            "the run fine-tunes the base model, evaluates it and compares it with the baselines."
+        ),
     )
     label_filter: Literal["tfidf", "model", "none"] = Field(
         default="tfidf", description="Keep a rephrasing only if this judge gives its intended label the top score by a margin."

@@ -299,15 +299,16 @@ def compare_models(
     augment_min_dev_improvement: float,
     seed: int,
     base_evaluation: Input[Dataset],
-    augmented_evaluation: Input[Dataset],
     tfidf_evaluation: Input[Dataset],
     zero_shot_evaluation: Input[Dataset],
     base_splits: Input[Dataset],
-    augmented_splits: Input[Dataset],
     results: Output[Artifact],
     report_markdown: Output[Markdown],
     report_html: Output[HTML],
     metrics: Output[Metrics],
+    # The loop's final model; not passed with augment.rounds 0 (augmentation off: no augmented model).
+    augmented_evaluation: Input[Dataset] = None,
+    augmented_splits: Input[Dataset] = None,
 ):
     """Side-by-side comparison: summary.json, predictions and reports in one bundle; every model's scalars on one task."""
     from ftloop.components.errors import exit_on_user_error
@@ -317,15 +318,17 @@ def compare_models(
         from ftloop.components.kfp_metrics import log_comparison
         from ftloop.components.stages import compare_models
 
+        evaluations = {
+            "base": base_evaluation,
+            "augmented": augmented_evaluation,
+            "tfidf": tfidf_evaluation,
+            "zero-shot": zero_shot_evaluation,
+        }
+        splits = {"base": base_splits, "augmented": augmented_splits}
         summary = compare_models.run(
             RunConfig.from_slice(config_slice, locals(), source_uri=source_uri),
-            {
-                "base": base_evaluation.path,
-                "augmented": augmented_evaluation.path,
-                "tfidf": tfidf_evaluation.path,
-                "zero-shot": zero_shot_evaluation.path,
-            },
-            {"base": base_splits.path, "augmented": augmented_splits.path},
+            {name: artifact.path for name, artifact in evaluations.items() if artifact is not None},
+            {name: artifact.path for name, artifact in splits.items() if artifact is not None},
             results.path,
             report_markdown.path,
             report_html.path,
@@ -338,8 +341,8 @@ def compare_models(
 def upload_to_okareo(
     config_slice: str,
     base_evaluation: Input[Dataset],
-    augmented_evaluation: Input[Dataset],
     links: Output[Artifact],
+    augmented_evaluation: Input[Dataset] = None,  # not passed with augment.rounds 0
 ):
     """Optional: the splits as Okareo scenarios and each model's predictions as Okareo test runs (key from OKAREO_API_KEY)."""
     from ftloop.components.errors import exit_on_user_error
@@ -348,7 +351,10 @@ def upload_to_okareo(
         from ftloop.components.config import RunConfig
         from ftloop.components.stages import upload_to_okareo
 
+        evaluations = {"base": base_evaluation, "augmented": augmented_evaluation}
         result = upload_to_okareo.run(
-            RunConfig.from_slice(config_slice, locals()), {"base": base_evaluation.path, "augmented": augmented_evaluation.path}, links.path
+            RunConfig.from_slice(config_slice, locals()),
+            {name: artifact.path for name, artifact in evaluations.items() if artifact is not None},
+            links.path,
         )
         links.metadata.update({f"{model}_{split}": url for model, splits in result.items() for split, url in splits.items()})

@@ -24,7 +24,8 @@ def _print_results(summary: dict, workdir: Path) -> None:
     from ftloop.components.reports.tables import render_text_table
 
     print()
-    print("Models evaluated on the same rows (delta = augmented - base):")
+    # No delta column without an augmented model (augment.rounds: 0; the verdict below says augmentation was off).
+    print("Models evaluated on the same rows" + (" (delta = augmented - base):" if summary.get("deltas") else ":"))
     print(render_text_table(summary))
     print()
     print(f"summary: {summary_path(workdir)}")

@@ -83,7 +83,8 @@ def check_base_model(config: RunConfig) -> None:
     check_model_ref(ref)
     if Path(ref).is_dir():
         load_tokenizer(ref)  # chat template and a pad token distinct from eos
-    if "hf" in (config.generate.backend if config.data.articles else None, config.augment.backend):
+    # the generator backends that run: augment.backend only when the loop does (augment.rounds 0: augmentation off)
+    if "hf" in (config.generate.backend if config.data.articles else None, config.augment.backend if config.augment.rounds else None):
         check_model_ref(config.generators.hf.name_or_path, key="generators.hf.name_or_path")
 
 

@@ -4,6 +4,7 @@ Each round's augment task decides. On "continue" (``dsl.If``) the round formats 
 splits, fine-tunes a new model and evaluates it on the base model's rows; otherwise
 (``dsl.Else``) ``carry_forward`` passes the kept model and its evaluation on unchanged, and
 every later round stops at once. ``dsl.OneOf`` hands whichever branch ran to the next round.
+With ``augment.rounds: 0`` (augmentation off) ``pipeline.py`` builds no round at all.
 """
 
 from __future__ import annotations

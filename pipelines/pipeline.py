@@ -1,5 +1,7 @@
 """The ftloop pipeline: generate -> split -> format -> fine-tune -> evaluate -> N x (augment -> fine-tune -> evaluate) -> compare.
 
+N is ``augment.rounds``; 0 turns augmentation off (no round, no final selection: base and the baselines are compared).
+
 The graph is built from a run config. Compile-time choices (data source kind, number of
 rounds, backends, every setting not in ``RUNTIME_FIELDS``) shape it and reach each task as
 a JSON constant holding only the part of the config that stage reads (``RunConfig.slice``,
@@ -102,26 +104,30 @@ def build_pipeline(config: RunConfig, for_cluster: bool = False, source_sha256: 
         )
 
         # 6-7. `augment.rounds` rounds of augment-from-errors -> fine-tune -> evaluate, each able to stop the loop.
-        base = RoundOutputs(model=base_model.output, evaluation=base_eval.outputs["results"], splits=splits.output)
-        last, previous = augmentation_rounds(config, place, args, formatted.output, base)
+        # `augment.rounds: 0` turns augmentation off: no round and no selection, and the comparison below gets
+        # no augmented model (its augmented_* inputs are optional; summary.json then has base and the baselines).
+        augmented: dict[str, Any] = {}
+        if config.augment.rounds:
+            base = RoundOutputs(model=base_model.output, evaluation=base_eval.outputs["results"], splits=splits.output)
+            last, previous = augmentation_rounds(config, place, args, formatted.output, base)
 
-        # The rule between rounds, applied once more after the last one: a last round that lowered
-        # dev macro-F1 is not the final model.
-        final = place.data(
-            place.cpu(
-                c.select_final_model(
-                    model=last.model,
-                    evaluation=last.evaluation,
-                    splits=last.splits,
-                    reference_model=previous.model,
-                    reference_evaluation=previous.evaluation,
-                    reference_splits=previous.splits,
-                    **args("select_final_model"),
-                ),
-                "keep the better of the last two rounds",
+            # The rule between rounds, applied once more after the last one: a last round that lowered
+            # dev macro-F1 is not the final model.
+            final = place.data(
+                place.cpu(
+                    c.select_final_model(
+                        model=last.model,
+                        evaluation=last.evaluation,
+                        splits=last.splits,
+                        reference_model=previous.model,
+                        reference_evaluation=previous.evaluation,
+                        reference_splits=previous.splits,
+                        **args("select_final_model"),
+                    ),
+                    "keep the better of the last two rounds",
+                )
             )
-        )
-        augmented_eval, augmented_splits = final.outputs["kept_evaluation"], final.outputs["kept_splits"]
+            augmented = {"augmented_evaluation": final.outputs["kept_evaluation"], "augmented_splits": final.outputs["kept_splits"]}
 
         # 8. Compare: summary.json and the reports; its Metrics output puts every model's scalars
         # (<model>_<split>_<metric>) on this one task, so the KFP Compare page lines runs up on the final
@@ -129,23 +135,21 @@ def build_pipeline(config: RunConfig, for_cluster: bool = False, source_sha256: 
         comparison = place.cpu(
             c.compare_models(
                 base_evaluation=base_eval.outputs["results"],
-                augmented_evaluation=augmented_eval,
                 tfidf_evaluation=tfidf.outputs["results"],
                 zero_shot_evaluation=zero_shot.outputs["results"],
                 base_splits=splits.output,
-                augmented_splits=augmented_splits,
+                **augmented,
                 source_uri=parameters[SOURCE_PARAMETER],
                 **args("compare_models"),
             ),
             "compare models",
         )
 
-        # Optionally, both evaluations to Okareo.
+        # Optionally, both evaluations to Okareo (the base model's alone with augmentation off).
         if config.generators.okareo.upload_eval:
+            augmented_eval = {"augmented_evaluation": augmented["augmented_evaluation"]} if augmented else {}
             place.generation(
-                c.upload_to_okareo(
-                    base_evaluation=base_eval.outputs["results"], augmented_evaluation=augmented_eval, **args("upload_to_okareo")
-                ),
+                c.upload_to_okareo(base_evaluation=base_eval.outputs["results"], **augmented_eval, **args("upload_to_okareo")),
                 "upload evaluation to Okareo",
                 "okareo",
             )

@@ -7,7 +7,7 @@ from typing import Any
 from ftloop.components.artifacts import HEADLINE_METRICS, SIGNIFICANCE_SPLITS
 from ftloop.components.records import SPLITS
 from ftloop.components.reports.escape import plain
-from ftloop.components.reports.verdict import format_p, headline
+from ftloop.components.reports.verdict import augmentation_off, format_p, headline
 
 MODEL_ORDER = ("base", "augmented", "tfidf", "zero-shot")
 
@@ -220,8 +220,13 @@ def model_pairs(names: list[str] | tuple[str, ...]) -> list[tuple[str, str]]:
     return [(before, after) for i, after in enumerate(ranked) for before in ranked[i + 1 :]]
 
 
+AUGMENTATION_OFF_LINE = "augmentation was off (augment.rounds: 0): no round ran, so there is no augmented model and no delta to report"
+
+
 def augmentation_lines(summary: dict[str, Any]) -> list[str]:
-    """The loop's history, one plain-text item per round (each renderer escapes and lists them)."""
+    """The loop's history, one plain-text item per round (each renderer escapes and lists them); one line when it was off."""
+    if augmentation_off(summary):
+        return [AUGMENTATION_OFF_LINE]
     augmented_data = (summary.get("data") or {}).get("augmented") or {}
     aug = augmented_data.get("augmentation")
     rounds = augmented_data.get("augmentation_rounds") or ([aug] if aug else [])

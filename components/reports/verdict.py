@@ -1,5 +1,6 @@
-"""The headline every report opens with: did augmentation help on test, by how much, is it significant, and how the
-fine-tuned models compare with the baselines. Plain sentences from summary.json; each renderer escapes them."""
+"""The headline every report opens with: did augmentation help on test, by how much, is it significant (or was it off,
+``augment.rounds: 0``), and how the fine-tuned models compare with the baselines. Plain sentences from summary.json;
+each renderer escapes them."""
 
 from __future__ import annotations
 
@@ -44,8 +45,24 @@ def _interval(summary: dict[str, Any], name: str) -> list[float] | None:
     return ci if ci and len(ci) == 2 else None
 
 
+AUGMENTATION_OFF = (
+    "Augmentation was off (augment.rounds: 0): the run fine-tuned the base model, evaluated it and compared it with the baselines."
+)
+
+
+def augmentation_off(summary: dict[str, Any]) -> bool:
+    """The run's config says ``augment.rounds: 0`` and there is no augmented model: the loop never ran."""
+    config = summary.get("config")
+    augment = config.get("augment") if isinstance(config, dict) else None
+    rounds = augment.get("rounds") if isinstance(augment, dict) else None
+    return rounds == 0 and not isinstance(rounds, bool) and "augmented" not in (summary.get("models") or {})
+
+
 def augmentation_sentence(summary: dict[str, Any]) -> str | None:
-    """Did augmentation help on test? None when the summary has no base and augmented model."""
+    """Did augmentation help on test? ``AUGMENTATION_OFF`` when it was off; None when the summary has no base and
+    augmented model for another reason."""
+    if augmentation_off(summary):
+        return AUGMENTATION_OFF
     before, after = _test_macro_f1(summary, "base"), _test_macro_f1(summary, "augmented")
     if before is None or after is None:
         return None

@@ -207,7 +207,8 @@ def summarize(
         **({"base_model": run_base} if run_base is not None else {}),
         "labels": labels,
         "models": models,
-        # base -> augmented, kept at the top level for the KFP artifact's delta_test_* metadata and older readers
+        # base -> augmented, kept at the top level for the KFP artifact's delta_test_* metadata and older readers;
+        # empty without an augmented model (augment.rounds 0: augmentation off)
         "deltas": significance.get("base->augmented", {}).get("deltas", {}),
         "significance": significance,
         "data": data,
@@ -224,6 +225,16 @@ def write_bundle(summary: dict[str, Any], eval_dirs: dict[str, str | Path], out_
     write_summary(out, summary)
 
 
+def check_augmented_model(config: RunConfig, eval_dirs: dict[str, Any], split_dirs: dict[str, Any]) -> None:
+    """The loop's final model (``augmented``) is compared exactly when the loop ran: its evaluation and splits with
+    ``augment.rounds`` 1-5, neither with 0 (augmentation off). Anything else is the pipeline's wiring, not the user's."""
+    expected = config.augment.rounds > 0
+    for what, given in (("evaluation", eval_dirs), ("splits", split_dirs)):
+        if ("augmented" in given) != expected:
+            state = "given" if "augmented" in given else "missing"
+            raise ValueError(f"compare_models: the augmented model's {what} is {state} with augment.rounds {config.augment.rounds}")
+
+
 def run(
     config: RunConfig,
     eval_dirs: dict[str, str | Path],
@@ -236,6 +247,7 @@ def run(
 
     Everything is read, checked and rendered before the first file is written, so a bad input leaves no bundle behind.
     """
+    check_augmented_model(config, eval_dirs, split_dirs)
     run_info = {"run_name": config.name, "seed": config.seed, "config": config.model_dump(mode="json")}
     summary = summarize(eval_dirs, split_dirs, run_info)
     check_summary(summary, summary_path(bundle_dir))  # the contract the reports and `ftloop report` read

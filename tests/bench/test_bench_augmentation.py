@@ -160,3 +160,12 @@ def test_report_lists_each_rounds_model(tmp_path):
     args = argparse.Namespace(config="c.yaml", rounds=1, label_filter=None, early_stopping=None, seeds=[0])
     text = augmentation.report([run], args)
     assert "| 0 | 1 |" in text and "-> 0.750" in text and "7 / 2, 0.180" in text
+
+
+@pytest.mark.parametrize("rounds", ["0", "6"])
+def test_rounds_outside_1_to_5_are_refused_before_anything_runs(tmp_path, capsys, rounds):
+    with pytest.raises(SystemExit) as exit_:
+        augmentation.main(["--rounds", rounds, "--seeds", "0", "--workdir", str(tmp_path / "w")])
+    assert exit_.value.code == 2
+    assert f"--rounds {rounds}: this bench compares the base model with the augmented one; use 1-5" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()

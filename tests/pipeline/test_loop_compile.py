@@ -2,6 +2,7 @@
 
 import re
 
+import pytest
 import yaml
 from kfp import compiler
 
@@ -105,3 +106,33 @@ def test_every_rounds_evaluation_logs_metrics_and_a_confusion_matrix(tmp_path, m
     # whichever round the final model came from, its scalars are on the one compare task
     compare = spec["components"][tasks["compare-models"]["componentRef"]["name"]]["outputDefinitions"]["artifacts"]
     assert compare["metrics"]["artifactType"]["schemaTitle"] == "system.Metrics"
+
+
+LOOP_TASKS = re.compile(r"(augment-from-errors|carry-forward|select-final-model|condition-.*)(-\d+)?")
+
+
+@pytest.mark.parametrize("rounds", [0, 1])
+def test_augment_rounds_0_compiles_no_loop_and_compares_base_with_the_baselines_only(tmp_path, monkeypatch, rounds):
+    _, spec, _ = compile_for_cluster(tmp_path, monkeypatch, augment={"rounds": rounds}, generators={"okareo": {"upload_eval": True}})
+    tasks = all_tasks(spec)
+    root = spec["root"]["dag"]["tasks"]
+    compare = root["compare-models"]["inputs"]["artifacts"]
+    upload = root["upload-to-okareo"]["inputs"]["artifacts"]
+    # the comparison declares the loop's model optional: the same component serves both shapes of the graph
+    declared = spec["components"][root["compare-models"]["componentRef"]["name"]]["inputDefinitions"]["artifacts"]
+    assert {k for k, v in declared.items() if v.get("isOptional")} == {"augmented_evaluation", "augmented_splits"}
+    if rounds == 0:
+        # augmentation off: no round (no augment, no If/Else, no second fine-tune or evaluation), no final selection
+        assert not [name for name in tasks if LOOP_TASKS.fullmatch(name)]
+        assert sorted(n for n in tasks if re.fullmatch(r"(finetune|evaluate|format-chat)(-\d+)?", n)) == [
+            "evaluate",
+            "finetune",
+            "format-chat",
+        ]
+        assert set(compare) == {"base_evaluation", "base_splits", "tfidf_evaluation", "zero_shot_evaluation"}
+        assert set(upload) == {"base_evaluation"}  # the Okareo upload gets the base evaluation alone
+    else:
+        assert {"augment-from-errors", "carry-forward", "select-final-model", "finetune-2"} <= set(tasks)
+        for key in ("augmented_evaluation", "augmented_splits"):
+            assert compare[key]["taskOutputArtifact"]["producerTask"] == "select-final-model", key
+        assert upload["augmented_evaluation"]["taskOutputArtifact"]["producerTask"] == "select-final-model"

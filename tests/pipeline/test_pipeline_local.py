@@ -226,3 +226,49 @@ def test_filter_counts_are_in_the_prepare_and_augmented_split_metadata(run):
     augmented = executor_output(run_root, "augment-from-errors")["artifacts"]["augmented"]["artifacts"][0]["metadata"]
     assert {"filtered_near_duplicate_of_test", "filtered_label_inconsistent", "filtered_class_cap", "filtered_total"} <= set(augmented)
     assert augmented["rows_generated"] == augmented["rows_added"] + augmented["filtered_total"]
+
+
+def test_augment_rounds_0_runs_no_round_and_compares_the_base_model_with_the_baselines(tmp_path):
+    """augmentation off: kfp.local runs the graph without the loop (compare_models' augmented inputs left unset)."""
+    articles = write_lines(tmp_path / "articles.jsonl", corpus_subset(["returns", "shipping", "payments"], 4))
+    config = write_config(
+        tmp_path / "run.yaml",
+        articles,
+        generate={"questions_per_article": 4},
+        model={"name_or_path": "builtin:tiny-phi3", "dtype": "float32"},
+        train={"epochs": 1, "batch_size": 4, "max_length": 96, "logging_steps": 2},
+        augment={"rounds": 0},
+    )
+    workdir = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "ftloop.pipelines.cli", "run", "--local", "--config", str(config), "--workdir", str(workdir)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    ran = re.findall(r"^\[ftloop\] \[\d+/(\d+)\] Executing task '([^']+)'$", result.stdout, re.M)
+    assert {name for _, name in ran} == {
+        "importer",
+        "prepare-examples",
+        "split-examples",
+        "format-chat",
+        "tfidf-baseline",
+        "evaluate-zero-shot",
+        "finetune",
+        "evaluate",
+        "compare-models",
+    }
+    assert {total for total, _ in ran} == {"9"}  # no round, no carry-forward, no select-final-model in the graph
+    (run_dir,) = (d for d in (workdir / "kfp").iterdir() if not d.name.startswith("."))  # .kfp_cache aside
+    assert not [p.name for p in run_dir.iterdir() if p.name.startswith(("augment", "carry", "select"))]
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert set(summary["models"]) == {"base", "tfidf", "zero-shot"} and set(summary["data"]) == {"base"}
+    assert set(summary["significance"]) == {"tfidf->base", "zero-shot->base", "zero-shot->tfidf"} and summary["deltas"] == {}
+    assert summary["config"]["augment"]["rounds"] == 0
+    assert "Augmentation was off (augment.rounds: 0)" in (workdir / "report.md").read_text()
+    # the final lines: no delta column and the verdict says why
+    assert "\nModels evaluated on the same rows:\n" in result.stdout, result.stdout[-2000:]
+    tail = result.stdout.split("Models evaluated on the same rows:\n", 1)[1]
+    assert tail.startswith("Augmentation was off (augment.rounds: 0): the run fine-tuned the base model")
+    assert "delta" not in tail and "augmented" not in tail

@@ -152,6 +152,9 @@ def test_a_local_run_checks_the_hf_generator_model_before_any_stage(tmp_path):
     )
     with pytest.raises(FtloopError, match=r"^generators.hf.name_or_path: .*/no-model: no such model directory"):
         check_base_model(config.with_model_path("microsoft/Phi-3-mini-4k-instruct"))
+    # augment.rounds 0: no round runs, so the augmentation backend's model is not needed
+    off = config.model_copy(update={"augment": config.augment.model_copy(update={"rounds": 0})})
+    check_base_model(off.with_model_path("microsoft/Phi-3-mini-4k-instruct"))
 
 
 # ---------------------------------------------------------------- issue 16: values and YAML the schema used to let through
@@ -208,6 +211,17 @@ def test_the_json_round_trip_never_carries_infinity():
 def test_counts_have_sane_upper_bounds(tmp_path, section, key, value, bound):
     message = config_error(tmp_path, BASE + f"{section}:\n  {key}: {value}\n")
     assert f"run.yaml:4: {section}.{key}: must be at most {bound}, got {value}" in message
+
+
+def test_augment_rounds_0_turns_augmentation_off_and_the_range_is_0_to_5(tmp_path):
+    (tmp_path / "a.jsonl").write_text("")
+    assert load_config(write(tmp_path, BASE + "augment:\n  rounds: 0\n")).augment.rounds == 0
+    assert load_config(write(tmp_path, BASE + "augment:\n  rounds: 5\n")).augment.rounds == 5
+    assert "run.yaml:4: augment.rounds: Input should be greater than or equal to 0" in config_error(
+        tmp_path, BASE + "augment:\n  rounds: -1\n"
+    )
+    assert "run.yaml:4: augment.rounds: must be at most 5, got 6" in config_error(tmp_path, BASE + "augment:\n  rounds: 6\n")
+    assert "0 turns augmentation off" in (RunConfig.model_fields["augment"].annotation.model_fields["rounds"].description or "")
 
 
 def test_a_huge_questions_per_article_fails_fast(tmp_path):

@@ -690,3 +690,74 @@ def test_headline_opens_every_report(run_dir):
     assert render_text_table(summary).splitlines()[: len(sentences)] == sentences
     only_base = {"models": {"base": summary["models"]["base"]}}
     assert headline(only_base) == []  # nothing to compare: no headline, and the reports still render
+
+
+# ------------------------------------------------------------------ augment.rounds 0: augmentation off
+
+
+def rounds_config(rounds: int) -> RunConfig:
+    return RunConfig.model_validate({"name": "t", "seed": 0, "data": {"questions": "q.jsonl"}, "augment": {"rounds": rounds}})
+
+
+def baselines_only(tmp_path, rounds=0, with_augmented=False):
+    """compare_models as the pipeline calls it with augment.rounds 0: base, tfidf and zero-shot, the base splits alone."""
+    names = ("base", "augmented", "tfidf", "zero-shot") if with_augmented else ("base", "tfidf", "zero-shot")
+    evals = {}
+    for seed, name in enumerate(names):
+        fake_eval(tmp_path / name, 0.4 + 0.1 * seed, seed)
+        evals[name] = tmp_path / name
+    splits = {}
+    for name in ("base", "augmented") if with_augmented else ("base",):
+        write_json(
+            tmp_path / f"{name}-splits" / "report.json", {"rows": {"train": 30, "dev": 12, "test": 12}, "groups": {}, "group_overlap": {}}
+        )
+        splits[name] = tmp_path / f"{name}-splits"
+    out = tmp_path / "bundle"
+    return out, run_compare(rounds_config(rounds), evals, splits, out, tmp_path / "r.md", tmp_path / "r.html")
+
+
+def test_with_augmentation_off_the_comparison_has_base_and_the_baselines_and_says_augmentation_was_off(tmp_path, capsys):
+    from ftloop.components.artifacts import read_summary
+    from ftloop.components.kfp_metrics import comparison_scalars
+    from ftloop.components.reports.tables import render_text_table
+    from ftloop.components.reports.verdict import AUGMENTATION_OFF
+
+    out, summary = baselines_only(tmp_path)
+    assert set(summary["models"]) == {"base", "tfidf", "zero-shot"}
+    assert set(summary["significance"]) == {"tfidf->base", "zero-shot->base", "zero-shot->tfidf"}  # no base->augmented
+    assert summary["deltas"] == {} and set(summary["data"]) == {"base"}
+    assert summary["config"]["augment"]["rounds"] == 0
+    assert read_summary(out).to_json() == json.loads((out / "summary.json").read_text())  # check_summary accepts it
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    for text in (md, page):
+        assert "augmentation was off (augment.rounds: 0)" in text.lower()
+        assert "delta" not in text.split("Pairwise")[0].lower()  # no delta column, no base->augmented sentence
+        assert "base-&gt;augmented" not in text and "base->augmented" not in text
+    assert md.splitlines()[2].startswith("**Verdict:** Augmentation was off (augment.rounds: 0):")
+    assert "Models: base, tfidf, zero-shot." in md and "| split | metric | base | tfidf | zero-shot |" in md
+    assert "## Augmentation\n\n- augmentation was off (augment.rounds: 0): no round ran" in md
+    table = render_text_table(summary)
+    assert table.splitlines()[0] == AUGMENTATION_OFF
+    assert table.splitlines()[1].startswith("The fine-tuned base model ")
+    assert "delta" not in table
+    scalars = comparison_scalars(summary)
+    assert "base_test_macro_f1" in scalars and not [k for k in scalars if "augmented" in k]
+    # `ftloop report` renders it again, unchanged
+    (out / "report.md").unlink()
+    from ftloop.pipelines.cli import main
+
+    assert main(["report", str(out)]) == 0
+    assert (out / "report.md").read_text() == md
+
+
+@pytest.mark.parametrize(
+    "rounds, with_augmented, problem",
+    [
+        (0, True, "the augmented model's evaluation is given with augment.rounds 0"),
+        (1, False, "the augmented model's evaluation is missing with augment.rounds 1"),
+    ],
+)
+def test_the_augmented_model_is_compared_exactly_when_the_loop_ran(tmp_path, rounds, with_augmented, problem):
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        baselines_only(tmp_path, rounds=rounds, with_augmented=with_augmented)
+    assert not (tmp_path / "bundle").exists()
