@@ -124,7 +124,7 @@ def test_derived_config_imports_the_questions_and_applies_overrides(tmp_path):
     assert loaded.data.questions is not None and loaded.data.articles is None
     assert loaded.data.conflicting_labels == "drop"
     assert (loaded.seed, loaded.train.epochs, loaded.lora.r, loaded.train.learning_rate) == (3, 5, 8, 1e-3)
-    assert loaded.augment.rounds == 1
+    assert loaded.augment.rounds == 0  # fine-tune against the baselines unless --set augment.rounds=N
     assert loaded.model.name_or_path == "builtin:smollm2-135m-instruct"
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         human_intents.derived_config(questions, 0, ["train.epochs"])
@@ -153,3 +153,29 @@ def test_fetch_archive_uses_a_cached_copy_only_if_its_hash_is_the_pin(tmp_path, 
     assert "--require-hashes" in calls[0] and "--no-deps" in calls[0]
     requirements = Path(calls[0][calls[0].index("-r") + 1])
     assert not requirements.exists()  # the temporary folder is gone
+
+
+def _model_scores(f1: float) -> dict:
+    split = {"macro_f1": f1, "ci95": {"macro_f1": [f1 - 0.05, f1 + 0.05]}, "accuracy": f1, "n": 8}
+    return {"dev": split, "test": split}
+
+
+def test_a_summary_without_an_augmented_model_is_reported_with_the_models_it_has():
+    """augment.rounds 0 (the bench's default): summary.json has base and the baselines only."""
+    summary = {
+        "labels": ["a", "b"],
+        "models": {"base": _model_scores(0.8), "tfidf": _model_scores(0.7), "zero-shot": _model_scores(0.1)},
+        "significance": {"tfidf->base": {"test": {"p_value": 0.5}}},
+        "data": {"base": {"rows": {"train": 24, "dev": 8, "test": 8}}},
+        "timings": {"total_seconds": 12.0},
+    }
+    brief = human_intents.summarize(summary)
+    assert list(brief["models"]) == ["base", "tfidf", "zero-shot"]
+    assert brief["augmentation"] == {"rounds": [], "loop_stopped": None}
+    args = {"intents": 2, "rows_per_intent": 20, "seed": 0, "set": []}
+    text = human_intents.report(
+        {"summary": brief, "args": args, "seconds": {"prepare": 1, "pipeline": 2}, "finetune": [], "token_lengths": {}}
+    )
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| model")]
+    assert [r.split(" | ")[0] for r in rows] == ["| base", "| tfidf", "| zero-shot"]
+    assert "| base | 0.800 [0.750, 0.850] | 0.800 |" in text
