@@ -297,7 +297,97 @@ def load_base_model(
     return check_no_hub_kernels(model, f"{key} {name_or_path!r}")
 
 
+# Special tokens a vocabulary sets aside for no text: Llama-3's <|reserved_special_token_N|> and
+# Llama-3.1's <|finetune_right_pad_id|>, Qwen2's <|vision_pad|> / <|fim_pad|>, Gemma's <unusedN>.
+SPARE_TOKEN_MARKERS = ("reserved", "pad", "unused")
+# A conversation with every role the prompts use: a template's tokens for all of them show in its rendering.
+_SAMPLE_CONVERSATION = [
+    {"role": "system", "content": "Classify the question."},
+    {"role": "user", "content": "Where is my order?"},
+    {"role": "assistant", "content": "shipping"},
+]
+
+
+def _template_renderings(tokenizer) -> list[str]:
+    """The chat template's text for the sample conversation, with and without a system turn and a
+    generation prompt (templates that refuse a system turn still render the rest)."""
+    out = []
+    for messages in (_SAMPLE_CONVERSATION, _SAMPLE_CONVERSATION[1:]):
+        for prompt_only in (False, True):
+            try:
+                rendered = tokenizer.apply_chat_template(
+                    messages[:-1] if prompt_only else messages, tokenize=False, add_generation_prompt=prompt_only
+                )
+            except Exception:  # noqa: BLE001 - jinja and template-specific errors (role order, no system turn)
+                continue
+            if isinstance(rendered, str):
+                out.append(rendered)
+    return out
+
+
+def _local_config_value(name_or_path: str, filename: str, key: str):
+    """``key`` of a local model directory's JSON file (config.json, generation_config.json), else None."""
+    path = Path(name_or_path) / filename
+    if not _is_local(name_or_path) or not path.is_file():
+        return None
+    try:
+        data = read_json(path)
+    except Exception:  # noqa: BLE001 - an unreadable optional file is left to the model loader
+        return None
+    if not isinstance(data, dict):
+        return None
+    if key not in data and isinstance(data.get("text_config"), dict):  # multimodal configs nest the language model's
+        return data["text_config"].get(key)
+    return data.get(key)
+
+
+def _not_a_pad_ids(tokenizer, name_or_path: str) -> set[int]:
+    """Ids a spare pad must not be: the named special tokens (bos, eos, unk, sep, cls, mask) and a local
+    model's generation eos ids (Llama-3 stops on <|end_of_text|>, <|eom_id|> and <|eot_id|>)."""
+    ids: set = {getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "unk", "sep", "cls", "mask")}
+    generation_eos = _local_config_value(name_or_path, "generation_config.json", "eos_token_id")
+    ids.update(generation_eos if isinstance(generation_eos, list) else [generation_eos])
+    return {i for i in ids if isinstance(i, int)}
+
+
+def spare_pad_token(tokenizer, name_or_path: str, renderings: list[str] | None = None) -> str | None:
+    """An existing special token that can pad without being trained on or scored, or None.
+
+    Candidates are the vocabulary's special tokens named like a spare (``SPARE_TOKEN_MARKERS``) that
+    are no named special token or generation eos (``_not_a_pad_ids``), fit a local model's embedding
+    matrix and never appear in the chat template's renderings (``_template_renderings``). That also
+    keeps every stop token out: eos is a named token, and the turn end ``generate_mode.stop_token_ids``
+    adds is what the template writes after an answer. A token named as a pad wins (Llama-3.1 ships
+    ``<|finetune_right_pad_id|>`` for this), then the lowest id, so the choice is deterministic. Nothing is added: a new token would resize the embeddings and make the adapter
+    depend on a new, untrained row.
+    """
+    renderings = _template_renderings(tokenizer) if renderings is None else renderings
+    if not renderings:
+        return None  # what the template writes is unknown, so no token is known to be unused
+    excluded = _not_a_pad_ids(tokenizer, name_or_path)
+    vocab_size = _local_config_value(name_or_path, "config.json", "vocab_size")
+    candidates = sorted(
+        ("pad" not in added.content.lower(), token_id, added.content)
+        for token_id, added in getattr(tokenizer, "added_tokens_decoder", {}).items()
+        if added.special
+        and any(marker in added.content.lower() for marker in SPARE_TOKEN_MARKERS)
+        and token_id not in excluded
+        and (not isinstance(vocab_size, int) or token_id < vocab_size)
+        and not any(added.content in text for text in renderings)
+    )
+    return candidates[0][2] if candidates else None
+
+
 def load_tokenizer(name_or_path: str, revision: str | None = None, key: str = "model.name_or_path"):
+    """The base model's tokenizer, with a pad token that is not eos (padding with eos would mask the
+    end of every answer in collators that mask pad labels by id).
+
+    A missing pad, or pad == eos, becomes the unknown token (as Microsoft's Phi-3 recipe does) unless
+    that is eos too or the chat template writes it (a turn end), else a spare special token of the
+    vocabulary (``spare_pad_token``: e.g. Llama-3's ``<|reserved_special_token_0|>``); a tokenizer with
+    neither is refused. Padding is masked by position (attention mask 0, labels -100), so whichever
+    token pads is never trained on or scored.
+    """
     from transformers import AutoTokenizer
 
     check_model_ref(name_or_path, key)
@@ -307,13 +397,22 @@ def load_tokenizer(name_or_path: str, revision: str | None = None, key: str = "m
         )
     except Exception as exc:  # noqa: BLE001 - corrupt tokenizer files raise anything from OSError to Exception
         raise FtloopError(f"{key}: cannot load tokenizer {name_or_path!r}: {type(exc).__name__}: {_first_line(exc)}") from None
-    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        # pad == eos makes label-masking collators hide the stop token (Microsoft's Phi-3 recipe uses unk).
-        if tokenizer.unk_token is None:
-            raise FtloopError(f"tokenizer of {name_or_path!r} has no pad or unk token distinct from eos")
-        tokenizer.pad_token = tokenizer.unk_token
     if tokenizer.chat_template is None:
         raise FtloopError(f"tokenizer of {name_or_path!r} has no chat template")
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # pad == eos makes label-masking collators hide the stop token (Microsoft's Phi-3 recipe uses unk).
+        renderings = _template_renderings(tokenizer)
+        unk = tokenizer.unk_token
+        if unk is not None and tokenizer.unk_token_id != tokenizer.eos_token_id and not any(unk in t for t in renderings):
+            tokenizer.pad_token = unk
+        elif (spare := spare_pad_token(tokenizer, name_or_path, renderings)) is not None:
+            tokenizer.pad_token = spare
+        else:
+            raise FtloopError(
+                f"tokenizer of {name_or_path!r} has no pad token distinct from eos, no unk token usable as pad and no "
+                "spare special token to pad with (one named reserved, pad or unused that its chat template never writes); set "
+                "pad_token in its tokenizer_config.json to an existing special token other than eos and the end of turn"
+            )
     return tokenizer
 
 
