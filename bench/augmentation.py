@@ -11,7 +11,8 @@ Reported per seed and pooled: dev and test macro-F1 with 95% bootstrap
 intervals (components/evaluation/stats.py), the paired test delta with a bootstrap
 interval (rows resampled within each seed), McNemar's p per seed, and what the
 loop did (rounds run, rows added, stop reason). Dev is optimistic for the
-augmented model (its errors were mined there); test is the honest number.
+augmented model (its errors were mined there) unless ``--mine-splits train``;
+test is the honest number.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/augmentation.py --seeds 0 1 2 --rounds 2 --json /tmp/aug.json
 
@@ -67,14 +68,37 @@ def paired_delta_ci(runs: list[dict], split: str, labels: list[str], seed: int =
     return {"mean_delta": point, "ci95": [float(np.quantile(draws, 0.025)), float(np.quantile(draws, 0.975))]}
 
 
+def parse_mine_splits(text: str) -> list[str]:
+    """``--mine-splits train`` / ``train,dev``: checked by the config's own rules (never test, no duplicates)."""
+    from pydantic import ValidationError
+
+    from ftloop.components.config import AugmentConfig
+
+    try:
+        return list(AugmentConfig(mine_splits=[s.strip() for s in text.split(",")]).mine_splits)
+    except ValidationError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+
+
 def run_seed(
-    config_path: Path, seed: int, rounds: int, label_filter: str | None, workdir: Path, verbose: bool, early_stopping: str | None = None
+    config_path: Path,
+    seed: int,
+    rounds: int,
+    label_filter: str | None,
+    workdir: Path,
+    verbose: bool,
+    early_stopping: str | None = None,
+    mine_splits: list[str] | None = None,
 ) -> dict:
     from ftloop.components.config import load_config
     from ftloop.pipelines.local import run_local
 
     config = load_config(config_path)
-    augment = {"rounds": rounds, **({"label_filter": label_filter} if label_filter else {})}
+    augment = {
+        "rounds": rounds,
+        **({"label_filter": label_filter} if label_filter else {}),
+        **({"mine_splits": mine_splits} if mine_splits else {}),
+    }
     update = {"seed": seed, "augment": config.augment.model_copy(update=augment)}
     if early_stopping:
         update["train"] = config.train.model_copy(update={"early_stopping_metric": early_stopping})
@@ -135,6 +159,8 @@ def collect_seed(out: Path, seed: int, seconds: float | None) -> dict:
         "seed": seed,
         "seconds": seconds,
         "labels": summary["labels"],
+        # what the run mined (a summary from before the setting: train and dev, then the only behaviour)
+        "mine_splits": summary["config"]["augment"].get("mine_splits", ["train", "dev"]),
         "metrics": {
             model: {
                 split: {
@@ -170,10 +196,12 @@ def pooled_ci(runs: list[dict], model: str, split: str, labels: list[str]) -> di
 
 def report(runs: list[dict], args: argparse.Namespace) -> str:
     labels = runs[0]["labels"]
+    recorded = sorted({",".join(run["mine_splits"]) for run in runs if run.get("mine_splits")})
+    mined = ",".join(args.mine_splits) if args.mine_splits else " / ".join(recorded) or "as configured"
     fmt = lambda m: f"{m['macro_f1']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]"  # noqa: E731
     lines = [
         f"config {args.config}, rounds {args.rounds}, label filter {args.label_filter or 'as configured'}, "
-        f"fine-tune early stopping {args.early_stopping or 'as configured'}, seeds {args.seeds}",
+        f"mined splits {mined}, fine-tune early stopping {args.early_stopping or 'as configured'}, seeds {args.seeds}",
         "",
         "| seed | split | base | augmented | TF-IDF | delta | McNemar p (test) | train rows base -> aug | loop |",
         "|---|---|---|---|---|---:|---:|---|---|",
@@ -233,6 +261,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--label-filter", choices=["tfidf", "model", "none"], default=None)
     parser.add_argument(
+        "--mine-splits",
+        type=parse_mine_splits,
+        default=None,
+        metavar="train|train,dev",
+        help="override augment.mine_splits: 'train' keeps dev an honest judge of the rounds (its errors are not rephrased into train)",
+    )
+    parser.add_argument(
         "--early-stopping",
         choices=["dev_macro_f1", "dev_loss", "none"],
         default=None,
@@ -252,7 +287,16 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(collect_seed(Path(args.workdir) / f"seed-{seed}", seed, None))
             continue
         print(f"seed {seed}: running the local pipeline ...", file=sys.stderr, flush=True)
-        run = run_seed(Path(args.config), seed, args.rounds, args.label_filter, Path(args.workdir), args.verbose, args.early_stopping)
+        run = run_seed(
+            Path(args.config),
+            seed,
+            args.rounds,
+            args.label_filter,
+            Path(args.workdir),
+            args.verbose,
+            args.early_stopping,
+            args.mine_splits,
+        )
         print(f"seed {seed}: done in {run['seconds']} s", file=sys.stderr, flush=True)
         runs.append(run)
     text = report(runs, args)

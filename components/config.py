@@ -391,6 +391,32 @@ class AugmentConfig(_Section):
     min_dev_improvement: Annotated[float, Field(ge=0, le=1)] = Field(
         default=0.0, description="Stop when the last round's dev macro-F1 gain over the round before is not above this."
     )
+    mine_splits: list[Literal["train", "dev"]] = Field(
+        default=["train", "dev"],
+        description=(
+            "Splits whose misclassified rows are rephrased into train (test never is). Mining dev finds more errors but "
+            "makes dev optimistic for the augmented model, so the keep/stop rule leans towards keeping augmentation; "
+            "[train] keeps dev an honest selector."
+        ),
+    )
+
+    @field_validator("mine_splits", mode="before")
+    @classmethod
+    def _never_test(cls, value):
+        if isinstance(value, str):
+            raise ValueError(f"must be a list of splits, e.g. [{value}]")
+        if isinstance(value, (list, tuple)) and "test" in value:
+            raise ValueError("test is never mined (it is the held-out score no stage may see); use train and/or dev")
+        return value
+
+    @field_validator("mine_splits")
+    @classmethod
+    def _no_duplicate_splits(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("needs at least one split: [train], [dev] or [train, dev]")
+        if len(set(value)) != len(value):
+            raise ValueError(f"lists a split twice: {value}")
+        return value
 
 
 _MEMORY_UNITS = {
@@ -576,6 +602,7 @@ _AUGMENT_FIELDS = (
     "augment.label_filter",
     "augment.label_margin",
     "augment.min_dev_improvement",
+    "augment.mine_splits",
 )
 # Which parts of the run config each stage function reads: a task gets only these (its slice) and the run
 # parameters inside them, so a change anywhere else leaves its KFP cache entry valid. A dotted path is a

@@ -233,19 +233,35 @@ def augmentation_lines(summary: dict[str, Any]) -> list[str]:
     stopped = augmented_data.get("loop_stopped")
     if not (rounds or stopped):
         return []
+    configured = _mine_splits(summary)
     lines = []
     for r in rounds:
         removed = {k: v for k, v in (r.get("removed") or {}).items() if v}
         confusions = ", ".join(f"{k} x{v}" for k, v in list(r["confusions"].items())[:5]) or "none"
+        mined = "/".join(r.get("mine_splits") or configured)
         lines.append(
-            f"round {r.get('round', 1)}: errors mined {r['errors_mined']} (train/dev only; test is never mined), "
+            f"round {r.get('round', 1)}: errors mined {r['errors_mined']} ({mined} only; test is never mined), "
             f"rephrasings generated {r['generated']}, added {r['added']}, removed {removed or 'none'}; "
             f"top confusions (true->predicted): {confusions}"
         )
     if stopped:
         lines.append(f"loop stopped in round {stopped['round']}: {stopped['reason']}")
-    lines.append("the augmented model trained on rephrasings of mined dev rows, so its dev score is optimistic; compare on test.")
+    dev_mined = any("dev" in (r.get("mine_splits") or configured) for r in rounds) if rounds else "dev" in configured
+    if dev_mined:
+        lines.append("the augmented model trained on rephrasings of mined dev rows, so its dev score is optimistic; compare on test.")
+    else:
+        lines.append(
+            "dev errors were not mined (augment.mine_splits: [train]), so dev is not optimistic for the augmented model; compare on test."
+        )
     return lines
+
+
+def _mine_splits(summary: dict[str, Any]) -> list[str]:
+    """The run's ``augment.mine_splits``; train and dev for a summary from before the setting (they were always mined)."""
+    config = summary.get("config")
+    augment = config.get("augment") if isinstance(config, dict) else None
+    value = augment.get("mine_splits") if isinstance(augment, dict) else None
+    return list(value) if isinstance(value, list) and value else ["train", "dev"]
 
 
 def data_lines(summary: dict[str, Any]) -> list[str]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -14,7 +14,7 @@ from ftloop.components.generators.filters import filter_rows, summarize_counts
 from ftloop.components.records import Example
 from ftloop.components.stages.split_examples import read_splits, write_splits
 
-MINED_SPLITS = ("train", "dev")
+MINED_SPLITS = ("train", "dev")  # the splits that may be mined (augment.mine_splits picks from them); never test
 
 
 CONTINUE = "continue"
@@ -37,12 +37,17 @@ def _misclassified(row: PredictionRow | dict[str, Any]) -> bool:
     return checked.prediction != checked.label
 
 
-def mine_errors(predictions: dict[str, list[Row]]) -> list[Row]:
-    """Misclassified rows of the mined splits (as given: rows read by ``read_predictions``, or plain dicts);
-    refuses to look at test."""
-    if "test" in predictions:
+def mine_errors(predictions: dict[str, list[Row]], splits: Sequence[str] = MINED_SPLITS) -> list[Row]:
+    """Misclassified rows of ``splits`` (``augment.mine_splits``), train before dev, from ``predictions`` (as given:
+    rows read by ``read_predictions``, or plain dicts); refuses to look at test."""
+    if "test" in predictions or "test" in splits:
         raise ValueError("error mining must never see the test split")
-    return [row for split in MINED_SPLITS for row in predictions.get(split, []) if _misclassified(row)]
+    return [row for split in MINED_SPLITS if split in splits for row in predictions.get(split, []) if _misclassified(row)]
+
+
+def mined_splits(config: RunConfig) -> tuple[str, ...]:
+    """The splits this run mines (``augment.mine_splits``), in MINED_SPLITS order."""
+    return tuple(split for split in MINED_SPLITS if split in config.augment.mine_splits)
 
 
 def cap_per_class(rows: list[Example], max_per_class: int) -> tuple[list[Example], int]:
@@ -93,12 +98,19 @@ def dev_macro_f1(eval_dir: str | Path) -> float:
     return read_dev_macro_f1(eval_dir)
 
 
-def decide(errors: int, current_dev: float, reference_dev: float | None, min_improvement: float, stopped: bool) -> tuple[str, str]:
-    """(decision, reason) before generating anything; ``reference_dev`` is None in round 1."""
+def decide(
+    errors: int,
+    current_dev: float,
+    reference_dev: float | None,
+    min_improvement: float,
+    stopped: bool,
+    mined: Sequence[str] = MINED_SPLITS,
+) -> tuple[str, str]:
+    """(decision, reason) before generating anything; ``reference_dev`` is None in round 1; ``mined``: the splits mined."""
     if stopped:
         return STOP_KEEP_CURRENT, "the loop stopped in an earlier round"
     if errors == 0:
-        return STOP_KEEP_CURRENT, "no misclassified train/dev rows left"
+        return STOP_KEEP_CURRENT, f"no misclassified {'/'.join(mined)} rows left"
     if reference_dev is not None and current_dev - reference_dev <= min_improvement:
         return STOP_KEEP_REFERENCE, (
             f"dev macro-F1 did not improve by more than {min_improvement:g} "
@@ -118,7 +130,8 @@ def run(
     model_dir: str | Path | None = None,
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Stage entry point: splits + the current model's train/dev predictions -> the splits of this round's result.
+    """Stage entry point: splits + the current model's predictions on the mined splits (``augment.mine_splits``,
+    never test) -> the splits of this round's result.
 
     Returns artifact metadata including ``decision`` (CONTINUE or a STOP_*).
     On CONTINUE the output is the splits with an augmented train; on a stop it
@@ -130,16 +143,19 @@ def run(
     splits, labels = read_splits(split_dir)
     report = read_split_report(split_dir)
     previous = report.augmentation_rounds
-    predictions = {split: read_predictions(eval_dir, split) for split in MINED_SPLITS}
-    errors = mine_errors(predictions)
+    mined = mined_splits(config)
+    predictions = {split: read_predictions(eval_dir, split) for split in mined}
+    errors = mine_errors(predictions, mined)
     current_dev = dev_macro_f1(eval_dir)
     reference_dev = dev_macro_f1(reference_eval_dir) if reference_eval_dir and round > 1 else None
     stopped = report.loop_stopped is not None
-    decision, reason = decide(len(errors), current_dev, reference_dev, a.min_dev_improvement, stopped)
+    decision, reason = decide(len(errors), current_dev, reference_dev, a.min_dev_improvement, stopped, mined)
 
     ids_of = {split: {e.id for e in splits[split]} for split in MINED_SPLITS}
     info: dict[str, Any] = {
         "round": round,
+        "mine_splits": list(mined),
+        # every minable split, 0 for one not mined, so a [train] run shows dev: 0
         "errors_mined": {split: sum(1 for r in errors if r.id in ids_of[split]) for split in MINED_SPLITS},
         "confusions": dict(Counter(f"{r.label}->{r.prediction}" for r in errors).most_common()),
         "dev_macro_f1_before": current_dev,
@@ -152,7 +168,7 @@ def run(
     }
     kept: list[Example] = []
     if decision == CONTINUE:
-        by_id = {e.id: e for split in MINED_SPLITS for e in splits[split]}
+        by_id = {e.id: e for split in mined for e in splits[split]}
         parents = [by_id[row.id] for row in errors]
         hint = {row.id: row.prediction for row in errors}
         generator = make_generator(a.backend, config, checkpoint_dir=Path(out_dir) / "generation")

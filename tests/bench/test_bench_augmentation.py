@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 from pathlib import Path
@@ -105,7 +106,9 @@ def test_pooled_interval_uses_the_rows_of_every_seed():
 
 def test_report_has_a_row_per_seed_and_split_and_the_pooled_table():
     runs = [_run(0, 0.5, 0.8), _run(1, 0.6, 0.7)]
-    args = argparse.Namespace(config="configs/demo.yaml", rounds=2, label_filter=None, early_stopping="none", seeds=[0, 1])
+    args = argparse.Namespace(
+        config="configs/demo.yaml", rounds=2, label_filter=None, mine_splits=None, early_stopping="none", seeds=[0, 1]
+    )
     text = augmentation.report(runs, args)
     lines = text.splitlines()
     per_seed = [line for line in lines if line.startswith(("| 0 |", "| 1 |"))]
@@ -157,7 +160,7 @@ def test_report_lists_each_rounds_model(tmp_path):
     run["candidates"] = [
         {"round": 1, "dev_macro_f1": 0.5, "test_macro_f1": 0.75, "mcnemar_test_vs_base": {"fixed": 7, "broken": 2, "p_value": 0.18}}
     ]
-    args = argparse.Namespace(config="c.yaml", rounds=1, label_filter=None, early_stopping=None, seeds=[0])
+    args = argparse.Namespace(config="c.yaml", rounds=1, label_filter=None, mine_splits=None, early_stopping=None, seeds=[0])
     text = augmentation.report([run], args)
     assert "| 0 | 1 |" in text and "-> 0.750" in text and "7 / 2, 0.180" in text
 
@@ -168,4 +171,57 @@ def test_rounds_outside_1_to_5_are_refused_before_anything_runs(tmp_path, capsys
         augmentation.main(["--rounds", rounds, "--seeds", "0", "--workdir", str(tmp_path / "w")])
     assert exit_.value.code == 2
     assert f"--rounds {rounds}: this bench compares the base model with the augmented one; use 1-5" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("flag, expected", [(None, ["train", "dev"]), (["train"], ["train"]), (["train", "dev"], ["train", "dev"])])
+def test_mine_splits_reaches_the_run_config_like_the_label_filter(tmp_path, monkeypatch, flag, expected):
+    import ftloop.pipelines.local
+
+    seen = {}
+
+    def fake_run_local(config, out, progress=None):
+        seen["config"] = config
+        raise _Stop
+
+    monkeypatch.setattr(ftloop.pipelines.local, "run_local", fake_run_local)
+    config = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+    with pytest.raises(_Stop):
+        augmentation.run_seed(config, 3, 2, "none", tmp_path, False, mine_splits=flag)
+    augment = seen["config"].augment
+    assert augment.mine_splits == expected and augment.label_filter == "none" and augment.rounds == 2
+
+
+def test_the_mine_splits_flag_is_passed_on_and_recorded_in_the_json_and_the_report_header(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def fake_run_seed(*args):
+        calls.append(args)
+        return dict(_run(0, 0.5, 0.7), mine_splits=args[-1])
+
+    monkeypatch.setattr(augmentation, "run_seed", fake_run_seed)
+    out = tmp_path / "aug.json"
+    assert augmentation.main(["--seeds", "0", "--mine-splits", "train", "--workdir", str(tmp_path / "w"), "--json", str(out)]) == 0
+    assert calls[0][-1] == ["train"]
+    result = json.loads(out.read_text())
+    assert result["args"]["mine_splits"] == ["train"] and result["runs"][0]["mine_splits"] == ["train"]
+    assert "mined splits train," in result["report"].splitlines()[0]
+    capsys.readouterr()
+    assert augmentation.main(["--seeds", "0", "--mine-splits", "train,dev", "--workdir", str(tmp_path / "w")]) == 0
+    assert calls[1][-1] == ["train", "dev"] and "mined splits train,dev," in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [("train,test", "test is never mined"), ("train,train", "lists a split twice"), ("eval", "Input should be 'train' or 'dev'")],
+)
+def test_a_bad_mine_splits_flag_is_refused_before_anything_runs(tmp_path, capsys, value, message):
+    with pytest.raises(SystemExit) as exit_:
+        augmentation.main(["--mine-splits", value, "--seeds", "0", "--workdir", str(tmp_path / "w")])
+    assert exit_.value.code == 2
+    assert f"argument --mine-splits: '{value}': {message}" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()

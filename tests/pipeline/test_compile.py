@@ -136,6 +136,18 @@ def test_a_generator_backend_adds_only_its_own_settings_to_the_tasks_that_call_i
     assert {"model.name_or_path", "eval.batch_size"} <= set(augment["runtime"])
 
 
+def test_every_rounds_augment_task_carries_mine_splits_in_its_slice(tmp_path):
+    """augment.mine_splits is compile-time: it travels in the augment_from_errors slice, in every round."""
+    config = load_config(REPO / "configs" / "webbizz-gke.yaml")
+    dumped = config.model_dump()
+    config = config.model_validate({**dumped, "augment": {**dumped["augment"], "mine_splits": ["train"], "rounds": 2}})
+    spec = next(yaml.safe_load_all(compile_pipeline(config, tmp_path / "p.yaml").read_text()))
+    augment = [s for s in task_slices(spec).values() if s["stage"] == "augment_from_errors"]
+    assert len(augment) == 2
+    for piece in augment:
+        assert piece["config"]["augment"]["mine_splits"] == ["train"] and "augment.mine_splits" not in piece["runtime"]
+
+
 def all_tasks(spec: dict) -> dict:
     """Tasks of the root DAG and of every sub-DAG (the augmentation rounds sit inside dsl.If/Else groups)."""
     tasks = dict(spec["root"]["dag"]["tasks"])

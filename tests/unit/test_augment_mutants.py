@@ -179,6 +179,7 @@ def test_a_round_records_what_it_mined_generated_removed_and_added(tmp_path, mon
     assert sum(info["removed"].values()) == 0 and set(info["removed"]) >= set(removed)
     assert {k: v for k, v in info.items() if k != "removed"} == {
         "round": 1,
+        "mine_splits": ["train", "dev"],
         "errors_mined": {"train": 2, "dev": 1},
         "confusions": {"returns->shipping": 2, "shipping->returns": 1},
         "dev_macro_f1_before": 0.625,
