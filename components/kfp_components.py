@@ -99,6 +99,10 @@ def finetune(
         model.metadata["framework"] = "peft-lora"
         model.metadata["base_model"] = meta["base_model"]["name_or_path"]
         model.metadata["base_model_revision"] = meta["base_model"]["revision"] or ""
+        # which weights ran, for lineage in the KFP UI (the full record is ftloop_model.json's base_model_provenance)
+        provenance = meta["base_model_provenance"]
+        model.metadata["base_model_source"] = provenance["source"]
+        model.metadata["base_model_weights_sha256"] = provenance.get("weights_sha256") or ""
         if meta["dev"]["best_metric"] is not None:
             model.metadata[f"dev_best_{meta['dev']['metric']}"] = meta["dev"]["best_metric"]
 

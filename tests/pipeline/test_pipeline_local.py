@@ -218,6 +218,17 @@ def test_two_round_loop_runs_with_dsl_if_and_stops_or_continues_consistently(run
     assert "augment round 1" in output
 
 
+def test_the_fine_tuned_model_artifact_names_its_base_weights(run):
+    workdir, _ = run
+    (run_root,) = [p for p in (workdir / "kfp").iterdir() if not p.name.startswith(".")]
+    base_model = json.loads((workdir / "summary.json").read_text())["base_model"]
+    for task in sorted(p.name for p in run_root.iterdir() if p.name == "finetune" or p.name.startswith("finetune-")):
+        meta = output_metadata(run_root, task, "model")
+        assert meta["base_model"] == base_model["name_or_path"], task
+        assert meta["base_model_source"] == "tiny", task
+        assert meta["base_model_weights_sha256"] == base_model["weights_sha256"], task
+
+
 def test_filter_counts_are_in_the_prepare_and_augmented_split_metadata(run):
     workdir, _ = run
     (run_root,) = [p for p in (workdir / "kfp").iterdir() if not p.name.startswith(".")]  # .kfp_cache aside
