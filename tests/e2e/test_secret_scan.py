@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.cli import run_local_cli
 from tests.fixtures.data import REPO, corpus_subset, write_config, write_lines
 from tests.fixtures.fake_servers import FakeOkareo, FakeOpenAI
 
@@ -66,14 +67,7 @@ def test_planted_key_is_used_but_never_written_anywhere(tmp_path):
     workdir = tmp_path / "out"
     with FakeOkareo() as fake, FakeOpenAI() as llm:
         config = _okareo_config(tmp_path, fake.url, llm.url)
-        run = subprocess.run(
-            [sys.executable, "-m", "ftloop.pipelines.cli", "run", "--local", "--config", str(config), "--workdir", str(workdir)],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=900,
-        )
-        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        run = run_local_cli(config, workdir, env=env)
         # the key was really in use: every Okareo call carried it, and predictions were uploaded
         assert fake.requests and {r["api_key"] for r in fake.requests} == {PLANTED}
         assert fake.test_runs

@@ -6,13 +6,12 @@ reads from, the ftloop code and the source file's content (``placement.local_cac
 """
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.fixtures.cli import run_local_cli
 from tests.fixtures.data import corpus_subset, write_config, write_lines
 
 # Upstream of the first augment task: served from the cache when only augmentation changes.
@@ -33,13 +32,7 @@ def _config(tmp: Path, **augment) -> Path:
 
 
 def _run(config: Path, workdir: Path, *extra: str) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "ftloop.pipelines.cli", "run", "--local", "--config", str(config), "--workdir", str(workdir), *extra],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_local_cli(config, workdir, *extra)
     return result.stdout + result.stderr
 
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,7 @@ import yaml
 
 from ftloop.pipelines.cli import main
 from ftloop.pipelines.console import TASKS_LOG
+from tests.fixtures.cli import run_local_cli
 from tests.fixtures.data import corpus_subset, write_lines
 
 pytestmark = pytest.mark.slow
@@ -41,13 +40,7 @@ def quiet_run(tmp_path_factory):
     path = tmp / "run.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     workdir = tmp / "out"
-    result = subprocess.run(
-        [sys.executable, "-m", "ftloop.pipelines.cli", "run", "--local", "--config", str(path), "--workdir", str(workdir)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    result = run_local_cli(path, workdir)
     return workdir, result.stdout, result.stderr
 
 

@@ -2,13 +2,12 @@
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from sklearn.metrics import accuracy_score, f1_score
 
+from tests.fixtures.cli import run_local_cli
 from tests.fixtures.data import corpus_subset, write_config, write_lines
 
 pytestmark = pytest.mark.slow
@@ -30,13 +29,7 @@ def run(tmp_path_factory):
         augment={"rephrasings_per_error": 2, "rounds": 2},
     )
     workdir = tmp / "out"
-    result = subprocess.run(
-        [sys.executable, "-m", "ftloop.pipelines.cli", "run", "--local", "--config", str(config), "--workdir", str(workdir)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    result = run_local_cli(config, workdir)
     return workdir, result.stdout + result.stderr
 
 
@@ -251,13 +244,7 @@ def test_augment_rounds_0_runs_no_round_and_compares_the_base_model_with_the_bas
         augment={"rounds": 0},
     )
     workdir = tmp_path / "out"
-    result = subprocess.run(
-        [sys.executable, "-m", "ftloop.pipelines.cli", "run", "--local", "--config", str(config), "--workdir", str(workdir)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    result = run_local_cli(config, workdir)
     ran = re.findall(r"^\[ftloop\] \[\d+/(\d+)\] Executing task '([^']+)'$", result.stdout, re.M)
     assert {name for _, name in ran} == {
         "importer",

@@ -2,8 +2,6 @@
 
 import hashlib
 import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -14,6 +12,7 @@ from kfp import compiler
 from ftloop.components.config import load_config
 from ftloop.pipelines.pipeline import build_pipeline
 from ftloop.pipelines.placement import code_fingerprint
+from tests.fixtures.cli import run_local_cli
 from tests.fixtures.data import corpus_subset, write_config, write_lines
 
 CACHED = {"prepare-examples", "split-examples", "format-chat"}  # the data stages, whose artifacts must be identical
@@ -138,13 +137,7 @@ def test_another_source_file_or_ftloop_version_misses_the_local_cache(tmp_path, 
 
 
 def _run(config: Path, workdir: Path, *extra: str) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "ftloop.pipelines.cli", "run", "--local", "--config", str(config), "--workdir", str(workdir), *extra],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_local_cli(config, workdir, *extra)
     return result.stdout + result.stderr
 
 
