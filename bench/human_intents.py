@@ -25,7 +25,8 @@ Conversion (``convert``), all deterministic for a seed:
   -> ``here.``) and collapse spaces; nothing else in the text changes;
 - labels: the act, lower case with ``_`` (``hotel_inform``); ``--intents N`` takes the
   first N of ``INTENT_ORDER`` (the five travel domains x inform/request, then thank and
-  bye, then the rarer ones);
+  bye, then the rarer ones); ``--acts single-turn`` (``SINGLE_TURN_ACTS``) takes the inform and
+  closing acts of those 12 only, whose label the turn alone decides, and ``--acts A,B,...`` any list;
 - shuffle each intent's turns with ``--seed``, deduplicate the pool with the pipeline's own
   rules (``prepare_examples.dedupe_questions``: exact and near-duplicates, conflicting
   labels dropped), then take the first ``--rows-per-intent`` of each intent;
@@ -177,23 +178,39 @@ def usable_turns(templates: dict[str, dict[str, list[str]]]) -> dict[str, list[s
     return per_act
 
 
-def choose_intents(available: dict[str, list[str]], n: int) -> list[str]:
+# The acts a single turn decides: what the customer wants (inform) and the closing acts. A request act
+# ("Can I get the postcode?") is often only decidable from the dialogue before it (bench/README.md).
+SINGLE_TURN_ACTS = [act for act in INTENT_ORDER[:12] if act.endswith("-Inform") or act.startswith("general-")]
+
+
+def choose_intents(available: dict[str, list[str]], n: int, acts: list[str] | None = None) -> list[str]:
+    """The first ``n`` of ``INTENT_ORDER`` (then any other act), or exactly ``acts`` when given."""
     known = [act for act in INTENT_ORDER if act in available]
     known += sorted(act for act in available if act not in INTENT_ORDER)
+    if acts is not None:
+        unknown = [act for act in acts if act not in known]
+        if unknown or len(set(acts)) != len(acts) or len(acts) < 2:
+            raise SystemExit(f"--acts takes 2 or more distinct acts of {', '.join(known)}; got {', '.join(acts)}")
+        return list(acts)
     if not 2 <= n <= len(known):
         raise SystemExit(f"--intents must be between 2 and {len(known)}")
     return known[:n]
 
 
 def convert(
-    templates: dict[str, dict[str, list[str]]], intents: int, rows_per_intent: int, seed: int, near_duplicate_threshold: float = 0.9
+    templates: dict[str, dict[str, list[str]]],
+    intents: int,
+    rows_per_intent: int,
+    seed: int,
+    near_duplicate_threshold: float = 0.9,
+    acts: list[str] | None = None,
 ) -> list[dict[str, str]]:
     """Rows for ``data.questions``: ``id, text, label, group`` (one group per row), ``rows_per_intent`` per intent."""
     from ftloop.components.records import Example
     from ftloop.components.stages.prepare_examples import dedupe_questions
 
     available = usable_turns(templates)
-    acts = choose_intents(available, intents)
+    acts = choose_intents(available, intents, acts)
     rng = random.Random(seed)
     pool: list[Example] = []
     for act in acts:
@@ -317,7 +334,7 @@ def report(result: dict[str, Any]) -> str:
     fmt = lambda m: f"{m['macro_f1']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]"  # noqa: E731
     s = result["summary"]
     lines = [
-        f"{result['args']['intents']} intents x {result['args']['rows_per_intent']} rows, seed {result['args']['seed']}, "
+        f"{len(s['labels'])} intents x {result['args']['rows_per_intent']} rows, seed {result['args']['seed']}, "
         f"overrides {result['args']['set'] or 'none'}; rows train/dev/test {s['rows']['train']}/{s['rows']['dev']}/{s['rows']['test']}",
         "",
         "| model | test macro-F1 [95% CI] | test accuracy | dev macro-F1 [95% CI] |",
@@ -339,6 +356,11 @@ def report(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--intents", type=int, default=12, help="how many intents (the first N of INTENT_ORDER)")
+    parser.add_argument(
+        "--acts",
+        help="these acts instead of --intents, comma-separated (e.g. Hotel-Inform,general-bye), or 'single-turn': "
+        "the inform and closing acts of the 12, whose label the turn alone decides",
+    )
     parser.add_argument("--rows-per-intent", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0, help="row sampling and the pipeline's seed")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a run config key (repeatable)")
@@ -355,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     archive = fetch_archive()
-    rows = convert(read_templates(archive), args.intents, args.rows_per_intent, args.seed)
+    acts = None if args.acts is None else SINGLE_TURN_ACTS if args.acts == "single-turn" else args.acts.split(",")
+    rows = convert(read_templates(archive), args.intents, args.rows_per_intent, args.seed, acts=acts)
     questions = workdir / "questions.jsonl"
     write_jsonl(questions, rows)
     config_path = workdir / "config.yaml"

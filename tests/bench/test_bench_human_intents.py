@@ -179,3 +179,21 @@ def test_a_summary_without_an_augmented_model_is_reported_with_the_models_it_has
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| model")]
     assert [r.split(" | ")[0] for r in rows] == ["| base", "| tfidf", "| zero-shot"]
     assert "| base | 0.800 [0.750, 0.850] | 0.800 |" in text
+
+
+def test_acts_choose_exactly_the_listed_acts_and_single_turn_is_the_inform_and_closing_acts(tmp_path):
+    templates = human_intents.read_templates(_archive(tmp_path, _templates()))
+    rows = human_intents.convert(templates, intents=12, rows_per_intent=6, seed=1, acts=["Hotel-Inform", "general-thank"])
+    assert {r["label"] for r in rows} == {"hotel_inform", "general_thank"} and len(rows) == 12
+    for bad in (["Hotel-Inform", "Nope-Inform"], ["Hotel-Inform", "Hotel-Inform"], ["Hotel-Inform"]):
+        with pytest.raises(SystemExit, match="--acts"):
+            human_intents.convert(templates, intents=12, rows_per_intent=2, seed=0, acts=bad)
+    assert human_intents.SINGLE_TURN_ACTS == [
+        "Attraction-Inform",
+        "Hotel-Inform",
+        "Restaurant-Inform",
+        "Taxi-Inform",
+        "Train-Inform",
+        "general-thank",
+        "general-bye",
+    ]
