@@ -44,14 +44,22 @@ def macro_f1(t: np.ndarray, p: np.ndarray, k: int) -> float:
     return float(np.mean(np.divide(2 * tp, denom, out=np.zeros(k), where=denom > 0)))
 
 
-def paired_delta_ci(runs: list[dict], split: str, labels: list[str], seed: int = 0, resamples: int = 2000) -> dict:
-    """Mean over seeds of macro-F1(augmented) - macro-F1(base), rows resampled within each seed."""
+def paired_delta_ci(
+    runs: list[dict],
+    split: str,
+    labels: list[str],
+    seed: int = 0,
+    resamples: int = 2000,
+    before: str = "base",
+    after: str = "augmented",
+) -> dict:
+    """Mean over seeds of macro-F1(after) - macro-F1(before), rows resampled within each seed."""
     index = {label: i for i, label in enumerate(labels)}
     k = len(labels)
     arrays = []
     for run in runs:
-        base = run["rows"]["base"][split]
-        aug = {r["id"]: r["prediction"] for r in run["rows"]["augmented"][split]}
+        base = run["rows"][before][split]
+        aug = {r["id"]: r["prediction"] for r in run["rows"][after][split]}
         t = np.array([index[r["label"]] for r in base])
         pb = np.array([index[r["prediction"]] for r in base])
         pa = np.array([index[aug[r["id"]]] for r in base])

@@ -353,6 +353,38 @@ def report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def pool(workdirs: list[Path]) -> dict[str, Any]:
+    """Finished runs (``--workdir`` of each) pooled: fine-tune minus TF-IDF test macro-F1, rows resampled within each
+    run (``augmentation.paired_delta_ci``), and McNemar's exact test over all their test rows together."""
+    from augmentation import paired_delta_ci, pooled_ci, read_jsonl
+
+    from ftloop.components.evaluation.stats import mcnemar_exact
+
+    runs = []
+    for workdir in workdirs:
+        out = workdir / "run"
+        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+        rows = {m: {"test": read_jsonl(out / summary["models"][m]["test"]["predictions"])} for m in ("base", "tfidf")}
+        runs.append({"workdir": str(workdir), "labels": summary["labels"], "rows": rows})
+    labels = runs[0]["labels"]
+    if any(run["labels"] != labels for run in runs):
+        raise SystemExit("--pool: the runs have different label sets")
+    correct = {m: [] for m in ("base", "tfidf")}
+    for run in runs:
+        tfidf = {r["id"]: r["prediction"] for r in run["rows"]["tfidf"]["test"]}
+        for r in run["rows"]["base"]["test"]:
+            correct["base"].append(r["prediction"] == r["label"])
+            correct["tfidf"].append(tfidf[r["id"]] == r["label"])
+    return {
+        "runs": [run["workdir"] for run in runs],
+        "test_rows": len(correct["base"]),
+        "base": pooled_ci(runs, "base", "test", labels),
+        "tfidf": pooled_ci(runs, "tfidf", "test", labels),
+        "base_minus_tfidf": paired_delta_ci(runs, "test", labels, before="tfidf", after="base"),
+        "mcnemar_tfidf_to_base": mcnemar_exact(correct["tfidf"], correct["base"]),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--intents", type=int, default=12, help="how many intents (the first N of INTENT_ORDER)")
@@ -369,7 +401,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prepare-only", action="store_true", help="write the questions and config, do not run the pipeline")
     parser.add_argument("--no-cache", action="store_true", help="rerun every pipeline stage")
     parser.add_argument("--verbose", action="store_true", help="show the pipeline's own output")
+    parser.add_argument("--pool", nargs="+", metavar="WORKDIR", help="run nothing: pool finished runs' test rows (fine-tune vs TF-IDF)")
     args = parser.parse_args(argv)
+    if args.pool:
+        pooled = pool([Path(w) for w in args.pool])
+        print(json.dumps(pooled, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps(pooled, indent=2), encoding="utf-8")
+        return 0
 
     from ftloop.components.config import load_config
 

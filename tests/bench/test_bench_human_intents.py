@@ -197,3 +197,30 @@ def test_acts_choose_exactly_the_listed_acts_and_single_turn_is_the_inform_and_c
         "general-thank",
         "general-bye",
     ]
+
+
+def _finished_run(workdir: Path, rows: list[tuple[str, str, str, str]]) -> Path:
+    """A --workdir whose pipeline finished: summary.json and test predictions of base and tfidf."""
+    out = workdir / "run"
+    models = {}
+    for m, column in (("base", 2), ("tfidf", 3)):
+        path = out / "predictions" / m / "test.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({"id": r[0], "label": r[1], "prediction": r[column]}) + "\n" for r in rows))
+        models[m] = {"test": {"predictions": str(path.relative_to(out))}}
+    (out / "summary.json").write_text(json.dumps({"labels": ["a", "b"], "models": models}))
+    return workdir
+
+
+def test_pool_pairs_the_fine_tune_with_tfidf_over_all_runs_test_rows(tmp_path):
+    # run 1: base right on all 4, tfidf wrong on 2; run 2: both right on 3, tfidf right where base is wrong on 1
+    one = _finished_run(tmp_path / "one", [("1", "a", "a", "b"), ("2", "b", "b", "a"), ("3", "a", "a", "a"), ("4", "b", "b", "b")])
+    two = _finished_run(tmp_path / "two", [("1", "a", "a", "a"), ("2", "b", "a", "b"), ("3", "a", "a", "a"), ("4", "b", "b", "b")])
+    pooled = human_intents.pool([one, two])
+    assert pooled["test_rows"] == 8
+    assert pooled["mcnemar_tfidf_to_base"]["fixed"] == 2 and pooled["mcnemar_tfidf_to_base"]["broken"] == 1
+    assert pooled["base"]["n"] == pooled["tfidf"]["n"] == 8
+    # run 1: base 1.0, tfidf 0.5; run 2: base 0.733 (a: P 2/3 R 1, b: P 1 R 1/2), tfidf 1.0 -> mean (0.5 - 0.267) / 2
+    assert pooled["base_minus_tfidf"]["mean_delta"] == pytest.approx((0.5 + (0.7333333 - 1.0)) / 2, abs=1e-4)
+    lo, hi = pooled["base_minus_tfidf"]["ci95"]
+    assert lo <= pooled["base_minus_tfidf"]["mean_delta"] <= hi
